@@ -1,0 +1,988 @@
+"""Every differentiable op: a ``Function`` with forward and backward side by side.
+
+Each op is one class whose ``forward`` and ``backward`` work on raw arrays
+(NumPy or CuPy; the array module is taken from the inputs), with a one-line
+math docstring, followed by the lowercase function users call. The set of
+primitives is small (arithmetic, matmul, reductions, shape ops, indexing);
+the heavy ops of a transformer are fused with hand-derived backwards so they
+neither keep nor recompute intermediate results they do not need: layer norm,
+GELU / QuickGELU, softmax / log-softmax / log-sum-exp, L2 normalisation,
+embedding gather, the linear layer and scaled-dot-product attention.
+
+Conventions: ``g`` is the gradient of the loss with respect to the op's
+output; broadcasting is undone by ``autograd.unbroadcast``; a backward
+returns one gradient per positional input (``None`` where none is needed).
+
+References: the GELU paper (Hendrycks & Gimpel 2016) for GELU and its tanh
+approximation; CLIP's QuickGELU x·σ(1.702x); layer norm (Ba et al. 2016);
+attention (Vaswani et al. 2017).
+"""
+
+import math
+
+from . import backend
+from .autograd import Function, Tensor, unbroadcast
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_COEFF = 0.044715
+_QUICK_GELU_ALPHA = 1.702
+
+
+def _xp(*arrays):
+    return backend.get_array_module(*arrays)
+
+
+def _broadcast_shape(name, a, b):
+    """The broadcast shape of two inputs, or an error that shows both shapes."""
+    try:
+        return _xp(a, b).broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(f"{name}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
+
+
+def _normalize_axes(axis, ndim):
+    """A tuple of non-negative axes (None means all)."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for an input with {ndim} dimensions")
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _stable_sigmoid(xp, x):
+    """σ(x) without overflow: exp is only ever taken of -|x|."""
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+# ---------------------------------------------------------------------------------
+# Elementwise arithmetic (broadcasting)
+# ---------------------------------------------------------------------------------
+
+class Add(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        """f(a, b) = a + b"""
+        _broadcast_shape("add", a, b)
+        ctx.shapes = a.shape, b.shape
+        return a + b
+
+    @staticmethod
+    def backward(ctx, g):
+        """df/da = 1, df/db = 1"""
+        a_shape, b_shape = ctx.shapes
+        return unbroadcast(g, a_shape), unbroadcast(g, b_shape)
+
+
+class Sub(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        """f(a, b) = a - b"""
+        _broadcast_shape("sub", a, b)
+        ctx.shapes = a.shape, b.shape
+        return a - b
+
+    @staticmethod
+    def backward(ctx, g):
+        """df/da = 1, df/db = -1"""
+        a_shape, b_shape = ctx.shapes
+        return unbroadcast(g, a_shape), (unbroadcast(-g, b_shape) if ctx.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        """f(a, b) = a · b"""
+        _broadcast_shape("mul", a, b)
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        """df/da = b, df/db = a"""
+        a, b = ctx.saved_tensors
+        da = unbroadcast(g * b, a.shape) if ctx.needs_input_grad[0] else None
+        db = unbroadcast(g * a, b.shape) if ctx.needs_input_grad[1] else None
+        return da, db
+
+
+class Div(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        """f(a, b) = a / b"""
+        _broadcast_shape("div", a, b)
+        ctx.save_for_backward(a, b)
+        return a / b
+
+    @staticmethod
+    def backward(ctx, g):
+        """df/da = 1/b, df/db = -a/b²"""
+        a, b = ctx.saved_tensors
+        g_over_b = g / b
+        da = unbroadcast(g_over_b, a.shape) if ctx.needs_input_grad[0] else None
+        db = unbroadcast(-g_over_b * a / b, b.shape) if ctx.needs_input_grad[1] else None
+        return da, db
+
+
+class Neg(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = -x"""
+        return -x
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = -1"""
+        return -g
+
+
+class Pow(Function):
+    @staticmethod
+    def forward(ctx, x, exponent):
+        """f(x) = x^p for a constant scalar p"""
+        ctx.save_for_backward(x)
+        ctx.exponent = exponent
+        return x ** exponent
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = p · x^(p-1)"""
+        (x,) = ctx.saved_tensors
+        p = ctx.exponent
+        return g * (p * x ** (p - 1))
+
+
+def add(a, b):
+    return Add.apply(a, b)
+
+
+def sub(a, b):
+    return Sub.apply(a, b)
+
+
+def mul(a, b):
+    return Mul.apply(a, b)
+
+
+def div(a, b):
+    return Div.apply(a, b)
+
+
+def neg(x):
+    return Neg.apply(x)
+
+
+def pow(x, exponent):
+    """x ** exponent, exponent a Python number (a differentiable exponent is exp(p · log x))."""
+    if isinstance(exponent, Tensor) or hasattr(exponent, "shape"):
+        raise TypeError("pow: the exponent must be a Python number; write exp(p * log(x)) for a tensor exponent")
+    return Pow.apply(x, exponent=exponent)
+
+
+# ---------------------------------------------------------------------------------
+# Elementwise functions
+# ---------------------------------------------------------------------------------
+
+class Exp(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = e^x"""
+        y = _xp(x).exp(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = e^x"""
+        (y,) = ctx.saved_tensors
+        return g * y
+
+
+class Log(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = log x"""
+        ctx.save_for_backward(x)
+        return _xp(x).log(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = 1/x"""
+        (x,) = ctx.saved_tensors
+        return g / x
+
+
+class Sqrt(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = √x"""
+        y = _xp(x).sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = 1 / (2√x)"""
+        (y,) = ctx.saved_tensors
+        return g / (2 * y)
+
+
+class Tanh(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = tanh x"""
+        y = _xp(x).tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = 1 - tanh² x"""
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class Sigmoid(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = σ(x) = 1 / (1 + e^-x)"""
+        y = _stable_sigmoid(_xp(x), x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = σ(x)(1 - σ(x))"""
+        (y,) = ctx.saved_tensors
+        return g * y * (1 - y)
+
+
+class LogSigmoid(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = log σ(x) = min(x, 0) - log1p(e^-|x|), finite for every finite x"""
+        xp = _xp(x)
+        ctx.save_for_backward(x)
+        return xp.minimum(x, 0) - xp.log1p(xp.exp(-xp.abs(x)))
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = σ(-x)"""
+        (x,) = ctx.saved_tensors
+        return g * _stable_sigmoid(_xp(x), -x)
+
+
+class Softplus(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|)"""
+        xp = _xp(x)
+        ctx.save_for_backward(x)
+        return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = σ(x)"""
+        (x,) = ctx.saved_tensors
+        return g * _stable_sigmoid(_xp(x), x)
+
+
+class ReLU(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = max(x, 0)"""
+        ctx.save_for_backward(x > 0)
+        return _xp(x).maximum(x, 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = 1 if x > 0 else 0"""
+        (positive,) = ctx.saved_tensors
+        return g * positive
+
+
+class GELUTanh(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))   (the tanh approximation)"""
+        ctx.save_for_backward(x)
+        return 0.5 * x * (1 + _xp(x).tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_COEFF * x * x * x)))
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = (1 + t)/2 + x/2 · (1 - t²) · √(2/π) (1 + 3·0.044715 x²),  t = tanh(...)"""
+        (x,) = ctx.saved_tensors
+        xp = _xp(x)
+        # beyond |x| = 100 tanh is ±1 in every float type, so capping x² changes no result,
+        # but keeps (1 - t²) · x² from becoming 0 · ∞ = nan in float16
+        x2 = xp.minimum(x * x, 1e4)
+        t = xp.tanh(_SQRT_2_OVER_PI * x * (1 + _GELU_TANH_COEFF * x2))
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEFF * x2))
+
+
+class GELU(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = x · Φ(x),  Φ(x) = (1 + erf(x/√2)) / 2   (exact)"""
+        ctx.save_for_backward(x)
+        return 0.5 * x * (1 + backend.erf(x * (1 / math.sqrt(2))))
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = Φ(x) + x · φ(x),  φ(x) = e^(-x²/2) / √(2π)"""
+        (x,) = ctx.saved_tensors
+        cdf = 0.5 * (1 + backend.erf(x * (1 / math.sqrt(2))))
+        pdf = _xp(x).exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+        return g * (cdf + x * pdf)
+
+
+class QuickGELU(Function):
+    @staticmethod
+    def forward(ctx, x):
+        """f(x) = x · σ(1.702 x)   (OpenAI CLIP's activation)"""
+        s = _stable_sigmoid(_xp(x), _QUICK_GELU_ALPHA * x)
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = σ(1.702x) + 1.702 x σ(1.702x)(1 - σ(1.702x))"""
+        x, s = ctx.saved_tensors
+        return g * (s * (1 + _QUICK_GELU_ALPHA * x * (1 - s)))
+
+
+def exp(x):
+    return Exp.apply(x)
+
+
+def log(x):
+    return Log.apply(x)
+
+
+def sqrt(x):
+    return Sqrt.apply(x)
+
+
+def tanh(x):
+    return Tanh.apply(x)
+
+
+def sigmoid(x):
+    return Sigmoid.apply(x)
+
+
+def log_sigmoid(x):
+    return LogSigmoid.apply(x)
+
+
+def softplus(x):
+    return Softplus.apply(x)
+
+
+def relu(x):
+    return ReLU.apply(x)
+
+
+def gelu(x, approximate="tanh"):
+    """GELU; ``approximate='tanh'`` (SigLIP, GPT-2) or ``'none'`` (exact, erf-based)."""
+    if approximate == "tanh":
+        return GELUTanh.apply(x)
+    if approximate == "none":
+        return GELU.apply(x)
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
+
+
+def quick_gelu(x):
+    return QuickGELU.apply(x)
+
+
+# ---------------------------------------------------------------------------------
+# Matrix products
+# ---------------------------------------------------------------------------------
+
+def _swap_last(x):
+    return x.swapaxes(-1, -2)
+
+
+class MatMul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        """f(A, B) = A·B over the last two axes, leading axes broadcast (1-D inputs as in NumPy)"""
+        if a.ndim == 0 or b.ndim == 0:
+            raise ValueError(f"matmul: inputs must have at least one dimension, got shapes {a.shape} and {b.shape}")
+        k_a = a.shape[-1]
+        k_b = b.shape[-2] if b.ndim > 1 else b.shape[0]
+        if k_a != k_b:
+            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not line up "
+                             f"(the first's last axis is {k_a}, the second's contracted axis is {k_b})")
+        try:
+            _xp(a, b).broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(f"matmul: batch dimensions of {a.shape} and {b.shape} cannot be broadcast") from None
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, g):
+        """dA = G·Bᵀ, dB = Aᵀ·G, summed over broadcast batch axes"""
+        a, b = ctx.saved_tensors
+        # lift 1-D operands to matrices so one rule covers all cases: a (k,) -> (1, k), b (k,) -> (k, 1)
+        a2 = a[None, :] if a.ndim == 1 else a
+        b2 = b[:, None] if b.ndim == 1 else b
+        batch = _xp(a, b).broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        g = g.reshape(batch + (a2.shape[-2], b2.shape[-1]))          # (..., n, m)
+        da = db = None
+        if ctx.needs_input_grad[0]:
+            da = unbroadcast(g @ _swap_last(b2), a2.shape).reshape(a.shape)
+        if ctx.needs_input_grad[1]:
+            db = unbroadcast(_swap_last(a2) @ g, b2.shape).reshape(b.shape)
+        return da, db
+
+
+class Linear(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias=None):
+        """f(x) = x·Wᵀ + b with W (out, in): PyTorch's layout, so published weights load as they are"""
+        if weight.ndim != 2:
+            raise ValueError(f"linear: weight must be 2-D (out, in), got shape {weight.shape}")
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape} "
+                             f"(input's last axis {x.shape[-1]} != weight's in-features {weight.shape[1]})")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+        ctx.save_for_backward(x, weight)
+        x2d = x.reshape(-1, x.shape[-1])                      # (N, in): one GEMM however many leading axes
+        y = x2d @ weight.T                                     # (N, out)
+        if bias is not None:
+            y += bias
+        return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+    @staticmethod
+    def backward(ctx, g):
+        """dx = G·W, dW = Gᵀ·x, db = Σ G over all leading axes"""
+        x, weight = ctx.saved_tensors
+        g2d = g.reshape(-1, g.shape[-1])                       # (N, out)
+        dx = (g2d @ weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        dweight = g2d.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None  # (out, in)
+        dbias = g2d.sum(axis=0) if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias
+
+
+def matmul(a, b):
+    return MatMul.apply(a, b)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, fused: one GEMM forward, two (three with bias) backward."""
+    return Linear.apply(x, weight, bias)
+
+
+# ---------------------------------------------------------------------------------
+# Reductions
+# ---------------------------------------------------------------------------------
+
+def _expand_reduced(g, shape, axes, keepdims):
+    """Put back the reduced axes of ``g`` as length 1 so it broadcasts against ``shape``."""
+    if not keepdims:
+        g = g.reshape(tuple(1 if i in axes else n for i, n in enumerate(shape)))
+    return g
+
+
+class Sum(Function):
+    @staticmethod
+    def forward(ctx, x, axis=None, keepdims=False):
+        """f(x) = Σ x over the given axes"""
+        ctx.shape, ctx.axes, ctx.keepdims = x.shape, _normalize_axes(axis, x.ndim), keepdims
+        return x.sum(axis=ctx.axes, keepdims=keepdims)
+
+    @staticmethod
+    def backward(ctx, g):
+        """df/dx = 1 (the gradient is copied back along the summed axes)"""
+        g = _expand_reduced(g, ctx.shape, ctx.axes, ctx.keepdims)
+        return _xp(g).broadcast_to(g, ctx.shape)
+
+
+class Mean(Function):
+    @staticmethod
+    def forward(ctx, x, axis=None, keepdims=False):
+        """f(x) = Σ x / n over the given axes"""
+        ctx.shape, ctx.axes, ctx.keepdims = x.shape, _normalize_axes(axis, x.ndim), keepdims
+        if x.size == 0:
+            raise ValueError(f"mean: input of shape {x.shape} is empty")
+        return x.mean(axis=ctx.axes, keepdims=keepdims)
+
+    @staticmethod
+    def backward(ctx, g):
+        """df/dx = 1/n"""
+        count = math.prod(ctx.shape[a] for a in ctx.axes)
+        g = _expand_reduced(g, ctx.shape, ctx.axes, ctx.keepdims) / count
+        return _xp(g).broadcast_to(g, ctx.shape)
+
+
+class Max(Function):
+    @staticmethod
+    def forward(ctx, x, axis=None, keepdims=False):
+        """f(x) = max x over the given axes"""
+        if x.size == 0:
+            raise ValueError(f"max: input of shape {x.shape} is empty")
+        axes = _normalize_axes(axis, x.ndim)
+        y = x.max(axis=axes, keepdims=True)
+        ctx.save_for_backward(x == y)
+        ctx.shape, ctx.axes, ctx.keepdims = x.shape, axes, keepdims
+        return y if keepdims else y.reshape(tuple(n for i, n in enumerate(x.shape) if i not in axes))
+
+    @staticmethod
+    def backward(ctx, g):
+        """df/dx = 1 at the maximum (shared equally between ties), 0 elsewhere"""
+        (is_max,) = ctx.saved_tensors
+        g = _expand_reduced(g, ctx.shape, ctx.axes, ctx.keepdims)
+        ties = is_max.sum(axis=ctx.axes, keepdims=True)
+        return g * is_max / ties
+
+
+def sum(x, axis=None, keepdims=False):
+    return Sum.apply(x, axis=axis, keepdims=keepdims)
+
+
+def mean(x, axis=None, keepdims=False):
+    return Mean.apply(x, axis=axis, keepdims=keepdims)
+
+
+def max(x, axis=None, keepdims=False):
+    return Max.apply(x, axis=axis, keepdims=keepdims)
+
+
+# ---------------------------------------------------------------------------------
+# Shape ops and indexing
+# ---------------------------------------------------------------------------------
+
+class Reshape(Function):
+    float_inputs = False
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        """f(x) = x viewed with another shape"""
+        ctx.shape = x.shape
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            raise ValueError(f"reshape: cannot reshape an input of shape {x.shape} into {tuple(shape)}") from None
+
+    @staticmethod
+    def backward(ctx, g):
+        """the gradient takes the input's shape back"""
+        return g.reshape(ctx.shape)
+
+
+class Transpose(Function):
+    float_inputs = False
+
+    @staticmethod
+    def forward(ctx, x, axes=None):
+        """f(x) = x with its axes permuted (reversed when axes is None)"""
+        axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+        if sorted(axes) != list(range(x.ndim)):
+            raise ValueError(f"transpose: axes {axes} are not a permutation of the {x.ndim} axes of shape {x.shape}")
+        ctx.axes = axes
+        return x.transpose(axes)
+
+    @staticmethod
+    def backward(ctx, g):
+        """the inverse permutation"""
+        inverse = [0] * len(ctx.axes)
+        for position, axis in enumerate(ctx.axes):
+            inverse[axis] = position
+        return g.transpose(inverse)
+
+
+class BroadcastTo(Function):
+    @staticmethod
+    def forward(ctx, x, shape):
+        """f(x) = x repeated along new or length-1 axes"""
+        ctx.shape = x.shape
+        try:
+            return _xp(x).broadcast_to(x, shape)
+        except ValueError:
+            raise ValueError(f"broadcast_to: cannot broadcast shape {x.shape} to {tuple(shape)}") from None
+
+    @staticmethod
+    def backward(ctx, g):
+        """the gradient is summed over the copies"""
+        return unbroadcast(g, ctx.shape)
+
+
+def _unwrap_index(index):
+    """Indices may hold Tensors (e.g. argmax positions): use their arrays."""
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return index.data if isinstance(index, Tensor) else index
+
+
+class GetItem(Function):
+    float_inputs = False
+
+    @staticmethod
+    def forward(ctx, x, index):
+        """f(x) = x[index]  (slices, integers, integer arrays, None, ...)"""
+        try:
+            y = x[index]
+        except IndexError as error:
+            raise IndexError(f"getitem: index out of range for a tensor of shape {x.shape}: {error}") from None
+        ctx.shape, ctx.dtype, ctx.index = x.shape, x.dtype, index
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """the gradient goes back to the picked positions; repeated integer indices add up"""
+        xp = _xp(g)
+        dx = xp.zeros(ctx.shape, dtype=g.dtype)
+        index = ctx.index if isinstance(ctx.index, tuple) else (ctx.index,)
+        if any(hasattr(i, "shape") or isinstance(i, (list, bool)) for i in index):
+            backend.scatter_add(dx, ctx.index, g)
+        else:   # basic indexing never repeats an element: plain assignment
+            dx[ctx.index] = g
+        return dx
+
+
+class Concatenate(Function):
+    float_inputs = False
+
+    @staticmethod
+    def forward(ctx, *xs, axis=0):
+        """f(x1, ..., xn) = [x1 | ... | xn] along ``axis``"""
+        try:
+            y = _xp(*xs).concatenate(xs, axis=axis)
+        except ValueError:
+            raise ValueError(f"concatenate: shapes {[x.shape for x in xs]} do not fit together "
+                             f"along axis {axis}") from None
+        ctx.axis, ctx.sizes = axis, [x.shape[axis] for x in xs]
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """each input gets its own slice of the gradient"""
+        offsets = [0]
+        for size in ctx.sizes:
+            offsets.append(offsets[-1] + size)
+        axis = ctx.axis % g.ndim
+        return tuple(g[(slice(None),) * axis + (slice(start, stop),)]
+                     for start, stop in zip(offsets[:-1], offsets[1:]))
+
+
+class Stack(Function):
+    float_inputs = False
+
+    @staticmethod
+    def forward(ctx, *xs, axis=0):
+        """f(x1, ..., xn) = the inputs stacked along a new axis"""
+        try:
+            y = _xp(*xs).stack(xs, axis=axis)
+        except ValueError:
+            raise ValueError(f"stack: every input must have the same shape, got {[x.shape for x in xs]}") from None
+        ctx.axis, ctx.count = axis % y.ndim, len(xs)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """each input gets its slice of the gradient along the new axis"""
+        return tuple(g.take(i, axis=ctx.axis) for i in range(ctx.count))
+
+
+class Cast(Function):
+    @staticmethod
+    def forward(ctx, x, dtype):
+        """f(x) = x in another float type"""
+        ctx.dtype = x.dtype
+        return x.astype(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        """the gradient is cast back to the input's type"""
+        return g.astype(ctx.dtype)
+
+
+def reshape(x, shape):
+    return Reshape.apply(x, shape=tuple(shape) if not isinstance(shape, int) else (shape,))
+
+
+def transpose(x, axes=None):
+    return Transpose.apply(x, axes=None if axes is None else tuple(axes))
+
+
+def permute(x, axes):
+    return Transpose.apply(x, axes=tuple(axes))
+
+
+def broadcast_to(x, shape):
+    return BroadcastTo.apply(x, shape=tuple(shape))
+
+
+def getitem(x, index):
+    return GetItem.apply(x, index=_unwrap_index(index))
+
+
+def concatenate(tensors, axis=0):
+    if len(tensors) == 0:
+        raise ValueError("concatenate: needs at least one tensor")
+    return Concatenate.apply(*tensors, axis=axis)
+
+
+def stack(tensors, axis=0):
+    if len(tensors) == 0:
+        raise ValueError("stack: needs at least one tensor")
+    return Stack.apply(*tensors, axis=axis)
+
+
+def cast(x, dtype):
+    return Cast.apply(x, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------
+# Normalisations: softmax family, L2, layer norm (fused)
+# ---------------------------------------------------------------------------------
+
+def _logsumexp(xp, x, axis):
+    """log Σ e^x along ``axis`` (kept as length 1), with the max subtracted so exp never overflows."""
+    m = x.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)   # a row of -inf stays -inf instead of becoming nan
+    return m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+class Softmax(Function):
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        """f(x)_i = e^(x_i - m) / Σ_j e^(x_j - m),  m = max x"""
+        xp = _xp(x)
+        y = xp.exp(x - x.max(axis=axis, keepdims=True))
+        y /= y.sum(axis=axis, keepdims=True)
+        ctx.save_for_backward(y)
+        ctx.axis = axis
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """dx = y ⊙ (g - Σ_j g_j y_j)"""
+        (y,) = ctx.saved_tensors
+        gy = g * y
+        return gy - y * gy.sum(axis=ctx.axis, keepdims=True)
+
+
+class LogSoftmax(Function):
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        """f(x)_i = x_i - logsumexp(x)"""
+        y = x - _logsumexp(_xp(x), x, axis)
+        ctx.save_for_backward(y)
+        ctx.axis = axis
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """dx = g - softmax(x) · Σ_j g_j"""
+        (y,) = ctx.saved_tensors
+        return g - _xp(y).exp(y) * g.sum(axis=ctx.axis, keepdims=True)
+
+
+class LogSumExp(Function):
+    @staticmethod
+    def forward(ctx, x, axis=-1, keepdims=False):
+        """f(x) = log Σ_i e^(x_i)"""
+        xp = _xp(x)
+        lse = _logsumexp(xp, x, axis)
+        ctx.save_for_backward(x, lse)
+        ctx.axis, ctx.keepdims = axis, keepdims
+        return lse if keepdims else lse.squeeze(axis=axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        """df/dx_i = softmax(x)_i"""
+        x, lse = ctx.saved_tensors
+        if not ctx.keepdims:
+            g = _xp(g).expand_dims(g, ctx.axis)
+        return g * _xp(x).exp(x - lse)
+
+
+class L2Normalize(Function):
+    @staticmethod
+    def forward(ctx, x, axis=-1, eps=1e-12):
+        """f(x) = x / max(‖x‖, eps)"""
+        xp = _xp(x)
+        norm = xp.sqrt((x * x).sum(axis=axis, keepdims=True))
+        denominator = xp.maximum(norm, eps)
+        y = x / denominator
+        ctx.save_for_backward(y, denominator, norm > eps)
+        ctx.axis = axis
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """dx = (g - y ⟨g, y⟩) / ‖x‖  (just g / eps where the norm is clamped)"""
+        y, denominator, unclamped = ctx.saved_tensors
+        projection = (g * y).sum(axis=ctx.axis, keepdims=True) * unclamped
+        return (g - y * projection) / denominator
+
+
+class LayerNorm(Function):
+    @staticmethod
+    def forward(ctx, x, weight=None, bias=None, eps=1e-5):
+        """f(x) = (x - μ) / √(σ² + eps) · w + b over the last axis"""
+        xp = _xp(x)
+        dim = x.shape[-1]
+        for name, p in (("weight", weight), ("bias", bias)):
+            if p is not None and p.shape != (dim,):
+                raise ValueError(f"layer_norm: {name} must have shape ({dim},) for input {x.shape}, got {p.shape}")
+        mu = x.mean(axis=-1, keepdims=True)                    # (..., 1)
+        centred = x - mu
+        rstd = 1.0 / xp.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)   # (..., 1)
+        xhat = centred * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        y = xhat * weight if weight is not None else xhat.copy()
+        if bias is not None:
+            y += bias
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)),  ĝ = g ⊙ w;  dw = Σ g ⊙ x̂;  db = Σ g"""
+        xhat, rstd, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        leading = tuple(range(g.ndim - 1))
+        ghat = g * weight if weight is not None else g
+        dx = dweight = dbias = None
+        if needs[0]:
+            dx = rstd * (ghat - ghat.mean(axis=-1, keepdims=True)
+                         - xhat * (ghat * xhat).mean(axis=-1, keepdims=True))
+        if needs[1]:
+            dweight = (g * xhat).sum(axis=leading)
+        if needs[2]:
+            dbias = g.sum(axis=leading)
+        return dx, dweight, dbias
+
+
+def softmax(x, axis=-1):
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax.apply(x, axis=axis)
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    return LogSumExp.apply(x, axis=axis, keepdims=keepdims)
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+    return L2Normalize.apply(x, axis=axis, eps=eps)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """Layer norm over the last axis; weight and bias of shape (D,), either may be None."""
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+# ---------------------------------------------------------------------------------
+# Embedding, attention, dropout
+# ---------------------------------------------------------------------------------
+
+class Embedding(Function):
+    @staticmethod
+    def forward(ctx, weight, ids):
+        """f(W) = W[ids]: rows of the table (``ids`` is integer data, passed as an option)"""
+        ctx.shape = weight.shape
+        ctx.save_for_backward(ids)
+        return weight[ids]                                     # (..., D)
+
+    @staticmethod
+    def backward(ctx, g):
+        """dW[v] = Σ of g over the positions whose id is v (scatter-add)"""
+        (ids,) = ctx.saved_tensors
+        dweight = _xp(g).zeros(ctx.shape, dtype=g.dtype)
+        backend.scatter_add(dweight, ids.reshape(-1), g.reshape(-1, ctx.shape[1]))   # (N,), (N, D)
+        return dweight
+
+
+def embedding(weight, ids):
+    """Rows ``weight[ids]`` for integer ``ids`` of any shape: (...) -> (..., D)."""
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    ids = _xp(weight, ids).asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    rows = weight.shape[0]
+    if ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= rows:
+            raise IndexError(f"embedding: id {low if low < 0 else high} is out of range for a table of {rows} rows")
+    return Embedding.apply(weight, ids=ids)
+
+
+class ScaledDotProductAttention(Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal=False, scale=None):
+        """f(Q, K, V) = softmax(s · Q Kᵀ + M) V,  s = 1/√d,  M = -∞ above the diagonal when causal"""
+        if not (q.ndim == k.ndim == v.ndim and q.ndim >= 2):
+            raise ValueError(f"attention: q, k, v must have the same number (>= 2) of dimensions, "
+                             f"got {q.shape}, {k.shape}, {v.shape}")
+        if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+            raise ValueError(f"attention: shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape} "
+                             "(need q and k to share the head size and k and v the key length)")
+        if causal and q.shape[-2] != k.shape[-2]:
+            raise ValueError(f"attention: the causal mask needs equal query and key lengths, got "
+                             f"{q.shape[-2]} and {k.shape[-2]}")
+        xp = _xp(q, k, v)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scores = (q @ _swap_last(k)) * scale                    # (B, H, Tq, Tk)
+        if causal:
+            t = q.shape[-2]
+            future = xp.triu(xp.ones((t, t), dtype=bool), k=1)  # (T, T): key j > query i
+            scores = xp.where(future, -xp.inf, scores)
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = xp.exp(scores, out=scores)
+        probs /= probs.sum(axis=-1, keepdims=True)               # (B, H, Tq, Tk)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.scale = scale
+        return probs @ v                                         # (B, H, Tq, d)
+
+    @staticmethod
+    def backward(ctx, g):
+        """dV = Pᵀ G;  dP = G Vᵀ;  dS = P ⊙ (dP - Σ_j dP ⊙ P);  dQ = s dS K;  dK = s dSᵀ Q"""
+        q, k, v, probs = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dv = _swap_last(probs) @ g if needs[2] else None        # (B, H, Tk, d)
+        dprobs = g @ _swap_last(v)                               # (B, H, Tq, Tk)
+        dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
+        dscores *= ctx.scale
+        dq = dscores @ k if needs[0] else None                   # (B, H, Tq, d)
+        dk = _swap_last(dscores) @ q if needs[1] else None       # (B, H, Tk, d)
+        return dq, dk, dv
+
+
+def scaled_dot_product_attention(q, k, v, causal=False, scale=None):
+    """Attention over (B, H, T, d) inputs; ``causal`` hides later keys from each query."""
+    return ScaledDotProductAttention.apply(q, k, v, causal=causal, scale=scale)
+
+
+class Dropout(Function):
+    @staticmethod
+    def forward(ctx, x, keep):
+        """f(x) = x · mask / (1 - p), mask ~ Bernoulli(1 - p) drawn once"""
+        ctx.save_for_backward(keep)
+        return x * keep
+
+    @staticmethod
+    def backward(ctx, g):
+        """f'(x) = mask / (1 - p)"""
+        (keep,) = ctx.saved_tensors
+        return g * keep
+
+
+def dropout(x, p, rng, training=True):
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p); identity when not training."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x if isinstance(x, Tensor) else Tensor(x)
+    data = x.data if isinstance(x, Tensor) else x
+    keep = (rng.uniform(data.shape, dtype=data.dtype) >= p).astype(data.dtype) / (1 - p)
+    return Dropout.apply(x, keep=keep)
