@@ -241,14 +241,16 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward(): gradient shape {grad.shape} does not match tensor shape {self.shape}")
         grads = {id(self): grad}
-        handed_out = set()   # arrays already stored as some leaf's .grad: copy before handing out again
+        # a leaf's .grad must be its own writable array: not the caller's gradient, not a view
+        # or broadcast of another array, not an array already given to another leaf
+        handed_out = {id(grad)}
         for tensor in reversed(_topological_order(self)):
             grad = grads.pop(id(tensor), None)
             if grad is None:
                 continue
             node = tensor._node
             if node is None:   # a leaf: accumulate
-                if id(grad) in handed_out:
+                if id(grad) in handed_out or grad.base is not None or not getattr(grad.flags, "writeable", True):
                     grad = grad.copy()
                 handed_out.add(id(grad))
                 tensor.grad = grad if tensor.grad is None else tensor.grad + grad

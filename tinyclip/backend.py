@@ -122,12 +122,12 @@ def backend_module(name=None):
 
 def get_array_module(*arrays):
     """numpy, or cupy if any argument is a CuPy array (Tensors are unwrapped)."""
-    if _cupy is not None:
-        for array in arrays:
-            if getattr(array, "is_tensor", False):
-                array = array.data
-            if isinstance(array, _cupy.ndarray):
-                return _cupy
+    for array in arrays:
+        if getattr(array, "is_tensor", False):
+            array = array.data
+        # by the type's module, so a CuPy array made before tinyclip probed CuPy is still seen
+        if type(array).__module__.startswith("cupy"):
+            return cupy_module()
     return numpy
 
 
@@ -191,10 +191,12 @@ def erf(x):
         total += term
     out[small] = 2.0 / math.sqrt(math.pi) * numpy.exp(-s2) * total
     big = ax[~small]
+    with numpy.errstate(over="ignore"):   # x² overflows past 1e154; exp(-inf) = 0 is then exact
+        big_squared = big * big
     fraction = numpy.zeros_like(big)
     for k in range(60, 0, -1):  # erfc(x) = exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x + ...))))
         fraction = (k / 2.0) / (big + fraction)
-    erfc_big = numpy.exp(-big * big) / math.sqrt(math.pi) / (big + fraction)
+    erfc_big = numpy.exp(-big_squared) / math.sqrt(math.pi) / (big + fraction)
     out[~small] = numpy.sign(work[~small]) * (1.0 - erfc_big)
     return out.astype(x.dtype if x.dtype.kind == "f" else numpy.float64, copy=False)
 
@@ -237,7 +239,9 @@ class RNG:
         return self.generator.integers(low, high, size=shape)
 
     def permutation(self, n):
-        return self.generator.permutation(n)
+        if self.xp is numpy:
+            return self.generator.permutation(n)
+        return self.xp.argsort(self.generator.random(n))   # CuPy's Generator has no permutation
 
     def get_state(self):
         """The NumPy generator's state as plain data (for checkpoints)."""
