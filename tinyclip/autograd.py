@@ -152,6 +152,7 @@ def _as_arrays(cls, inputs):
             value = xp.asarray(value, dtype=dtype)
         elif isinstance(value, (list, tuple)):
             value = xp.asarray(value)
+            value = value.astype(dtype) if value.dtype.kind == "f" else value
         elif not hasattr(value, "dtype") or not hasattr(value, "shape"):
             raise TypeError(f"{_op_name(cls)}: input {position} must be a Tensor, an array or a number, "
                             f"got {type(value).__name__}")
@@ -351,7 +352,7 @@ def tensor(data, requires_grad=False, dtype=None, backend_name=None):
     if isinstance(data, Tensor):
         data = data.data
     if hasattr(data, "dtype") and hasattr(data, "shape") and backend_name is None:
-        array = data if dtype is None else data.astype(dtype)
+        array = backend.get_array_module(data).asarray(data, dtype=dtype)   # also turns NumPy scalars into arrays
     else:
         array = backend.asarray(data, backend_name, dtype)
         if dtype is None and array.dtype.kind == "f" and not hasattr(data, "dtype"):
