@@ -131,6 +131,18 @@ class Function:
         return out
 
 
+def _as_ndarray(array):
+    """NumPy turns 0-d results into immutable scalars (numpy.float64); make them arrays again."""
+    return backend.get_array_module(array).asarray(array) if array.ndim == 0 else array
+
+
+def _base_of(array):
+    """The array that owns the memory ``array`` looks at (itself if it owns it)."""
+    while array.base is not None:
+        array = array.base
+    return array
+
+
 def _op_name(cls):
     return cls.__name__.lower()
 
@@ -238,23 +250,27 @@ class Tensor:
                                    "of the same shape (only a one-element output has an implied gradient of 1)")
             grad = xp.ones_like(self.data)
         else:
-            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            grad = _as_ndarray(grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype))
             if grad.shape != self.shape:
                 raise ValueError(f"backward(): gradient shape {grad.shape} does not match tensor shape {self.shape}")
         grads = {id(self): grad}
-        # a leaf's .grad must be its own writable array: not the caller's gradient, not a view
-        # or broadcast of another array, not an array already given to another leaf
-        handed_out = {id(grad)}
+        # A leaf's .grad must be an array of its own that an optimiser may update in place: not
+        # read-only, not a broadcast (zero strides), not sharing memory with the caller's gradient
+        # or with another leaf's .grad. Owners of memory already handed out are remembered by id.
+        handed_out = {id(_base_of(grad))}
         for tensor in reversed(_topological_order(self)):
             grad = grads.pop(id(tensor), None)
             if grad is None:
                 continue
+            grad = _as_ndarray(grad)
             node = tensor._node
             if node is None:   # a leaf: accumulate
-                if id(grad) in handed_out or grad.base is not None or not getattr(grad.flags, "writeable", True):
+                owner = id(_base_of(grad))
+                if owner in handed_out or 0 in grad.strides or not getattr(grad.flags, "writeable", True):
                     grad = grad.copy()
-                handed_out.add(id(grad))
-                tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+                    owner = id(grad)
+                handed_out.add(owner)
+                tensor.grad = grad if tensor.grad is None else _as_ndarray(tensor.grad + grad)
                 continue
             if node.ctx is None:
                 raise RuntimeError("backward() through a graph that was already freed: "

@@ -12,12 +12,40 @@ is float32 (``set_default_dtype``), float64 is used for gradient checks.
 """
 
 import contextlib
+import ctypes
 import math
 import os
+import platform
 
 import numpy
 
 BACKENDS = ("numpy", "cupy")
+
+
+def _keep_freed_memory_in_the_heap():
+    """Ask glibc to recycle large freed arrays instead of returning them to the kernel.
+
+    NumPy allocates a fresh array for every intermediate result. glibc serves
+    allocations above its mmap threshold (at most 32 MB by default) with a
+    fresh mmap and unmaps them on free, so each (B·T, 4·D) activation of a
+    transformer MLP costs thousands of page faults and a zero-fill every time:
+    a third of a CPU training step in ``benchmarks/block.py``. Raising the mmap
+    and trim thresholds to 1 GB keeps freed blocks in the heap for the next
+    array of the same size. Set TINYCLIP_MALLOC_TUNING=0 to leave malloc alone.
+    Returns whether the setting was applied.
+    """
+    if os.environ.get("TINYCLIP_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3     # from glibc's <malloc.h>
+    one_gigabyte = ctypes.c_int(1 << 30)
+    return mallopt(m_mmap_threshold, one_gigabyte) == 1 and mallopt(m_trim_threshold, one_gigabyte) == 1
+
+
+MALLOC_TUNED = _keep_freed_memory_in_the_heap()
 
 _cupy = None           # the cupy module once imported and a device was found
 _cupy_error = None     # why CuPy is unavailable, for the error message
@@ -203,12 +231,7 @@ def erf(x):
 
 def scatter_add(target, index, values):
     """``target[index] += values`` where repeated indices add up (unbuffered), in place."""
-    xp = get_array_module(target)
-    if xp is numpy:
-        numpy.add.at(target, index, values)
-    else:
-        import cupyx
-        cupyx.scatter_add(target, index, values)
+    get_array_module(target).add.at(target, index, values)
 
 
 class RNG:

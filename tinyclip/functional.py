@@ -307,19 +307,39 @@ class GELUTanh(Function):
     @staticmethod
     def forward(ctx, x):
         """f(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))   (the tanh approximation)"""
-        ctx.save_for_backward(x)
-        return 0.5 * x * (1 + _xp(x).tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_COEFF * x * x * x)))
+        t = _gelu_tanh_inner(x)
+        ctx.save_for_backward(x, t)
+        y = t + 1
+        y *= x
+        y *= 0.5
+        return y
 
     @staticmethod
     def backward(ctx, g):
         """f'(x) = (1 + t)/2 + x/2 · (1 - t²) · √(2/π) (1 + 3·0.044715 x²),  t = tanh(...)"""
-        (x,) = ctx.saved_tensors
+        x, t = ctx.saved_tensors
         xp = _xp(x)
         # beyond |x| = 100 tanh is ±1 in every float type, so capping x² changes no result,
         # but keeps (1 - t²) · x² from becoming 0 · ∞ = nan in float16
-        x2 = xp.minimum(x * x, 1e4)
-        t = xp.tanh(_SQRT_2_OVER_PI * x * (1 + _GELU_TANH_COEFF * x2))
-        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEFF * x2))
+        slope = xp.minimum(x * x, 1e4)
+        slope *= 3 * _GELU_TANH_COEFF
+        slope += 1
+        slope *= _SQRT_2_OVER_PI * 0.5
+        slope *= 1 - t * t         # before x, so that 0 · (huge x) never meets ∞ in float16
+        slope *= x
+        slope += 0.5 * (1 + t)
+        slope *= g
+        return slope
+
+
+def _gelu_tanh_inner(x):
+    """tanh(√(2/π) · x · (1 + 0.044715 x²)), computed in one buffer."""
+    inner = x * x
+    inner *= _GELU_TANH_COEFF
+    inner += 1
+    inner *= x
+    inner *= _SQRT_2_OVER_PI
+    return _xp(x).tanh(inner, out=inner)
 
 
 class GELU(Function):
@@ -342,7 +362,12 @@ class QuickGELU(Function):
     @staticmethod
     def forward(ctx, x):
         """f(x) = x · σ(1.702 x)   (OpenAI CLIP's activation)"""
-        s = _stable_sigmoid(_xp(x), _QUICK_GELU_ALPHA * x)
+        # σ(z) = (1 + tanh(z/2)) / 2 cannot overflow and takes three passes over one buffer where
+        # the exp form takes ten over several; it loses relative precision only where σ is below
+        # float precision anyway, which x · σ(1.702 x) cannot see
+        s = _xp(x).tanh(x * (0.5 * _QUICK_GELU_ALPHA))
+        s += 1
+        s *= 0.5
         ctx.save_for_backward(x, s)
         return x * s
 
@@ -350,7 +375,13 @@ class QuickGELU(Function):
     def backward(ctx, g):
         """f'(x) = σ(1.702x) + 1.702 x σ(1.702x)(1 - σ(1.702x))"""
         x, s = ctx.saved_tensors
-        return g * (s * (1 + _QUICK_GELU_ALPHA * x * (1 - s)))
+        dx = 1 - s                 # one buffer, updated in place: these arrays are (B·T, 4D)
+        dx *= x
+        dx *= _QUICK_GELU_ALPHA
+        dx += 1
+        dx *= s
+        dx *= g
+        return dx
 
 
 def exp(x):
@@ -833,10 +864,10 @@ class LayerNorm(Function):
         for name, p in (("weight", weight), ("bias", bias)):
             if p is not None and p.shape != (dim,):
                 raise ValueError(f"layer_norm: {name} must have shape ({dim},) for input {x.shape}, got {p.shape}")
-        mu = x.mean(axis=-1, keepdims=True)                    # (..., 1)
-        centred = x - mu
-        rstd = 1.0 / xp.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)   # (..., 1)
-        xhat = centred * rstd
+        xhat = x - x.mean(axis=-1, keepdims=True)                # centred, normalised in place below
+        variance = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / dim   # (..., 1)
+        rstd = 1.0 / xp.sqrt(variance + eps)                     # (..., 1)
+        xhat *= rstd
         ctx.save_for_backward(xhat, rstd, weight)
         y = xhat * weight if weight is not None else xhat.copy()
         if bias is not None:
@@ -847,17 +878,23 @@ class LayerNorm(Function):
     def backward(ctx, g):
         """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)),  ĝ = g ⊙ w;  dw = Σ g ⊙ x̂;  db = Σ g"""
         xhat, rstd, weight = ctx.saved_tensors
+        xp = _xp(g)
         needs = ctx.needs_input_grad
-        leading = tuple(range(g.ndim - 1))
-        ghat = g * weight if weight is not None else g
+        dim = g.shape[-1]
+        g2d, xhat2d = g.reshape(-1, dim), xhat.reshape(-1, dim)  # (N, D): column sums become one reduction
         dx = dweight = dbias = None
         if needs[0]:
-            dx = rstd * (ghat - ghat.mean(axis=-1, keepdims=True)
-                         - xhat * (ghat * xhat).mean(axis=-1, keepdims=True))
+            ghat = g * weight if weight is not None else g.copy()
+            mean_ghat = ghat.mean(axis=-1, keepdims=True)                                  # (..., 1)
+            mean_ghat_xhat = xp.einsum("...i,...i->...", ghat, xhat)[..., None] / dim     # (..., 1)
+            ghat -= mean_ghat          # dx is built in ghat's buffer
+            ghat -= xhat * mean_ghat_xhat
+            ghat *= rstd
+            dx = ghat
         if needs[1]:
-            dweight = (g * xhat).sum(axis=leading)
+            dweight = xp.einsum("ni,ni->i", g2d, xhat2d)
         if needs[2]:
-            dbias = g.sum(axis=leading)
+            dbias = g2d.sum(axis=0)
         return dx, dweight, dbias
 
 
@@ -932,11 +969,12 @@ class ScaledDotProductAttention(Function):
                              f"{q.shape[-2]} and {k.shape[-2]}")
         xp = _xp(q, k, v)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        scores = (q @ _swap_last(k)) * scale                    # (B, H, Tq, Tk)
+        scores = q @ _swap_last(k)                               # (B, H, Tq, Tk)
+        scores *= scale
         if causal:
             t = q.shape[-2]
             future = xp.triu(xp.ones((t, t), dtype=bool), k=1)  # (T, T): key j > query i
-            scores = xp.where(future, -xp.inf, scores)
+            scores[..., future] = -xp.inf
         scores -= scores.max(axis=-1, keepdims=True)
         probs = xp.exp(scores, out=scores)
         probs /= probs.sum(axis=-1, keepdims=True)               # (B, H, Tq, Tk)
@@ -950,8 +988,9 @@ class ScaledDotProductAttention(Function):
         q, k, v, probs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dv = _swap_last(probs) @ g if needs[2] else None        # (B, H, Tk, d)
-        dprobs = g @ _swap_last(v)                               # (B, H, Tq, Tk)
-        dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
+        dscores = g @ _swap_last(v)                              # dP (B, H, Tq, Tk), turned into dS in place
+        dscores -= _xp(g).einsum("...j,...j->...", dscores, probs)[..., None]
+        dscores *= probs
         dscores *= ctx.scale
         dq = dscores @ k if needs[0] else None                   # (B, H, Tq, d)
         dk = _swap_last(dscores) @ q if needs[1] else None       # (B, H, Tk, d)

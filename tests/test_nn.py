@@ -1,0 +1,460 @@
+"""Property tests for tinyclip.nn.
+
+For every layer and every enabled backend: the forward equals a plain NumPy
+formula (float64, 1e-12), and the backward, for the inputs and for every
+parameter, equals five-point finite differences along random directions
+(float64, 1e-7 relative). Then the invariants: a causal mask hides later
+tokens, ``load_state_dict(state_dict())`` round-trips exactly, a state that
+does not fit is refused with one error naming every problem, and
+train/eval reaches every sub-module.
+"""
+
+import math
+
+import numpy
+import pytest
+from hypothesis import given, strategies as st
+
+import tinyclip as tc
+from tinyclip import backend, nn
+
+from .strategies import normal, seeds
+
+erf = numpy.vectorize(math.erf)
+
+
+def name_of(xp):
+    return "numpy" if xp is numpy else "cupy"
+
+
+def host(value):
+    """A NumPy copy of a Tensor or array from either backend."""
+    return backend.to_numpy(value.data if isinstance(value, tc.Tensor) else value)
+
+
+def params_of(module):
+    """The module's parameters as NumPy float64 arrays, by dotted name."""
+    return {name: host(value) for name, value in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------
+# Plain NumPy references
+# ---------------------------------------------------------------------------------
+
+def ref_linear(p, prefix, x):
+    return x @ p[prefix + "weight"].T + p[prefix + "bias"]
+
+
+def ref_layer_norm(p, prefix, x, eps=1e-5):
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) / numpy.sqrt(var + eps) * p[prefix + "weight"] + p[prefix + "bias"]
+
+
+REF_ACTIVATIONS = {
+    "quick_gelu": lambda x: x / (1 + numpy.exp(-1.702 * x)),
+    "gelu": lambda x: 0.5 * x * (1 + erf(x / math.sqrt(2))),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + numpy.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+    "relu": lambda x: numpy.maximum(x, 0),
+}
+
+
+def ref_mlp(p, prefix, x, activation):
+    return ref_linear(p, prefix + "fc2.", REF_ACTIVATIONS[activation](ref_linear(p, prefix + "fc1.", x)))
+
+
+def ref_attention(p, prefix, x, heads, causal, context=None):
+    """Multi-head attention one head at a time, straight from the definition."""
+    context = x if context is None else context
+    q, k, v = (ref_linear(p, f"{prefix}{name}_proj.", source)
+               for name, source in (("q", x), ("k", context), ("v", context)))
+    d = q.shape[-1] // heads
+    outputs = []
+    for h in range(heads):
+        part = slice(h * d, (h + 1) * d)
+        scores = q[..., part] @ k[..., part].swapaxes(-1, -2) / math.sqrt(d)   # (B, Tq, Tk)
+        if causal:
+            scores = scores + numpy.triu(numpy.full(scores.shape[-2:], -numpy.inf), k=1)
+        weights = numpy.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        outputs.append(weights @ v[..., part])
+    return ref_linear(p, prefix + "out_proj.", numpy.concatenate(outputs, axis=-1))
+
+
+def ref_block(p, prefix, x, heads, activation, causal, eps=1e-5):
+    x = x + ref_attention(p, prefix + "attn.", ref_layer_norm(p, prefix + "ln1.", x, eps), heads, causal)
+    return x + ref_mlp(p, prefix + "mlp.", ref_layer_norm(p, prefix + "ln2.", x, eps), activation)
+
+
+# ---------------------------------------------------------------------------------
+# Gradient check over a module's inputs and parameters
+# ---------------------------------------------------------------------------------
+
+def _dot(a, b):
+    return float(backend.to_numpy((a * b).sum()))
+
+
+def check_module_gradients(module, inputs, seed, step=1e-4, rtol=1e-7):
+    """Backward of ``module(*inputs)`` vs five-point finite differences, for every float input and parameter.
+
+    For a random cotangent u and a random direction v of each target x, the
+    backward's ⟨∂⟨u, y⟩/∂x, v⟩ must match the O(h⁴) central difference D(h) of
+    s(t) = ⟨u, module(x + t v)⟩ (the scheme of tests/gradcheck.py), taken at
+    h/2. Two allowances on top of ``rtol``: the rounding of s, about
+    18 · 2⁻⁵³ · Σ|intermediates| / (12 h), seen where the true derivative is
+    zero (one key in a softmax), and |D(h) - D(h/2)|, which bounds the
+    truncation error where a layer norm over nearly equal features bends
+    sharply; both vanish next to any real error in a backward.
+    """
+    xp = backend.get_array_module(*inputs)
+    rng = numpy.random.default_rng(seed)
+    args = [tc.Tensor(a, requires_grad=True) if a.dtype.kind == "f" else a for a in inputs]
+    module.zero_grad()
+    out = module(*args)
+    cotangent = xp.asarray(rng.standard_normal(out.shape))
+    atol = 1e-10 * _dot(abs(out.data), abs(cotangent))
+    out.backward(cotangent)
+    targets = [(f"input {i}", a) for i, a in enumerate(args) if isinstance(a, tc.Tensor)]
+    targets += list(module.named_parameters())
+    for name, target in targets:
+        assert target.grad is not None, f"{name} got no gradient"
+        assert target.grad.shape == target.shape, f"{name}: gradient shape {target.grad.shape} != {target.shape}"
+        direction = xp.asarray(rng.standard_normal(target.shape))
+        original = target.data
+
+        def along(t):
+            target.data = original + t * direction
+            with tc.no_grad():
+                return _dot(module(*args).data, cotangent)
+
+        def five_point(h):
+            return (along(-2 * h) - 8 * along(-h) + 8 * along(h) - along(2 * h)) / (12 * h)
+
+        try:
+            coarse, numeric = five_point(step), five_point(step / 2)
+        finally:
+            target.data = original
+        analytic = _dot(target.grad, direction)
+        error = abs(analytic - numeric)
+        scale = max(abs(analytic), abs(numeric))
+        assert error <= atol + rtol * scale + abs(coarse - numeric), (
+            f"{name}: directional derivative {analytic!r} (backward) vs {numeric!r} (finite differences; "
+            f"{coarse!r} at twice the step), relative error {error / max(scale, 1e-300):.3e}")
+
+
+# ---------------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------------
+
+def token_shapes(min_width=1):
+    """(batch, tokens, heads, head size) small enough for a gradient check in milliseconds.
+
+    Layers with a layer norm ask for ``min_width=3``: over one or two features
+    it is a step of width √eps (x̂ = ±1 for two), too steep for finite differences.
+    """
+    return st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3)).filter(
+        lambda shape: shape[2] * shape[3] >= min_width)
+
+
+activations = st.sampled_from(sorted(nn.ACTIVATIONS))
+
+
+def scaled_init(module, seed, std=0.5):
+    """Replace the 0.02-std initial weights by larger ones (and non-trivial norms and biases) so every term matters."""
+    rng = numpy.random.default_rng(seed)
+    for p in module.parameters():
+        p.data[...] = backend.asarray(rng.standard_normal(p.shape) * std, backend.backend_of(p.data))
+    return module
+
+
+# ---------------------------------------------------------------------------------
+# Each layer: forward against NumPy, backward against finite differences
+# ---------------------------------------------------------------------------------
+
+@given(leading=st.lists(st.integers(1, 3), max_size=2), sizes=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       bias=st.booleans(), seed=seeds)
+def test_linear(xp, leading, sizes, bias, seed):
+    in_features, out_features = sizes
+    layer = scaled_init(nn.Linear(in_features, out_features, bias=bias, dtype="float64",
+                                  backend=name_of(xp), seed=seed % 1000), seed)
+    x = normal(seed, tuple(leading) + (in_features,))
+    p = params_of(layer)
+    expected = x @ p["weight"].T + (p["bias"] if bias else 0)
+    numpy.testing.assert_allclose(host(layer(xp.asarray(x))), expected, rtol=1e-12, atol=1e-12)
+    assert [name for name, _ in layer.named_parameters()] == (["weight", "bias"] if bias else ["weight"])
+    check_module_gradients(layer, [xp.asarray(x)], seed)
+
+
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=seeds)
+def test_layer_norm(xp, shape, seed):
+    dim = shape[-1] + 2   # see token_shapes: widths 1 and 2 are too steep for finite differences
+    layer = scaled_init(nn.LayerNorm(dim, dtype="float64", backend=name_of(xp)), seed)
+    x = normal(seed, tuple(shape[:-1]) + (dim,), scale=2.0)
+    numpy.testing.assert_allclose(host(layer(xp.asarray(x))), ref_layer_norm(params_of(layer), "", x),
+                                  rtol=1e-12, atol=1e-12)
+    check_module_gradients(layer, [xp.asarray(x)], seed)
+
+
+@given(num=st.integers(1, 6), dim=st.integers(1, 4), ids_shape=st.lists(st.integers(1, 4), max_size=2), seed=seeds)
+def test_embedding(xp, num, dim, ids_shape, seed):
+    layer = nn.Embedding(num, dim, dtype="float64", backend=name_of(xp), seed=seed % 1000)
+    ids = numpy.random.default_rng(seed).integers(0, num, size=tuple(ids_shape))   # repeats are likely
+    numpy.testing.assert_array_equal(host(layer(xp.asarray(ids))), params_of(layer)["weight"][ids])
+    check_module_gradients(layer, [xp.asarray(ids)], seed)
+
+
+@given(shape=token_shapes(), hidden=st.integers(1, 6), activation=activations, seed=seeds)
+def test_mlp(xp, shape, hidden, activation, seed):
+    batch, tokens, heads, head_dim = shape
+    dim = heads * head_dim
+    layer = scaled_init(nn.MLP(dim, hidden, activation, dtype="float64", backend=name_of(xp)), seed)
+    if activation == "relu":   # keep the pre-activations away from ReLU's kink, where differences break
+        layer.fc1.bias.data += xp.asarray(numpy.random.default_rng(seed).choice([-1.0, 1.0], hidden) * 3.0)
+    x = normal(seed, (batch, tokens, dim))
+    assert [name for name, _ in layer.named_parameters()] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    numpy.testing.assert_allclose(host(layer(xp.asarray(x))), ref_mlp(params_of(layer), "", x, activation),
+                                  rtol=1e-12, atol=1e-12)
+    check_module_gradients(layer, [xp.asarray(x)], seed)
+
+
+@given(shape=token_shapes(), causal=st.booleans(), seed=seeds)
+def test_self_attention(xp, shape, causal, seed):
+    batch, tokens, heads, head_dim = shape
+    dim = heads * head_dim
+    layer = scaled_init(nn.MultiHeadAttention(dim, heads, causal=causal, dtype="float64", backend=name_of(xp)), seed)
+    x = normal(seed, (batch, tokens, dim))
+    numpy.testing.assert_allclose(host(layer(xp.asarray(x))), ref_attention(params_of(layer), "", x, heads, causal),
+                                  rtol=1e-12, atol=1e-12)
+    check_module_gradients(layer, [xp.asarray(x)], seed)
+
+
+class _CrossAttention(nn.Module):
+    """Queries from one sequence, keys and values from another: SigLIP's pooling head in miniature."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x, context):
+        return self.attention(x, context)
+
+
+@given(shape=token_shapes(), context_tokens=st.integers(1, 5), seed=seeds)
+def test_cross_attention_with_other_length(xp, shape, context_tokens, seed):
+    batch, tokens, heads, head_dim = shape
+    dim = heads * head_dim
+    layer = scaled_init(nn.MultiHeadAttention(dim, heads, dtype="float64", backend=name_of(xp)), seed)
+    x, context = normal(seed, (batch, tokens, dim)), normal(seed + 1, (batch, context_tokens, dim))
+    out = layer(xp.asarray(x), context=xp.asarray(context))
+    assert out.shape == (batch, tokens, dim)
+    numpy.testing.assert_allclose(host(out), ref_attention(params_of(layer), "", x, heads, False, context),
+                                  rtol=1e-12, atol=1e-12)
+    check_module_gradients(_CrossAttention(layer), [xp.asarray(x), xp.asarray(context)], seed)
+
+
+@given(shape=token_shapes(min_width=3), activation=activations, causal=st.booleans(), seed=seeds)
+def test_block(xp, shape, activation, causal, seed):
+    batch, tokens, heads, head_dim = shape
+    dim = heads * head_dim
+    block = scaled_init(nn.Block(dim, heads, mlp_ratio=2, activation=activation, causal=causal,
+                                 dtype="float64", backend=name_of(xp)), seed, std=0.3)
+    if activation == "relu":
+        block.mlp.fc1.bias.data += xp.asarray(numpy.random.default_rng(seed).choice([-1.0, 1.0], 2 * dim) * 3.0)
+    x = normal(seed, (batch, tokens, dim))
+    numpy.testing.assert_allclose(host(block(xp.asarray(x))),
+                                  ref_block(params_of(block), "", x, heads, activation, causal),
+                                  rtol=1e-12, atol=1e-12)
+    check_module_gradients(block, [xp.asarray(x)], seed)
+
+
+@given(shape=token_shapes(min_width=3), depth=st.integers(0, 2), causal=st.booleans(), seed=seeds)
+def test_transformer(xp, shape, depth, causal, seed):
+    batch, tokens, heads, head_dim = shape
+    dim = heads * head_dim
+    model = scaled_init(nn.Transformer(dim, depth, heads, mlp_ratio=2, causal=causal, dtype="float64",
+                                       backend=name_of(xp)), seed, std=0.3)
+    assert len(model.blocks) == depth
+    x = normal(seed, (batch, tokens, dim))
+    p = params_of(model)
+    expected = x
+    for i in range(depth):
+        expected = ref_block(p, f"blocks.{i}.", expected, heads, "quick_gelu", causal)
+    numpy.testing.assert_allclose(host(model(xp.asarray(x))), expected, rtol=1e-12, atol=1e-12)
+    if depth:
+        check_module_gradients(model, [xp.asarray(x)], seed)
+
+
+# ---------------------------------------------------------------------------------
+# Invariants
+# ---------------------------------------------------------------------------------
+
+@given(shape=token_shapes(), data=st.data(), seed=seeds)
+def test_causal_mask_hides_later_tokens(xp, shape, data, seed):
+    batch, tokens, heads, _ = shape
+    tokens += 1
+    dim = heads * 3   # layer norm over a width of 1 or 2 keeps (almost) nothing of a token to see
+    keep = data.draw(st.integers(1, tokens - 1))   # outputs before this position must not move
+    x = normal(seed, (batch, tokens, dim))
+    changed = x.copy()
+    changed[:, keep:] = normal(seed + 1, (batch, tokens - keep, dim))
+    for causal in (True, False):
+        model = scaled_init(nn.Transformer(dim, 2, heads, mlp_ratio=2, causal=causal, dtype="float64",
+                                           backend=name_of(xp)), seed, std=0.3)
+        before, after = host(model(xp.asarray(x))), host(model(xp.asarray(changed)))
+        if causal:
+            numpy.testing.assert_allclose(after[:, :keep], before[:, :keep], rtol=1e-13, atol=1e-13)
+        else:   # without the mask the earlier outputs do see the change (the check above can fail)
+            assert not numpy.allclose(after[:, :keep], before[:, :keep], rtol=1e-6, atol=1e-6)
+
+
+def test_state_dict_round_trip_is_exact(xp):
+    source = nn.Transformer(8, 2, 2, backend=name_of(xp), seed=1)
+    target = nn.Transformer(8, 2, 2, backend=name_of(xp), seed=2)
+    arrays_before = [p.data for p in target.parameters()]
+    state = source.state_dict()
+    assert list(state) == [name for name, _ in source.named_parameters()]
+    target.load_state_dict(state)
+    for name, value in target.state_dict().items():
+        assert value.dtype == state[name].dtype
+        numpy.testing.assert_array_equal(host(value), host(state[name]))
+    # loaded into the existing arrays, which keep their dtype and backend
+    assert all(p.data is before for p, before in zip(target.parameters(), arrays_before))
+    x = xp.asarray(normal(0, (2, 3, 8)), dtype="float32")
+    numpy.testing.assert_array_equal(host(target(x)), host(source(x)))
+
+
+def test_state_dict_holds_copies(xp):
+    layer = nn.Linear(3, 2, backend=name_of(xp))
+    state = layer.state_dict()
+    state["weight"] += 1
+    assert not numpy.array_equal(host(layer.weight), host(state["weight"]))
+
+
+def test_load_converts_dtype_and_backend_to_the_parameters(xp):
+    layer = nn.Linear(3, 2, backend=name_of(xp))   # float32
+    state = {name: backend.to_numpy(value).astype("float64") + 0.25 for name, value in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    assert layer.weight.dtype == numpy.float32 and layer.weight.backend == name_of(xp)
+    numpy.testing.assert_array_equal(host(layer.weight), state["weight"].astype("float32"))
+
+
+def test_load_state_dict_names_every_problem():
+    model = nn.Transformer(8, 2, 2, seed=0)
+    state = model.state_dict()
+    del state["blocks.0.ln1.weight"], state["blocks.1.mlp.fc2.bias"]
+    state["blocks.2.ln1.weight"] = numpy.ones(8, numpy.float32)
+    state["head.weight"] = numpy.ones((8, 8), numpy.float32)
+    state["blocks.0.attn.q_proj.weight"] = numpy.ones((8, 4), numpy.float32)
+    state["blocks.1.mlp.fc1.bias"] = numpy.ones(3, numpy.float32)
+    before = model.state_dict()
+    with pytest.raises(ValueError) as caught:
+        model.load_state_dict(state)
+    message = str(caught.value)
+    for key in ("blocks.0.ln1.weight", "blocks.1.mlp.fc2.bias", "blocks.2.ln1.weight", "head.weight"):
+        assert key in message
+    assert "blocks.0.attn.q_proj.weight: state (8, 4) vs model (8, 8)" in message
+    assert "blocks.1.mlp.fc1.bias: state (3,) vs model (32,)" in message
+    assert "missing keys (2)" in message and "unexpected keys (2)" in message and "shape mismatches (2)" in message
+    for name, value in model.state_dict().items():   # nothing was loaded
+        numpy.testing.assert_array_equal(value, before[name])
+
+
+def test_non_strict_load_reports_keys_but_still_refuses_wrong_shapes():
+    model = nn.Block(4, 2, seed=0)
+    state = {"ln1.weight": numpy.full(4, 3.0, numpy.float32), "extra": numpy.zeros(2)}
+    result = model.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == ["extra"]
+    assert "ln1.bias" in result.missing_keys and "ln1.weight" not in result.missing_keys
+    numpy.testing.assert_array_equal(model.ln1.weight.data, numpy.full(4, 3.0))
+    with pytest.raises(ValueError, match=r"ln1\.weight: state \(5,\) vs model \(4,\)"):
+        model.load_state_dict({"ln1.weight": numpy.ones(5)}, strict=False)
+
+
+def test_train_and_eval_reach_every_module():
+    model = nn.Transformer(4, 2, 2)
+    assert all(module.training for module in model.modules())
+    assert model.eval() is model
+    assert len(model.modules()) > 10 and not any(module.training for module in model.modules())
+    model.blocks[1].train()
+    assert model.blocks[1].mlp.fc1.training and not model.blocks[0].mlp.fc1.training
+    model.train()
+    assert all(module.training for module in model.modules())
+
+
+# ---------------------------------------------------------------------------------
+# Registration, initialisation, errors
+# ---------------------------------------------------------------------------------
+
+def test_block_parameter_names_follow_hugging_face_clip():
+    names = [name for name, _ in nn.Transformer(4, 1, 2).named_parameters()]
+    layers = ["ln1", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "ln2", "mlp.fc1", "mlp.fc2"]
+    assert names == [f"blocks.0.{layer}.{kind}" for layer in layers for kind in ("weight", "bias")]
+
+
+def test_registration_of_lists_none_and_shared_parameters():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(2, 2), nn.Linear(2, 2, bias=False)]
+            self.scale = nn.Parameter(numpy.zeros(()))
+            self.tied = self.layers[0].weight   # the same Parameter under a second name
+
+    model = Model()
+    assert isinstance(model.layers, nn.ModuleList)
+    names = [name for name, _ in model.named_parameters()]
+    assert names == ["scale", "tied", "layers.0.bias", "layers.1.weight"]   # the shared one once, first name found
+    model.scale = None
+    assert "scale" not in dict(model.named_parameters())
+    with pytest.raises(TypeError, match="Parameter"):
+        model.layers[0].weight = tc.tensor(numpy.zeros((2, 2)))
+
+
+def test_module_without_super_init_is_a_clear_error():
+    class Broken(nn.Module):
+        def __init__(self):
+            self.layer = nn.Linear(2, 2)
+
+    with pytest.raises(AttributeError, match="super\\(\\).__init__"):
+        Broken()
+
+
+def test_initialisation(xp):
+    layer = nn.Linear(64, 128, backend=name_of(xp), seed=3)
+    assert layer.weight.shape == (128, 64) and layer.weight.dtype == backend.default_dtype()
+    assert layer.weight.backend == name_of(xp) and layer.weight.requires_grad
+    assert abs(float(host(layer.weight).std()) - 0.02) < 0.002
+    assert not host(layer.bias).any()
+    norm = nn.LayerNorm(5, dtype="float64", backend=name_of(xp))
+    assert norm.weight.dtype == numpy.float64
+    numpy.testing.assert_array_equal(host(norm.weight), numpy.ones(5))
+    numpy.testing.assert_array_equal(host(norm.bias), numpy.zeros(5))
+    # one seed gives one model; the layers inside it draw different weights from the shared stream
+    first, second = nn.Block(8, 2, backend=name_of(xp), seed=4), nn.Block(8, 2, backend=name_of(xp), seed=4)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        numpy.testing.assert_array_equal(host(a), host(b), err_msg=name)
+    assert not numpy.array_equal(host(first.attn.q_proj.weight), host(first.attn.k_proj.weight))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="activation"):
+        nn.MLP(4, 8, activation="swish")
+    with pytest.raises(ValueError, match="multiple of heads"):
+        nn.MultiHeadAttention(6, 4)
+    with pytest.raises(ValueError, match="rng or seed"):
+        nn.Linear(2, 2, rng=backend.RNG(0), seed=1)
+    with pytest.raises(TypeError, match="floating-point"):
+        nn.Linear(2, 2, dtype="int32")
+    attention = nn.MultiHeadAttention(4, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, tokens, 4\), got \(2, 3, 5\)"):
+        attention(numpy.zeros((2, 3, 5), numpy.float32))
+    with pytest.raises(ValueError, match="context has batch size 3"):
+        attention(numpy.zeros((2, 3, 4), numpy.float32), context=numpy.zeros((3, 3, 4), numpy.float32))
+
+
+@pytest.mark.gpu
+def test_numpy_state_loads_into_a_cupy_model():
+    cpu_model, gpu_model = nn.Block(4, 2, seed=0), nn.Block(4, 2, backend="cupy", seed=1)
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    assert all(p.backend == "cupy" for p in gpu_model.parameters())
+    for name, value in gpu_model.state_dict().items():
+        numpy.testing.assert_array_equal(host(value), cpu_model.state_dict()[name])

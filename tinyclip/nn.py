@@ -1,0 +1,395 @@
+"""Layers with parameters: Module, Parameter and the pieces of a transformer.
+
+``Module`` registers every ``Parameter`` and sub-``Module`` assigned to it
+(PyTorch's ``nn.Module`` idea), so ``named_parameters()`` gives dotted names
+such as ``blocks.0.attn.q_proj.weight`` and ``state_dict()`` /
+``load_state_dict()`` move weights in and out by those names. The layers keep
+PyTorch's layouts and Hugging Face CLIP's names (``q_proj``, ``k_proj``,
+``v_proj``, ``out_proj``, ``fc1``, ``fc2``; linear weights stored (out, in)),
+so published checkpoints map onto them one to one.
+
+The transformer is the pre-LN residual block of GPT-2 and CLIP
+(Radford et al. 2019, 2021): ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``,
+with multi-head attention from Vaswani et al. 2017 and layer norm from
+Ba et al. 2016. Weights start as in CLIP: normal with std 0.02 for linear
+and embedding weights, zero biases, layer-norm gains 1 and shifts 0.
+
+Every constructor takes ``dtype`` (default ``backend.default_dtype()``),
+``backend`` ('numpy' or 'cupy'; default the rng's, else the default backend)
+and either an ``rng`` (a ``backend.RNG``) or a ``seed``. Pass one rng through
+a whole model so that its layers draw different weights: two layers built
+without either both start from seed 0 and so get identical weights.
+"""
+
+import collections
+
+from . import backend as _backend
+from . import functional as F
+from .autograd import Tensor
+
+
+class Parameter(Tensor):
+    """A leaf Tensor that a Module owns and an optimiser updates (requires_grad=True)."""
+
+    def __init__(self, data):
+        super().__init__(data, requires_grad=True)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, backend={self.backend})"
+
+
+LoadResult = collections.namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
+
+
+class Module:
+    """Base class of every layer: registers Parameters and sub-Modules, and calls ``forward``.
+
+    Subclasses call ``super().__init__()`` before assigning attributes. An
+    attribute holding a Parameter, a Module, or a non-empty list/tuple of
+    Modules (wrapped into a ``ModuleList``) is registered under its name.
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", {})   # name -> Parameter, in assignment order
+        object.__setattr__(self, "_modules", {})      # name -> Module, in assignment order
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}: call super().__init__() before assigning "
+                                 f"attributes (while assigning {name!r})")
+        if name in self._parameters and value is not None and not isinstance(value, Parameter):
+            raise TypeError(f"{type(self).__name__}.{name} is a Parameter; assign a Parameter or None, "
+                            f"got {type(value).__name__} (update weights in place through .data instead)")
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(item, Module) for item in value):
+            value = ModuleList(value)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    # ---- walking the tree ---------------------------------------------------------
+    def named_modules(self, prefix=""):
+        """(dotted name, module) for this module ('' or ``prefix``) and every descendant, depth first."""
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return [module for _, module in self.named_modules()]
+
+    def named_parameters(self, prefix=""):
+        """(dotted name, Parameter) pairs; a Parameter shared by two modules is listed once, first name wins."""
+        seen = set()
+        for module_name, module in self.named_modules(prefix):
+            for name, parameter in module._parameters.items():
+                if id(parameter) in seen:
+                    continue
+                seen.add(id(parameter))
+                yield (f"{module_name}.{name}" if module_name else name), parameter
+
+    def parameters(self):
+        return [parameter for _, parameter in self.named_parameters()]
+
+    # ---- modes and gradients ------------------------------------------------------
+    def train(self, mode=True):
+        """Set ``training`` on this module and every descendant (dropout and the like read it)."""
+        for module in self.modules():
+            object.__setattr__(module, "training", bool(mode))
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for parameter in self.parameters():
+            parameter.grad = None
+
+    # ---- weights in and out -------------------------------------------------------
+    def state_dict(self):
+        """An ordered dict dotted name -> a copy of the parameter's array (same dtype and backend)."""
+        return collections.OrderedDict((name, parameter.data.copy()) for name, parameter in self.named_parameters())
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays from ``state`` into the parameters, in place, keeping each parameter's dtype and backend.
+
+        Nothing is loaded unless everything fits: one ValueError names every
+        mis-shaped key (with both shapes) and, when ``strict``, every missing
+        and every unexpected key. With ``strict=False`` the keys present in
+        both are loaded and a ``LoadResult(missing_keys, unexpected_keys)`` is
+        returned; shapes must match either way.
+        """
+        own = dict(self.named_parameters())
+        values = {}
+        not_arrays, mismatched = [], []
+        for name, value in state.items():
+            if name not in own:
+                continue
+            value = value.data if isinstance(value, Tensor) else value
+            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                not_arrays.append(f"{name}: {type(value).__name__}")
+            elif tuple(value.shape) != own[name].shape:
+                mismatched.append(f"{name}: state {tuple(value.shape)} vs model {own[name].shape}")
+            values[name] = value
+        missing = [name for name in own if name not in state]
+        unexpected = [name for name in state if name not in own]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+        if not_arrays:
+            problems.append(f"values that are not arrays ({len(not_arrays)}): {', '.join(not_arrays)}")
+        if problems:
+            raise ValueError(f"load_state_dict: the state does not fit {type(self).__name__}; nothing was loaded\n  "
+                             + "\n  ".join(problems))
+        for name, value in values.items():
+            parameter = own[name]
+            parameter.data[...] = _backend.asarray(value, _backend.backend_of(parameter.data), parameter.dtype)
+        return LoadResult(missing, unexpected)
+
+    # ---- printing -------------------------------------------------------------------
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        lines = [f"({name}): {child!r}".replace("\n", "\n  ") for name, child in self._modules.items()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        return head + ")" if not lines else head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+class ModuleList(Module):
+    """A list of Modules registered under the names '0', '1', ..."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        for module in modules:
+            self.append(module)
+
+    def append(self, module):
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleList holds Modules, got {type(module).__name__}")
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __getitem__(self, index):
+        return list(self._modules.values())[index]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+# ---------------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------------
+
+class _Init:
+    """Where a module's parameters go (dtype, backend) and where their random values come from."""
+
+    def __init__(self, dtype=None, backend=None, rng=None, seed=None):
+        if rng is not None and seed is not None:
+            raise ValueError("give either rng or seed, not both")
+        if backend is None:
+            backend = rng.backend if rng is not None else _backend.default_backend()
+        self.backend = backend
+        self.xp = _backend.backend_module(backend)
+        self.dtype = self.xp.dtype(_backend.default_dtype() if dtype is None else dtype)
+        if self.dtype.kind != "f":
+            raise TypeError(f"parameters need a floating-point dtype, got {self.dtype}")
+        self.rng = rng if rng is not None else _backend.RNG(0 if seed is None else seed, backend)
+
+    def child(self):
+        """Keyword arguments that make a sub-layer draw from the same stream onto the same backend."""
+        return {"dtype": self.dtype, "backend": self.backend, "rng": self.rng}
+
+    def normal(self, shape, std):
+        draw = self.rng.normal(shape, std=std, dtype=self.dtype)
+        return Parameter(_backend.asarray(draw, self.backend, self.dtype))
+
+    def constant(self, shape, value):
+        return Parameter(self.xp.full(shape, value, dtype=self.dtype))
+
+
+# ---------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------
+
+class Linear(Module):
+    """y = x Wᵀ + b, W of shape (out, in) as in PyTorch."""
+
+    def __init__(self, in_features, out_features, bias=True, std=0.02, dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        init = _Init(dtype, backend, rng, seed)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = init.normal((out_features, in_features), std)   # (out, in)
+        self.bias = init.constant((out_features,), 0.0) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class LayerNorm(Module):
+    """y = (x - μ) / √(σ² + eps) · weight + bias over the last axis."""
+
+    def __init__(self, dim, eps=1e-5, dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        init = _Init(dtype, backend, rng, seed)
+        self.dim, self.eps = dim, eps
+        self.weight = init.constant((dim,), 1.0)
+        self.bias = init.constant((dim,), 0.0)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+    def extra_repr(self):
+        return f"{self.dim}, eps={self.eps}"
+
+
+class Embedding(Module):
+    """y = weight[ids]: a lookup table of ``num`` rows of width ``dim``."""
+
+    def __init__(self, num, dim, std=0.02, dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        init = _Init(dtype, backend, rng, seed)
+        self.num, self.dim = num, dim
+        self.weight = init.normal((num, dim), std)   # (num, dim)
+
+    def forward(self, ids):
+        return F.embedding(self.weight, ids)
+
+    def extra_repr(self):
+        return f"{self.num}, {self.dim}"
+
+
+ACTIVATIONS = {
+    "quick_gelu": F.quick_gelu,                                  # OpenAI CLIP: x · σ(1.702 x)
+    "gelu": lambda x: F.gelu(x, approximate="none"),             # exact, erf-based (Hugging Face "gelu")
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),        # SigLIP ("gelu_pytorch_tanh")
+    "relu": F.relu,
+}
+
+
+class MLP(Module):
+    """y = fc2(act(fc1(x))): widen to ``hidden``, apply the activation, project back to ``dim``."""
+
+    def __init__(self, dim, hidden, activation="quick_gelu", dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        init = _Init(dtype, backend, rng, seed)
+        self.activation = activation
+        self.fc1 = Linear(dim, hidden, **init.child())
+        self.fc2 = Linear(hidden, dim, **init.child())
+
+    def forward(self, x):
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}"
+
+
+class MultiHeadAttention(Module):
+    """y = out_proj(concat_h softmax(Q_h K_hᵀ / √d) V_h),  Q = q_proj(x), K = k_proj(c), V = v_proj(c).
+
+    Queries come from ``x`` (B, Tq, D) and keys/values from c = ``context``
+    (B, Tk, D), which defaults to ``x`` (self-attention); a different context
+    gives cross-attention, as in SigLIP's attention-pooling head, where one
+    learned query attends over all patch tokens. ``causal`` hides later keys
+    from each query (the text tower) and needs Tq == Tk.
+    """
+
+    def __init__(self, dim, heads, causal=False, dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ValueError(f"MultiHeadAttention: dim {dim} must be a positive multiple of heads {heads}")
+        init = _Init(dtype, backend, rng, seed)
+        self.dim, self.heads, self.causal = dim, heads, causal
+        self.q_proj = Linear(dim, dim, **init.child())
+        self.k_proj = Linear(dim, dim, **init.child())
+        self.v_proj = Linear(dim, dim, **init.child())
+        self.out_proj = Linear(dim, dim, **init.child())
+
+    def _split_heads(self, x):
+        batch, length, _ = x.shape
+        x = x.reshape(batch, length, self.heads, self.dim // self.heads)   # (B, T, H, d)
+        return x.transpose(0, 2, 1, 3)                                     # (B, H, T, d)
+
+    def forward(self, x, context=None):
+        _check_tokens("MultiHeadAttention", "x", x, self.dim)
+        if context is None:
+            context = x
+        else:
+            _check_tokens("MultiHeadAttention", "context", context, self.dim)
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"MultiHeadAttention: context has batch size {context.shape[0]}, "
+                                 f"x has {x.shape[0]}")
+        batch, length, _ = x.shape
+        q = self._split_heads(self.q_proj(x))         # (B, H, Tq, d)
+        k = self._split_heads(self.k_proj(context))   # (B, H, Tk, d)
+        v = self._split_heads(self.v_proj(context))   # (B, H, Tk, d)
+        heads = F.scaled_dot_product_attention(q, k, v, causal=self.causal)   # (B, H, Tq, d)
+        merged = heads.transpose(0, 2, 1, 3).reshape(batch, length, self.dim)  # (B, Tq, H·d)
+        return self.out_proj(merged)
+
+    def extra_repr(self):
+        return f"{self.dim}, heads={self.heads}, causal={self.causal}"
+
+
+def _check_tokens(layer, name, x, dim):
+    if x.ndim != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{layer}: {name} must have shape (batch, tokens, {dim}), got {tuple(x.shape)}")
+
+
+class Block(Module):
+    """Pre-LN residual block: x ← x + attn(ln1(x)); x ← x + mlp(ln2(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio=4, activation="quick_gelu", causal=False, eps=1e-5,
+                 dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        init = _Init(dtype, backend, rng, seed)
+        self.ln1 = LayerNorm(dim, eps, **init.child())
+        self.attn = MultiHeadAttention(dim, heads, causal, **init.child())
+        self.ln2 = LayerNorm(dim, eps, **init.child())
+        self.mlp = MLP(dim, int(dim * mlp_ratio), activation, **init.child())
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))   # (B, T, D)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(Module):
+    """``depth`` pre-LN Blocks applied in turn, named ``blocks.0`` ... ``blocks.{depth-1}``."""
+
+    def __init__(self, dim, depth, heads, mlp_ratio=4, activation="quick_gelu", causal=False, eps=1e-5,
+                 dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        init = _Init(dtype, backend, rng, seed)
+        self.blocks = ModuleList(Block(dim, heads, mlp_ratio, activation, causal, eps, **init.child())
+                                 for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
