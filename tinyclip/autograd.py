@@ -19,7 +19,6 @@ import contextlib
 import numbers
 import threading
 
-import numpy
 
 from . import backend
 
