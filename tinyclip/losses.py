@@ -1,0 +1,391 @@
+"""The two contrastive losses, fused and tiled: CLIP's softmax loss and SigLIP's sigmoid loss.
+
+For L2-normalised image embeddings X (B, D), text embeddings Y (B, D), the
+scale t = exp(t') and, for SigLIP, the bias b, the logits are
+l_ij = t·⟨x_i, y_j⟩ (+ b); pair i is (x_i, y_i), so positives sit on the
+diagonal.
+
+CLIP (Radford et al. 2021), the symmetric cross-entropy over rows and columns:
+    L = 1/(2B) Σ_i [lse_j(l_ij) − l_ii] + 1/(2B) Σ_j [lse_i(l_ij) − l_jj]
+    G = ∂L/∂l = (softmax_rows(l) − I)/(2B) + (softmax_cols(l) − I)/(2B)
+
+SigLIP (Zhai et al. 2023), a binary classification of every pair, z_ij = +1 if
+i = j else −1, with an optional mask m_ij (1 for positives and kept negatives):
+    L = −1/B Σ_ij m_ij log σ(z_ij l_ij)
+    G = ∂L/∂l = −m_ij z_ij σ(−z_ij l_ij)/B = (m ⊙ σ(l) − I)/B
+
+For both, since l − b = t·X·Yᵀ:
+    ∂L/∂X = t·G·Y,   ∂L/∂Y = t·Gᵀ·X,   ∂L/∂b = Σ G,
+    ∂L/∂t' = Σ_ij G_ij (l_ij − b) = Σ_i ⟨x_i, ∂L/∂x_i⟩   (an O(B·D) dot, no pass over G).
+
+Memory. The batch is processed in tiles of rows: a tile holds (tile, B) logits,
+never (B, B), so memory beyond the inputs and their gradients is O(tile·B).
+The gradients are computed in the same sweep as the loss (the loss is the end
+of the graph, so the upstream gradient is a scalar that backward multiplies
+in): SigLIP needs one sweep, three matrix products (X·Yᵀ, G·Y, Gᵀ·X). CLIP's
+column log-sum-exp values are known only after the last row tile, so it needs
+two sweeps: the first keeps each column's running max m and rescaled sum s
+(the online softmax of Milakov & Gimelshein 2018, as in FlashAttention):
+    m' = max(m, max_i l_ij),   s' = s·exp(m − m') + Σ_i exp(l_ij − m'),
+exact at every step (s·exp(m) = Σ exp(l) over the rows seen so far), and the
+second recomputes each tile's logits to form G — four products instead of
+three, the price of never holding B×B. docs/losses.md has the derivations.
+
+Numerics: log-sum-exp with the max subtracted; log σ(u) = min(u, 0) − log1p(e^−|u|);
+σ(u) = exp(min(u, 0) − log1p(e^−|u|)); float16 inputs are computed in float32.
+"""
+
+import math
+
+from . import backend
+from . import functional as F
+from .autograd import Function, Tensor
+
+NEGATIVE_CHOICES = ("random", "hard", "easy")
+
+# Logits per tile. Big enough that the tile's products run at full BLAS speed: Gᵀ·X of a tile
+# has the tile's height as its inner dimension, and a thin one starves the CPU's GEMM. Small
+# enough that the two (tile, B) buffers stay below one B×B matrix: 32 MB each in float32.
+_TILE_ELEMENTS = {"numpy": 1 << 23, "cupy": 1 << 25}
+
+
+def default_tile(batch, backend_name="numpy"):
+    """Rows per tile: about 8M logits per buffer on the CPU, 32M on a GPU, never more than the batch."""
+    return max(1, min(batch, _TILE_ELEMENTS[backend_name] // max(batch, 1)))
+
+
+# ---------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------
+
+def _array(value):
+    return value.data if isinstance(value, Tensor) else value
+
+
+def _check_embeddings(image_emb, text_emb):
+    for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+        emb = _array(emb)
+        if not hasattr(emb, "ndim"):
+            raise TypeError(f"{name} must be a Tensor or an array, got {type(emb).__name__}")
+        if emb.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(emb.shape)}")
+        if emb.dtype.kind != "f":
+            raise ValueError(f"{name} must be floating point, got dtype {emb.dtype}")
+        if emb.shape[0] == 0 or emb.shape[1] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(emb.shape)}")
+    x, y = _array(image_emb), _array(text_emb)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"image_emb and text_emb must hold the same number of pairs, got batch sizes "
+                         f"{x.shape[0]} (image_emb) and {y.shape[0]} (text_emb)")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"image_emb and text_emb must have the same dimension, got {x.shape[1]} (image_emb) "
+                         f"and {y.shape[1]} (text_emb)")
+
+
+def _check_scalar(name, value):
+    array = _array(value)
+    size = getattr(array, "size", None)
+    if size is None:
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a scalar (a number, a 0-d array or a one-element Tensor), "
+                             f"got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} is {value}: it must be finite")
+        return
+    if size != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(array.shape)}")
+
+
+def _check_finite(**arrays):
+    """NaN or inf anywhere in the inputs gives an error naming the input, never a silent NaN loss."""
+    for name, value in arrays.items():
+        array = _array(value)
+        if hasattr(array, "dtype") and not bool(backend.get_array_module(array).isfinite(array).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def _check_inputs(image_emb, text_emb, log_scale, bias=None):
+    _check_embeddings(image_emb, text_emb)
+    _check_scalar("log_scale", log_scale)
+    named = {"image_emb": image_emb, "text_emb": text_emb, "log_scale": log_scale}
+    if bias is not None:
+        _check_scalar("bias", bias)
+        named["bias"] = bias
+    _check_finite(**named)
+
+
+def _work_dtype(x, y):
+    """The type the tiles are computed in: the inputs' own, float32 for float16 (too narrow for sums of B²)."""
+    dtype = backend.get_array_module(x).result_type(x.dtype, y.dtype)
+    return dtype if dtype.itemsize >= 4 else backend.get_array_module(x).dtype("float32")
+
+
+def _tiles(batch, tile):
+    for start in range(0, batch, tile):
+        yield start, min(start + tile, batch)
+
+
+# ---------------------------------------------------------------------------------
+# CLIP: softmax over rows and columns, two sweeps
+# ---------------------------------------------------------------------------------
+
+class CLIPLoss(Function):
+    @staticmethod
+    def forward(ctx, x, y, log_scale, tile):
+        """L = 1/(2B) Σ_i [lse_j l_ij − l_ii] + 1/(2B) Σ_j [lse_i l_ij − l_jj],  l = e^t' X Yᵀ"""
+        xp = backend.get_array_module(x, y)
+        batch = x.shape[0]
+        work = _work_dtype(x, y)
+        images, texts = x.astype(work, copy=False), y.astype(work, copy=False)
+        scale = math.exp(float(log_scale))
+        scaled_images = images * scale                            # (B, D): a tile's logits are one product
+        positives = xp.einsum("ij,ij->i", scaled_images, texts)   # (B,) l_ii
+        logits = xp.empty((min(tile, batch), batch), dtype=work)  # (tile, B), reused by every tile
+        work_buffer = xp.empty_like(logits)
+
+        # sweep 1: each row's log-sum-exp is complete within its tile; columns are kept online
+        row_lse = xp.empty(batch, dtype=work)
+        col_max = xp.full(batch, -xp.inf, dtype=work)
+        col_sum = xp.zeros(batch, dtype=work)
+        for start, stop in _tiles(batch, tile):
+            block, exps = logits[:stop - start], work_buffer[:stop - start]
+            xp.matmul(scaled_images[start:stop], texts.T, out=block)            # (n, B)
+            row_max = block.max(axis=1, keepdims=True)                          # (n, 1)
+            xp.exp(xp.subtract(block, row_max, out=exps), out=exps)
+            row_lse[start:stop] = row_max[:, 0] + xp.log(exps.sum(axis=1))
+            new_max = xp.maximum(col_max, block.max(axis=0))                    # (B,)
+            xp.exp(xp.subtract(block, new_max, out=exps), out=exps)
+            col_sum = col_sum * xp.exp(col_max - new_max) + exps.sum(axis=0)
+            col_max = new_max
+        col_lse = col_max + xp.log(col_sum)                                     # (B,)
+        loss = (row_lse.sum() + col_lse.sum() - 2 * positives.sum()) / (2 * batch)
+
+        if any(ctx.needs_input_grad):
+            # sweep 2: G = (P_rows + P_cols)/(2B) − I/B, tile by tile; dX = t G Y, dY = t Gᵀ X
+            grad_images = xp.empty_like(images)
+            grad_texts = xp.zeros_like(texts)
+            product = xp.empty_like(texts)                                       # (B, D) for Gᵀ X of one tile
+            for start, stop in _tiles(batch, tile):
+                block, probs = logits[:stop - start], work_buffer[:stop - start]
+                xp.matmul(scaled_images[start:stop], texts.T, out=block)
+                xp.exp(xp.subtract(block, row_lse[start:stop, None], out=probs), out=probs)   # softmax over j
+                xp.exp(xp.subtract(block, col_lse, out=block), out=block)                     # softmax over i
+                probs += block                                                                # (n, B)
+                xp.matmul(probs, texts, out=grad_images[start:stop])
+                grad_texts += xp.matmul(probs.T, images[start:stop], out=product)
+            # the identity's share: G_ii gets −1/B, so dX_i gets −t y_i / B and dY_i gets −t x_i / B
+            grad_images *= scale / (2 * batch)
+            grad_images -= texts * (scale / batch)
+            grad_texts *= scale / (2 * batch)
+            grad_texts -= images * (scale / batch)
+            grad_log_scale = xp.einsum("ij,ij->", images, grad_images)
+            ctx.save_for_backward(grad_images.astype(x.dtype, copy=False), grad_texts.astype(y.dtype, copy=False),
+                                  grad_log_scale.astype(log_scale.dtype).reshape(log_scale.shape))
+        return xp.asarray(loss, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        """the gradients of the fused forward, times the upstream scalar g"""
+        grad_images, grad_texts, grad_log_scale = ctx.saved_tensors
+        return g * grad_images, g * grad_texts, g * grad_log_scale
+
+
+def clip_loss(image_emb, text_emb, log_scale, tile=None):
+    """CLIP's symmetric softmax loss of L2-normalised embeddings (B, D); scale = exp(log_scale).
+
+    ``tile`` rows are processed at a time (default ``default_tile``): no B×B matrix is formed.
+    """
+    _check_inputs(image_emb, text_emb, log_scale)
+    batch = _array(image_emb).shape[0]
+    tile = _resolve_tile(tile, batch, image_emb)
+    return CLIPLoss.apply(image_emb, text_emb, log_scale, tile=tile)
+
+
+def _resolve_tile(tile, batch, like):
+    if tile is None:
+        return default_tile(batch, backend.backend_of(_array(like)))
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
+        raise ValueError(f"tile must be a positive integer, got {tile!r}")
+    return tile
+
+
+# ---------------------------------------------------------------------------------
+# SigLIP: a sigmoid for every pair, one sweep
+# ---------------------------------------------------------------------------------
+
+class SigLIPLoss(Function):
+    @staticmethod
+    def forward(ctx, x, y, log_scale, bias, tile, keep_negatives=1.0, negatives="random", mask_seed=0):
+        """L = −1/B Σ_ij m_ij log σ(z_ij l_ij),  l = e^t' X Yᵀ + b,  z = 2I − 1"""
+        xp = backend.get_array_module(x, y)
+        batch = x.shape[0]
+        work = _work_dtype(x, y)
+        images, texts = x.astype(work, copy=False), y.astype(work, copy=False)
+        scale, shift = math.exp(float(log_scale)), float(bias)
+        scaled_images = images * scale                                          # (B, D)
+        positives = xp.einsum("ij,ij->i", scaled_images, texts) + shift         # (B,) l_ii
+        masked = keep_negatives < 1.0
+        want_grad = any(ctx.needs_input_grad)
+        logits = xp.empty((min(tile, batch), batch), dtype=work)               # (tile, B), reused
+        work_buffer = xp.empty_like(logits)
+        if want_grad:
+            grad_images = xp.empty_like(images)
+            grad_texts = xp.zeros_like(texts)
+            product = xp.empty_like(texts)
+        loss_sum = xp.zeros((), dtype=xp.float64)
+        sigma_sum = xp.zeros((), dtype=xp.float64)
+        for start, stop in _tiles(batch, tile):
+            block, other = logits[:stop - start], work_buffer[:stop - start]
+            xp.matmul(scaled_images[start:stop], texts.T, out=block)           # (n, B)
+            if shift:
+                block += shift
+            keep = (_negative_mask_tile(block, start, keep_negatives, negatives, mask_seed).astype(work)
+                    if masked else None)                                         # (n, B) 0/1
+            # every pair as if negative: −log σ(−l) = softplus(l) = max(l, 0) + log1p(e^−|l|)
+            xp.exp(xp.negative(xp.abs(block, out=other), out=other), out=other)
+            xp.log1p(other, out=other)                                           # log1p(e^−|l|)
+            if masked:
+                softplus = xp.maximum(block, 0) + other
+                loss_sum += (softplus * keep).sum()
+            else:
+                loss_sum += other.sum()
+                loss_sum += xp.maximum(block, 0).sum()
+            if want_grad:
+                # σ(l) = exp(min(l, 0) − log1p(e^−|l|)), in the logits' buffer
+                xp.minimum(block, 0, out=block)
+                block -= other
+                xp.exp(block, out=block)
+                if masked:
+                    block *= keep
+                sigma_sum += block.sum()
+                xp.matmul(block, texts, out=grad_images[start:stop])
+                grad_texts += xp.matmul(block.T, images[start:stop], out=product)
+        # positives were counted as negatives above: softplus(−l) = softplus(l) − l
+        loss = (loss_sum - positives.sum()) / batch
+        if want_grad:
+            # G = (m ⊙ σ(l) − I)/B: the identity's share is −t y_i / B in dX_i and −t x_i / B in dY_i
+            grad_images *= scale / batch
+            grad_images -= texts * (scale / batch)
+            grad_texts *= scale / batch
+            grad_texts -= images * (scale / batch)
+            grad_log_scale = xp.einsum("ij,ij->", images, grad_images)
+            grad_bias = (sigma_sum - batch) / batch
+            ctx.save_for_backward(grad_images.astype(x.dtype, copy=False), grad_texts.astype(y.dtype, copy=False),
+                                  grad_log_scale.astype(log_scale.dtype).reshape(log_scale.shape),
+                                  grad_bias.astype(bias.dtype).reshape(bias.shape))
+        return xp.asarray(loss, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        """the gradients of the fused forward, times the upstream scalar g"""
+        return tuple(g * grad for grad in ctx.saved_tensors)
+
+
+def siglip_loss(image_emb, text_emb, log_scale, bias, tile=None, keep_negatives=1.0, negatives="random",
+                mask_seed=0):
+    """SigLIP's pairwise sigmoid loss of L2-normalised embeddings (B, D); scale = exp(log_scale).
+
+    ``keep_negatives`` < 1 keeps, in every row, exactly round(keep_negatives·(B−1))
+    negatives chosen by ``negatives``: "random" (a fixed pseudo-random choice
+    from ``mask_seed``), "hard" (the highest logits, i.e. the highest losses)
+    or "easy" (the lowest); positives are always kept and the loss is still
+    divided by B, as in the SigLIP paper's ablation. ``tile`` rows are
+    processed at a time (default ``default_tile``): no B×B matrix is formed.
+    """
+    _check_inputs(image_emb, text_emb, log_scale, bias)
+    _check_masking(keep_negatives, negatives)
+    batch = _array(image_emb).shape[0]
+    tile = _resolve_tile(tile, batch, image_emb)
+    return SigLIPLoss.apply(image_emb, text_emb, log_scale, bias, tile=tile, keep_negatives=float(keep_negatives),
+                            negatives=negatives, mask_seed=int(mask_seed))
+
+
+# ---------------------------------------------------------------------------------
+# Negative masking (the SigLIP paper's ablation)
+# ---------------------------------------------------------------------------------
+
+def _check_masking(keep_negatives, negatives):
+    if not 0.0 <= float(keep_negatives) <= 1.0:
+        raise ValueError(f"keep_negatives must be in [0, 1], got {keep_negatives}")
+    if negatives not in NEGATIVE_CHOICES:
+        raise ValueError(f"negatives must be one of {NEGATIVE_CHOICES}, got {negatives!r}")
+
+
+def _pair_hash(xp, rows, cols, batch, seed):
+    """A pseudo-random uint64 for every pair (i, j) from (seed, i·B + j): SplitMix64's finaliser.
+
+    Counter-based, so the choice of a pair never depends on how the batch is tiled.
+    """
+    z = (rows[:, None].astype(xp.uint64) * xp.uint64(batch) + cols[None, :].astype(xp.uint64)
+         + xp.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64)))
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(0x94D049BB133111EB)
+    return z ^ (z >> xp.uint64(31))
+
+
+def _negative_mask_tile(block, start, keep_negatives, negatives, seed):
+    """Boolean (n, B): True for the positive and the kept negatives of rows start .. start+n−1."""
+    xp = backend.get_array_module(block)
+    rows, batch = block.shape
+    row_ids = xp.arange(start, start + rows)
+    keep = int(round(keep_negatives * (batch - 1)))
+    mask = xp.zeros(block.shape, dtype=bool)
+    mask[xp.arange(rows), row_ids] = True
+    if keep == 0:
+        return mask
+    # a sort key per pair, smallest kept first; the positive gets the largest key so it is never counted
+    if negatives == "random":
+        key = _pair_hash(xp, row_ids, xp.arange(batch), batch, seed).astype(xp.float64)
+    elif negatives == "hard":
+        key = -block.astype(xp.float64)
+    else:
+        key = block.astype(xp.float64)
+    key[xp.arange(rows), row_ids] = xp.inf
+    chosen = xp.argpartition(key, keep - 1, axis=1)[:, :keep]                 # (n, keep)
+    mask[xp.arange(rows)[:, None], chosen] = True
+    return mask
+
+
+def siglip_negative_mask(image_emb, text_emb, log_scale, bias, keep_negatives, negatives="random", mask_seed=0):
+    """The (B, B) boolean mask ``siglip_loss`` uses: True where a pair counts (positives always).
+
+    It materialises B×B: meant for tests and for looking at which negatives a rule keeps.
+    """
+    _check_inputs(image_emb, text_emb, log_scale, bias)
+    _check_masking(keep_negatives, negatives)
+    x, y = _array(image_emb), _array(text_emb)
+    xp = backend.get_array_module(x, y)
+    logits = math.exp(float(_array(log_scale))) * (x @ y.T) + float(_array(bias))
+    if float(keep_negatives) >= 1.0:
+        return xp.ones(logits.shape, dtype=bool)
+    return _negative_mask_tile(logits, 0, float(keep_negatives), negatives, int(mask_seed))
+
+
+# ---------------------------------------------------------------------------------
+# From primitives: the readable reference, and the tests' oracle
+# ---------------------------------------------------------------------------------
+
+def _diagonal(matrix):
+    index = matrix.xp.arange(matrix.shape[0])
+    return F.getitem(matrix, (index, index))
+
+
+def clip_loss_reference(image_emb, text_emb, log_scale):
+    """CLIP's loss from functional ops, holding the B×B logits (Radford et al. 2021, Figure 3)."""
+    logits = F.exp(log_scale) * F.matmul(image_emb, F.transpose(text_emb))     # (B, B)
+    image_to_text = -F.mean(_diagonal(F.log_softmax(logits, axis=1)))           # each image picks its text
+    text_to_image = -F.mean(_diagonal(F.log_softmax(logits, axis=0)))           # each text picks its image
+    return (image_to_text + text_to_image) / 2
+
+
+def siglip_loss_reference(image_emb, text_emb, log_scale, bias, mask=None):
+    """SigLIP's loss from functional ops, holding the B×B logits (Zhai et al. 2023, Algorithm 1)."""
+    image_emb = image_emb if isinstance(image_emb, Tensor) else Tensor(image_emb)
+    xp = image_emb.xp
+    batch = image_emb.shape[0]
+    logits = F.exp(log_scale) * F.matmul(image_emb, F.transpose(text_emb)) + bias   # (B, B)
+    labels = 2 * xp.eye(batch, dtype=logits.dtype) - 1                               # +1 positives, −1 negatives
+    pair_terms = F.log_sigmoid(labels * logits)
+    if mask is not None:
+        pair_terms = pair_terms * xp.asarray(mask, dtype=logits.dtype)
+    return -F.sum(pair_terms) / batch
