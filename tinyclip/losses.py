@@ -32,7 +32,8 @@ second recomputes each tile's logits to form G — four products instead of
 three, the price of never holding B×B. docs/losses.md has the derivations.
 
 Numerics: log-sum-exp with the max subtracted; log σ(u) = min(u, 0) − log1p(e^−|u|);
-σ(u) = exp(min(u, 0) − log1p(e^−|u|)); float16 inputs are computed in float32.
+σ(u) = exp(min(u, 0) − log1p(e^−|u|)); float16 inputs are computed in float32
+and give a float32 loss (their gradients come back in float16).
 """
 
 import math
@@ -181,7 +182,7 @@ class CLIPLoss(Function):
             grad_log_scale = xp.einsum("ij,ij->", images, grad_images)
             ctx.save_for_backward(grad_images.astype(x.dtype, copy=False), grad_texts.astype(y.dtype, copy=False),
                                   grad_log_scale.astype(log_scale.dtype).reshape(log_scale.shape))
-        return xp.asarray(loss, dtype=x.dtype)
+        return xp.asarray(loss, dtype=work)   # float32 for float16 inputs: a sum of B² terms
 
     @staticmethod
     def backward(ctx, g):
@@ -273,7 +274,7 @@ class SigLIPLoss(Function):
             ctx.save_for_backward(grad_images.astype(x.dtype, copy=False), grad_texts.astype(y.dtype, copy=False),
                                   grad_log_scale.astype(log_scale.dtype).reshape(log_scale.shape),
                                   grad_bias.astype(bias.dtype).reshape(bias.shape))
-        return xp.asarray(loss, dtype=x.dtype)
+        return xp.asarray(loss, dtype=work)   # float32 for float16 inputs: a sum of B² terms
 
     @staticmethod
     def backward(ctx, g):
@@ -365,6 +366,14 @@ def siglip_negative_mask(image_emb, text_emb, log_scale, bias, keep_negatives, n
 # From primitives: the readable reference, and the tests' oracle
 # ---------------------------------------------------------------------------------
 
+def _as_tensor(value, like):
+    """A Tensor as is; an array or a number as a constant Tensor of ``like``'s float type and backend."""
+    if isinstance(value, Tensor):
+        return value
+    xp = backend.get_array_module(_array(like))
+    return Tensor(xp.asarray(value, dtype=_array(like).dtype))
+
+
 def _diagonal(matrix):
     index = matrix.xp.arange(matrix.shape[0])
     return F.getitem(matrix, (index, index))
@@ -372,6 +381,8 @@ def _diagonal(matrix):
 
 def clip_loss_reference(image_emb, text_emb, log_scale):
     """CLIP's loss from functional ops, holding the B×B logits (Radford et al. 2021, Figure 3)."""
+    image_emb, text_emb = _as_tensor(image_emb, image_emb), _as_tensor(text_emb, image_emb)
+    log_scale = _as_tensor(log_scale, image_emb)
     logits = F.exp(log_scale) * F.matmul(image_emb, F.transpose(text_emb))     # (B, B)
     image_to_text = -F.mean(_diagonal(F.log_softmax(logits, axis=1)))           # each image picks its text
     text_to_image = -F.mean(_diagonal(F.log_softmax(logits, axis=0)))           # each text picks its image
@@ -380,7 +391,8 @@ def clip_loss_reference(image_emb, text_emb, log_scale):
 
 def siglip_loss_reference(image_emb, text_emb, log_scale, bias, mask=None):
     """SigLIP's loss from functional ops, holding the B×B logits (Zhai et al. 2023, Algorithm 1)."""
-    image_emb = image_emb if isinstance(image_emb, Tensor) else Tensor(image_emb)
+    image_emb, text_emb = _as_tensor(image_emb, image_emb), _as_tensor(text_emb, image_emb)
+    log_scale, bias = _as_tensor(log_scale, image_emb), _as_tensor(bias, image_emb)
     xp = image_emb.xp
     batch = image_emb.shape[0]
     logits = F.exp(log_scale) * F.matmul(image_emb, F.transpose(text_emb)) + bias   # (B, B)
