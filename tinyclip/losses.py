@@ -37,6 +37,7 @@ and give a float32 loss (their gradients come back in float16).
 """
 
 import math
+import operator
 
 from . import backend
 from . import functional as F
@@ -126,6 +127,23 @@ def _tiles(batch, tile):
         yield start, min(start + tile, batch)
 
 
+def _tile_logits(scaled_images, texts, start, stop, shift, out):
+    """l_ij = ⟨t·x_i, y_j⟩ + b for rows start .. stop−1 and every column, written into ``out`` (n, B)."""
+    xp = backend.get_array_module(texts)
+    xp.matmul(scaled_images[start:stop], texts.T, out=out)
+    if shift:
+        out += shift
+    return out
+
+
+def _scalar_input(value, image_emb, text_emb):
+    """Numbers become 0-d arrays of the tiles' type: float16 embeddings must not round the scale to float16."""
+    if isinstance(value, Tensor) or (hasattr(value, "shape") and not isinstance(value, float)):
+        return value
+    x, y = _array(image_emb), _array(text_emb)
+    return backend.get_array_module(x).asarray(value, dtype=_work_dtype(x, y))
+
+
 # ---------------------------------------------------------------------------------
 # CLIP: softmax over rows and columns, two sweeps
 # ---------------------------------------------------------------------------------
@@ -149,8 +167,8 @@ class CLIPLoss(Function):
         col_max = xp.full(batch, -xp.inf, dtype=work)
         col_sum = xp.zeros(batch, dtype=work)
         for start, stop in _tiles(batch, tile):
-            block, exps = logits[:stop - start], work_buffer[:stop - start]
-            xp.matmul(scaled_images[start:stop], texts.T, out=block)            # (n, B)
+            block = _tile_logits(scaled_images, texts, start, stop, 0.0, logits[:stop - start])   # (n, B)
+            exps = work_buffer[:stop - start]
             row_max = block.max(axis=1, keepdims=True)                          # (n, 1)
             xp.exp(xp.subtract(block, row_max, out=exps), out=exps)
             row_lse[start:stop] = row_max[:, 0] + xp.log(exps.sum(axis=1))
@@ -167,8 +185,8 @@ class CLIPLoss(Function):
             grad_texts = xp.zeros_like(texts)
             product = xp.empty_like(texts)                                       # (B, D) for Gᵀ X of one tile
             for start, stop in _tiles(batch, tile):
-                block, probs = logits[:stop - start], work_buffer[:stop - start]
-                xp.matmul(scaled_images[start:stop], texts.T, out=block)
+                block = _tile_logits(scaled_images, texts, start, stop, 0.0, logits[:stop - start])
+                probs = work_buffer[:stop - start]
                 xp.exp(xp.subtract(block, row_lse[start:stop, None], out=probs), out=probs)   # softmax over j
                 xp.exp(xp.subtract(block, col_lse, out=block), out=block)                     # softmax over i
                 probs += block                                                                # (n, B)
@@ -199,15 +217,19 @@ def clip_loss(image_emb, text_emb, log_scale, tile=None):
     _check_inputs(image_emb, text_emb, log_scale)
     batch = _array(image_emb).shape[0]
     tile = _resolve_tile(tile, batch, image_emb)
-    return CLIPLoss.apply(image_emb, text_emb, log_scale, tile=tile)
+    return CLIPLoss.apply(image_emb, text_emb, _scalar_input(log_scale, image_emb, text_emb), tile=tile)
 
 
 def _resolve_tile(tile, batch, like):
     if tile is None:
         return default_tile(batch, backend.backend_of(_array(like)))
-    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
+    try:
+        rows = operator.index(tile)   # ints and NumPy integers, not floats or bools
+    except TypeError:
+        rows = 0
+    if isinstance(tile, bool) or rows < 1:
         raise ValueError(f"tile must be a positive integer, got {tile!r}")
-    return tile
+    return rows
 
 
 # ---------------------------------------------------------------------------------
@@ -236,10 +258,8 @@ class SigLIPLoss(Function):
         loss_sum = xp.zeros((), dtype=xp.float64)
         sigma_sum = xp.zeros((), dtype=xp.float64)
         for start, stop in _tiles(batch, tile):
-            block, other = logits[:stop - start], work_buffer[:stop - start]
-            xp.matmul(scaled_images[start:stop], texts.T, out=block)           # (n, B)
-            if shift:
-                block += shift
+            block = _tile_logits(scaled_images, texts, start, stop, shift, logits[:stop - start])   # (n, B)
+            other = work_buffer[:stop - start]
             keep = (_negative_mask_tile(block, start, keep_negatives, negatives, mask_seed).astype(work)
                     if masked else None)                                         # (n, B) 0/1
             # every pair as if negative: −log σ(−l) = softplus(l) = max(l, 0) + log1p(e^−|l|)
@@ -297,6 +317,7 @@ def siglip_loss(image_emb, text_emb, log_scale, bias, tile=None, keep_negatives=
     _check_masking(keep_negatives, negatives)
     batch = _array(image_emb).shape[0]
     tile = _resolve_tile(tile, batch, image_emb)
+    log_scale, bias = (_scalar_input(value, image_emb, text_emb) for value in (log_scale, bias))
     return SigLIPLoss.apply(image_emb, text_emb, log_scale, bias, tile=tile, keep_negatives=float(keep_negatives),
                             negatives=negatives, mask_seed=int(mask_seed))
 
@@ -356,9 +377,14 @@ def siglip_negative_mask(image_emb, text_emb, log_scale, bias, keep_negatives, n
     _check_masking(keep_negatives, negatives)
     x, y = _array(image_emb), _array(text_emb)
     xp = backend.get_array_module(x, y)
-    logits = math.exp(float(_array(log_scale))) * (x @ y.T) + float(_array(bias))
+    batch = x.shape[0]
     if float(keep_negatives) >= 1.0:
-        return xp.ones(logits.shape, dtype=bool)
+        return xp.ones((batch, batch), dtype=bool)
+    # the logits exactly as the loss's tiles compute them, so that ties break the same way
+    work = _work_dtype(x, y)
+    texts = y.astype(work, copy=False)
+    scaled_images = x.astype(work, copy=False) * math.exp(float(_array(log_scale)))
+    logits = _tile_logits(scaled_images, texts, 0, batch, float(_array(bias)), xp.empty((batch, batch), dtype=work))
     return _negative_mask_tile(logits, 0, float(keep_negatives), negatives, int(mask_seed))
 
 
