@@ -23,66 +23,14 @@ that off, and the machine description says which way it ran.
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout, uninstalled
 import tinyclip as tc  # noqa: E402
+from benchmarks.common import machine_description, timed  # noqa: E402
 from tinyclip import backend  # noqa: E402
 
 WIDTH, TOKENS, BATCH, HEADS, MLP_RATIO = 256, 65, 128, 4, 4
-
-
-def machine_description(xp, backend_name):
-    lines = [f"platform: {platform.platform()}", f"python: {platform.python_version()}"]
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines.append(f"cpu: {cpu}; {usable} usable cores ({os.cpu_count()} in the machine)")
-    numpy = backend.backend_module("numpy")
-    lines.append(f"numpy {numpy.__version__}, BLAS: {blas_description(numpy)}")
-    # whether tinyclip.backend raised glibc's mmap/trim thresholds (large temporaries then reuse heap
-    # memory instead of page-faulting fresh pages in): it changes the timings, so the figure says so
-    lines.append(f"glibc malloc tuned by tinyclip: {backend.MALLOC_TUNED}")
-    lines.append(f"backend: {backend_name}")
-    if backend_name == "cupy":
-        properties = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
-        lines.append(f"cupy {xp.__version__}, GPU: {properties['name'].decode()}")
-    return "\n".join(lines)
-
-
-def blas_description(numpy):
-    try:
-        config = numpy.show_config(mode="dicts")
-        blas = config["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except (TypeError, KeyError):   # NumPy < 1.25 has no mode="dicts"
-        return "unknown"
-
-
-def timed(functions, xp, repeat, warmup):
-    """Median wall time of each function over ``repeat`` rounds after ``warmup`` rounds (device synchronised).
-
-    The functions take turns within each round, so that a busy neighbour on a
-    shared machine slows them alike and the ratio stays meaningful.
-    """
-    synchronize = xp.cuda.Device().synchronize if hasattr(xp, "cuda") else (lambda: None)
-    times = [[] for _ in functions]
-    for round_index in range(warmup + repeat):
-        for fn, samples in zip(functions, times):
-            synchronize()
-            start = time.perf_counter()
-            fn()
-            synchronize()
-            if round_index >= warmup:
-                samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
 
 
 def block_step(block, x, cotangent):

@@ -127,13 +127,72 @@ def _tiles(batch, tile):
         yield start, min(start + tile, batch)
 
 
-def _tile_logits(scaled_images, texts, start, stop, shift, out):
-    """l_ij = ⟨t·x_i, y_j⟩ + b for rows start .. stop−1 and every column, written into ``out`` (n, B)."""
-    xp = backend.get_array_module(texts)
-    xp.matmul(scaled_images[start:stop], texts.T, out=out)
-    if shift:
-        out += shift
-    return out
+class _TiledLogits:
+    """The logits l = t·X·Yᵀ + b one tile of rows at a time, in buffers reused by every tile.
+
+    Holds two (tile, B) buffers (the logits and a work buffer) and a (tile, D)
+    buffer for t·X of the tile's rows: with the inputs, that is all the memory
+    a sweep needs. float16 inputs are computed in float32.
+    """
+
+    def __init__(self, x, y, scale, shift, tile):
+        self.xp = xp = backend.get_array_module(x, y)
+        self.work = _work_dtype(x, y)
+        self.images, self.texts = x.astype(self.work, copy=False), y.astype(self.work, copy=False)
+        self.scale, self.shift = scale, shift
+        self.batch, self.tile = x.shape[0], min(tile, x.shape[0])
+        self.logits = xp.empty((self.tile, self.batch), dtype=self.work)        # (tile, B)
+        self.buffer = xp.empty_like(self.logits)                                 # (tile, B)
+        self.scaled_rows = xp.empty((self.tile, x.shape[1]), dtype=self.work)   # (tile, D)
+
+    def ranges(self, reverse=False):
+        starts = range(0, self.batch, self.tile)
+        for start in (reversed(starts) if reverse else starts):
+            yield start, min(start + self.tile, self.batch)
+
+    def compute(self, start, stop):
+        """Fill and return the logits of rows start .. stop−1: (n, B)."""
+        xp, n = self.xp, stop - start
+        scaled = xp.multiply(self.images[start:stop], self.scale, out=self.scaled_rows[:n])   # (n, D)
+        block = xp.matmul(scaled, self.texts.T, out=self.logits[:n])
+        if self.shift:
+            block += self.shift
+        return block
+
+    def positives(self):
+        """l_ii for every pair: (B,)."""
+        return self.scale * self.xp.einsum("ij,ij->i", self.images, self.texts) + self.shift
+
+    def gradients(self, grad_images, grad_texts, row_share, log_scale):
+        """Finish dX = t·G·Y and dY = t·Gᵀ·X from the sums of the tiles' (row_share · G + I/B)-products.
+
+        The tiles multiplied only the non-identity part of B·G / row_share; the
+        identity's share, −1/B on the diagonal of G, adds −t·y_i/B to dX_i and
+        −t·x_i/B to dY_i. Everything in place: no (B, D) temporary.
+        Returns dX, dY and d log_scale = Σ_i ⟨x_i, dX_i⟩.
+        """
+        for grad, partner in ((grad_images, self.texts), (grad_texts, self.images)):
+            grad *= row_share
+            grad -= partner
+            grad *= self.scale / self.batch
+        grad_log_scale = self.xp.einsum("ij,ij->", self.images, grad_images)
+        return grad_images, grad_texts, _scalar_like(self.xp, grad_log_scale, log_scale)
+
+
+def _scalar_like(xp, value, like):
+    """``value`` as an array (never an immutable NumPy scalar) of ``like``'s dtype and shape."""
+    return xp.asarray(value, dtype=like.dtype).reshape(like.shape)
+
+
+def _scale_saved_gradients(ctx, g):
+    """The fused forward saved d(loss)/d(input); the chain rule multiplies by the upstream scalar g.
+
+    The context owns those arrays and is released after this call, so they are scaled in place.
+    """
+    grads = ctx.saved_tensors
+    for grad in grads:
+        grad *= g
+    return grads
 
 
 def _scalar_input(value, image_emb, text_emb):
@@ -152,61 +211,46 @@ class CLIPLoss(Function):
     @staticmethod
     def forward(ctx, x, y, log_scale, tile):
         """L = 1/(2B) Σ_i [lse_j l_ij − l_ii] + 1/(2B) Σ_j [lse_i l_ij − l_jj],  l = e^t' X Yᵀ"""
-        xp = backend.get_array_module(x, y)
-        batch = x.shape[0]
-        work = _work_dtype(x, y)
-        images, texts = x.astype(work, copy=False), y.astype(work, copy=False)
-        scale = math.exp(float(log_scale))
-        scaled_images = images * scale                            # (B, D): a tile's logits are one product
-        positives = xp.einsum("ij,ij->i", scaled_images, texts)   # (B,) l_ii
-        logits = xp.empty((min(tile, batch), batch), dtype=work)  # (tile, B), reused by every tile
-        work_buffer = xp.empty_like(logits)
+        tiles = _TiledLogits(x, y, math.exp(float(log_scale)), 0.0, tile)
+        xp, work, batch = tiles.xp, tiles.work, tiles.batch
 
         # sweep 1: each row's log-sum-exp is complete within its tile; columns are kept online
         row_lse = xp.empty(batch, dtype=work)
         col_max = xp.full(batch, -xp.inf, dtype=work)
         col_sum = xp.zeros(batch, dtype=work)
-        for start, stop in _tiles(batch, tile):
-            block = _tile_logits(scaled_images, texts, start, stop, 0.0, logits[:stop - start])   # (n, B)
-            exps = work_buffer[:stop - start]
-            row_max = block.max(axis=1, keepdims=True)                          # (n, 1)
+        for start, stop in tiles.ranges():
+            block, exps = tiles.compute(start, stop), tiles.buffer[:stop - start]     # (n, B)
+            row_max = block.max(axis=1, keepdims=True)                               # (n, 1)
             xp.exp(xp.subtract(block, row_max, out=exps), out=exps)
             row_lse[start:stop] = row_max[:, 0] + xp.log(exps.sum(axis=1))
-            new_max = xp.maximum(col_max, block.max(axis=0))                    # (B,)
+            new_max = xp.maximum(col_max, block.max(axis=0))                         # (B,)
             xp.exp(xp.subtract(block, new_max, out=exps), out=exps)
             col_sum = col_sum * xp.exp(col_max - new_max) + exps.sum(axis=0)
             col_max = new_max
-        col_lse = col_max + xp.log(col_sum)                                     # (B,)
-        loss = (row_lse.sum() + col_lse.sum() - 2 * positives.sum()) / (2 * batch)
+        col_lse = col_max + xp.log(col_sum)                                          # (B,)
+        loss = (row_lse.sum() + col_lse.sum() - 2 * tiles.positives().sum()) / (2 * batch)
 
         if any(ctx.needs_input_grad):
-            # sweep 2: G = (P_rows + P_cols)/(2B) − I/B, tile by tile; dX = t G Y, dY = t Gᵀ X
-            grad_images = xp.empty_like(images)
-            grad_texts = xp.zeros_like(texts)
-            product = xp.empty_like(texts)                                       # (B, D) for Gᵀ X of one tile
-            for start, stop in _tiles(batch, tile):
-                block = _tile_logits(scaled_images, texts, start, stop, 0.0, logits[:stop - start])
-                probs = work_buffer[:stop - start]
+            # sweep 2, last tile first: its logits are still in the buffer from sweep 1, so with one
+            # tile nothing is recomputed. Each tile adds (P_rows + P_cols)·Y and its transpose's product.
+            grad_images = xp.empty_like(tiles.images)
+            grad_texts = xp.zeros_like(tiles.texts)
+            product = xp.empty_like(tiles.texts)                                     # (B, D): Gᵀ X of one tile
+            for index, (start, stop) in enumerate(tiles.ranges(reverse=True)):
+                block = tiles.logits[:stop - start] if index == 0 else tiles.compute(start, stop)
+                probs = tiles.buffer[:stop - start]
                 xp.exp(xp.subtract(block, row_lse[start:stop, None], out=probs), out=probs)   # softmax over j
                 xp.exp(xp.subtract(block, col_lse, out=block), out=block)                     # softmax over i
                 probs += block                                                                # (n, B)
-                xp.matmul(probs, texts, out=grad_images[start:stop])
-                grad_texts += xp.matmul(probs.T, images[start:stop], out=product)
-            # the identity's share: G_ii gets −1/B, so dX_i gets −t y_i / B and dY_i gets −t x_i / B
-            grad_images *= scale / (2 * batch)
-            grad_images -= texts * (scale / batch)
-            grad_texts *= scale / (2 * batch)
-            grad_texts -= images * (scale / batch)
-            grad_log_scale = xp.einsum("ij,ij->", images, grad_images)
-            ctx.save_for_backward(grad_images.astype(x.dtype, copy=False), grad_texts.astype(y.dtype, copy=False),
-                                  grad_log_scale.astype(log_scale.dtype).reshape(log_scale.shape))
+                xp.matmul(probs, tiles.texts, out=grad_images[start:stop])
+                grad_texts += xp.matmul(probs.T, tiles.images[start:stop], out=product)
+            # G = (P_rows + P_cols − 2I)/(2B): the tiles summed B·G/½ + I, hence the share ½
+            grads = tiles.gradients(grad_images, grad_texts, 0.5, log_scale)
+            ctx.save_for_backward(grads[0].astype(x.dtype, copy=False), grads[1].astype(y.dtype, copy=False),
+                                  grads[2])
         return xp.asarray(loss, dtype=work)   # float32 for float16 inputs: a sum of B² terms
 
-    @staticmethod
-    def backward(ctx, g):
-        """the gradients of the fused forward, times the upstream scalar g"""
-        grad_images, grad_texts, grad_log_scale = ctx.saved_tensors
-        return g * grad_images, g * grad_texts, g * grad_log_scale
+    backward = staticmethod(_scale_saved_gradients)
 
 
 def clip_loss(image_emb, text_emb, log_scale, tile=None):
@@ -240,66 +284,52 @@ class SigLIPLoss(Function):
     @staticmethod
     def forward(ctx, x, y, log_scale, bias, tile, keep_negatives=1.0, negatives="random", mask_seed=0):
         """L = −1/B Σ_ij m_ij log σ(z_ij l_ij),  l = e^t' X Yᵀ + b,  z = 2I − 1"""
-        xp = backend.get_array_module(x, y)
-        batch = x.shape[0]
-        work = _work_dtype(x, y)
-        images, texts = x.astype(work, copy=False), y.astype(work, copy=False)
-        scale, shift = math.exp(float(log_scale)), float(bias)
-        scaled_images = images * scale                                          # (B, D)
-        positives = xp.einsum("ij,ij->i", scaled_images, texts) + shift         # (B,) l_ii
+        tiles = _TiledLogits(x, y, math.exp(float(log_scale)), float(bias), tile)
+        xp, batch = tiles.xp, tiles.batch
         masked = keep_negatives < 1.0
         want_grad = any(ctx.needs_input_grad)
-        logits = xp.empty((min(tile, batch), batch), dtype=work)               # (tile, B), reused
-        work_buffer = xp.empty_like(logits)
         if want_grad:
-            grad_images = xp.empty_like(images)
-            grad_texts = xp.zeros_like(texts)
-            product = xp.empty_like(texts)
+            grad_images = xp.empty_like(tiles.images)
+            grad_texts = xp.zeros_like(tiles.texts)
+            product = xp.empty_like(tiles.texts)                                     # (B, D): Gᵀ X of one tile
         loss_sum = xp.zeros((), dtype=xp.float64)
         sigma_sum = xp.zeros((), dtype=xp.float64)
-        for start, stop in _tiles(batch, tile):
-            block = _tile_logits(scaled_images, texts, start, stop, shift, logits[:stop - start])   # (n, B)
-            other = work_buffer[:stop - start]
-            keep = (_negative_mask_tile(block, start, keep_negatives, negatives, mask_seed).astype(work)
-                    if masked else None)                                         # (n, B) 0/1
-            # every pair as if negative: −log σ(−l) = softplus(l) = max(l, 0) + log1p(e^−|l|)
-            xp.exp(xp.negative(xp.abs(block, out=other), out=other), out=other)
-            xp.log1p(other, out=other)                                           # log1p(e^−|l|)
+        for start, stop in tiles.ranges():
+            block, other = tiles.compute(start, stop), tiles.buffer[:stop - start]  # (n, B)
+            keep = _negative_mask_tile(block, start, keep_negatives, negatives, mask_seed) if masked else None
+            # every pair as if negative: −log σ(−l) = softplus(l) = max(l, 0) + log1p(e^−|l|),
+            # summed term by term (all terms ≥ 0, so nothing cancels)
+            xp.maximum(block, 0, out=other)
             if masked:
-                softplus = xp.maximum(block, 0) + other
-                loss_sum += (softplus * keep).sum()
-            else:
-                loss_sum += other.sum()
-                loss_sum += xp.maximum(block, 0).sum()
+                other *= keep
+            loss_sum += other.sum()
+            xp.exp(xp.negative(xp.abs(block, out=other), out=other), out=other)
+            xp.log1p(other, out=other)                                              # log1p(e^−|l|)
             if want_grad:
-                # σ(l) = exp(min(l, 0) − log1p(e^−|l|)), in the logits' buffer
+                # log σ(l) = min(l, 0) − log1p(e^−|l|), in the logits' buffer; σ(l) is its exp
                 xp.minimum(block, 0, out=block)
                 block -= other
+            if masked:
+                other *= keep
+            loss_sum += other.sum()
+            if want_grad:
                 xp.exp(block, out=block)
                 if masked:
                     block *= keep
                 sigma_sum += block.sum()
-                xp.matmul(block, texts, out=grad_images[start:stop])
-                grad_texts += xp.matmul(block.T, images[start:stop], out=product)
+                xp.matmul(block, tiles.texts, out=grad_images[start:stop])
+                grad_texts += xp.matmul(block.T, tiles.images[start:stop], out=product)
         # positives were counted as negatives above: softplus(−l) = softplus(l) − l
-        loss = (loss_sum - positives.sum()) / batch
+        loss = (loss_sum - tiles.positives().sum()) / batch
         if want_grad:
-            # G = (m ⊙ σ(l) − I)/B: the identity's share is −t y_i / B in dX_i and −t x_i / B in dY_i
-            grad_images *= scale / batch
-            grad_images -= texts * (scale / batch)
-            grad_texts *= scale / batch
-            grad_texts -= images * (scale / batch)
-            grad_log_scale = xp.einsum("ij,ij->", images, grad_images)
-            grad_bias = (sigma_sum - batch) / batch
-            ctx.save_for_backward(grad_images.astype(x.dtype, copy=False), grad_texts.astype(y.dtype, copy=False),
-                                  grad_log_scale.astype(log_scale.dtype).reshape(log_scale.shape),
-                                  grad_bias.astype(bias.dtype).reshape(bias.shape))
-        return xp.asarray(loss, dtype=work)   # float32 for float16 inputs: a sum of B² terms
+            # G = (m ⊙ σ(l) − I)/B: the tiles summed B·G + I, hence the share 1
+            grads = tiles.gradients(grad_images, grad_texts, 1.0, log_scale)
+            grad_bias = _scalar_like(xp, (sigma_sum - batch) / batch, bias)
+            ctx.save_for_backward(grads[0].astype(x.dtype, copy=False), grads[1].astype(y.dtype, copy=False),
+                                  grads[2], grad_bias)
+        return xp.asarray(loss, dtype=tiles.work)   # float32 for float16 inputs: a sum of B² terms
 
-    @staticmethod
-    def backward(ctx, g):
-        """the gradients of the fused forward, times the upstream scalar g"""
-        return tuple(g * grad for grad in ctx.saved_tensors)
+    backward = staticmethod(_scale_saved_gradients)
 
 
 def siglip_loss(image_emb, text_emb, log_scale, bias, tile=None, keep_negatives=1.0, negatives="random",
@@ -381,10 +411,8 @@ def siglip_negative_mask(image_emb, text_emb, log_scale, bias, keep_negatives, n
     if float(keep_negatives) >= 1.0:
         return xp.ones((batch, batch), dtype=bool)
     # the logits exactly as the loss's tiles compute them, so that ties break the same way
-    work = _work_dtype(x, y)
-    texts = y.astype(work, copy=False)
-    scaled_images = x.astype(work, copy=False) * math.exp(float(_array(log_scale)))
-    logits = _tile_logits(scaled_images, texts, 0, batch, float(_array(bias)), xp.empty((batch, batch), dtype=work))
+    tiles = _TiledLogits(x, y, math.exp(float(_array(log_scale))), float(_array(bias)), batch)
+    logits = tiles.compute(0, batch)
     return _negative_mask_tile(logits, 0, float(keep_negatives), negatives, int(mask_seed))
 
 

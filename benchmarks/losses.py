@@ -1,0 +1,219 @@
+"""How close the fused, tiled losses come to the matrix products they cannot avoid, and what memory they need.
+
+For each batch size B (embeddings (B, D), L2-normalised, float32) this times
+forward + backward of ``tinyclip.losses.clip_loss`` and ``siglip_loss`` with
+every input a Tensor that requires a gradient (image_emb, text_emb,
+log_scale and, for SigLIP, bias), and in the same run the three matrix
+products any implementation of either loss performs:
+
+  X·Yᵀ   (B, D)(D, B)   the logits
+  G·Y    (B, B)(B, D)   the image gradient, G = ∂L/∂l
+  Gᵀ·X   (B, B)(B, D)   the text gradient
+
+with G a (B, B) array made once, outside the timing. The ratio loss /
+products is the price of everything else: the exponentials and logarithms
+over B² logits, the tiling, and for CLIP a second sweep that recomputes the
+logits (four products instead of three; docs/losses.md). For comparison the
+from-primitives references ``clip_loss_reference`` and
+``siglip_loss_reference``, which hold several (B, B) matrices, are timed up
+to ``--naive-max-batch``.
+
+Peak extra memory is the most memory in use during one forward + backward
+beyond what was held before it (the inputs, with no gradients yet), so it
+includes the gradients the step leaves behind; the table also gives it less
+those gradients (2·B·D·4 bytes and two scalars). On NumPy it is read from
+``tracemalloc`` (NumPy reports its array buffers to it; BLAS's own
+thread buffers are not counted); on CuPy from a ``cupy.cuda.MemoryHook``
+that follows every allocation from and release to the memory pool. The
+median over ``--repeat`` rounds after ``--warmup`` rounds is reported, with
+the machine it ran on.
+
+    python benchmarks/losses.py --backend numpy --repeat 5
+    python benchmarks/losses.py --batch 8192 --repeat 3
+
+Targets (issue 3, on the CPU; the table marks them only for ``--backend
+numpy``): each fused loss within 1.3x of the three products at B = 4096,
+and at most 128 MB of extra memory at B = 8192 (one 8192×8192 float32
+matrix is 256 MB). MB here is 2²⁰ bytes.
+"""
+
+import argparse
+import gc
+import math
+import os
+import sys
+import tracemalloc
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout, uninstalled
+import tinyclip as tc  # noqa: E402
+from benchmarks.common import machine_description, synchronizer, timed  # noqa: E402
+from tinyclip import backend  # noqa: E402
+
+MB = 1 << 20
+TIME_TARGET_BATCH, TIME_TARGET_RATIO = 4096, 1.3          # fused loss / three products
+MEMORY_TARGET_BATCH, MEMORY_TARGET_MB = 8192, 128         # peak extra memory of a fused loss
+CLIP_LOG_SCALE = math.log(1 / 0.07)                       # CLIP's initial temperature
+SIGLIP_LOG_SCALE, SIGLIP_BIAS = math.log(10.0), -10.0     # SigLIP's initial scale and bias
+
+
+def unit_rows(rng, batch, dim):
+    """(batch, dim) float64 Gaussian rows scaled to unit length: what the towers' projections hand the loss."""
+    rows = rng.standard_normal((batch, dim))
+    return rows / (rows ** 2).sum(axis=1, keepdims=True) ** 0.5
+
+
+def make_inputs(xp, rng, batch, dim, dtype):
+    """Leaf Tensors that all require a gradient: image_emb, text_emb, the two log-scales and SigLIP's bias."""
+    def leaf(value):
+        return tc.Tensor(xp.asarray(value, dtype=dtype), requires_grad=True)
+
+    return {"image_emb": leaf(unit_rows(rng, batch, dim)), "text_emb": leaf(unit_rows(rng, batch, dim)),
+            "clip_log_scale": leaf(CLIP_LOG_SCALE), "siglip_log_scale": leaf(SIGLIP_LOG_SCALE),
+            "bias": leaf(SIGLIP_BIAS)}
+
+
+def loss_steps(inputs, tile):
+    """Name → a function that runs forward + backward once, leaving the gradients in the leaves' ``.grad``."""
+    x, y = inputs["image_emb"], inputs["text_emb"]
+    clip_scale, siglip_scale, bias = inputs["clip_log_scale"], inputs["siglip_log_scale"], inputs["bias"]
+    return {
+        "clip_loss (fused)": lambda: tc.losses.clip_loss(x, y, clip_scale, tile=tile).backward(),
+        "siglip_loss (fused)": lambda: tc.losses.siglip_loss(x, y, siglip_scale, bias, tile=tile).backward(),
+        "clip_loss_reference": lambda: tc.losses.clip_loss_reference(x, y, clip_scale).backward(),
+        "siglip_loss_reference": lambda: tc.losses.siglip_loss_reference(x, y, siglip_scale, bias).backward(),
+    }
+
+
+def make_products(xp, rng, batch, dim, dtype):
+    """The three products of a loss's forward and backward, on arrays of the loss's shapes and layouts."""
+    images = xp.asarray(unit_rows(rng, batch, dim), dtype=dtype)   # (B, D)
+    texts = xp.asarray(unit_rows(rng, batch, dim), dtype=dtype)    # (B, D)
+    grad_logits = xp.asarray(rng.standard_normal((batch, batch)), dtype=dtype)   # (B, B), made once
+
+    def run():
+        images @ texts.T            # logits (B, B)
+        grad_logits @ texts         # dX ∝ G Y   (B, D)
+        grad_logits.T @ images      # dY ∝ Gᵀ X  (B, D)
+
+    return run
+
+
+def clearing_gradients(step, leaves):
+    """The step after dropping the leaves' gradients, so that every run does the same work."""
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        step()
+    return run
+
+
+def peak_extra_bytes(step, xp, backend_name):
+    """The most memory allocated and not yet freed at any moment of ``step()``, in bytes."""
+    gc.collect()
+    if backend_name == "cupy":
+        hook = _pool_peak_hook(xp)
+        with hook:
+            step()
+            synchronizer(xp)()
+        return hook.peak
+    tracemalloc.start()
+    before, _ = tracemalloc.get_traced_memory()
+    step()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak - before
+
+
+def _pool_peak_hook(cupy):
+    """A ``cupy.cuda.MemoryHook`` that counts the bytes taken from the memory pool and keeps the maximum.
+
+    The pool calls ``malloc_postprocess`` whenever it hands out a block (cached
+    or fresh) and ``free_postprocess`` whenever one comes back, with the block's
+    rounded size; blocks freed during the step that were taken before it count
+    negative, exactly as they lower what is in use.
+    """
+    class PoolPeak(cupy.cuda.MemoryHook):
+        name = "tinyclip_pool_peak"
+
+        def __init__(self):
+            self.in_use = self.peak = 0
+
+        def malloc_postprocess(self, **kwargs):
+            self.in_use += kwargs["mem_size"]
+            self.peak = max(self.peak, self.in_use)
+
+        def free_postprocess(self, **kwargs):
+            self.in_use -= kwargs["mem_size"]
+
+    return PoolPeak()
+
+
+def target_note(backend_name, batch, name, ratio, extra_mb, beyond_gradients_mb):
+    """What the issue's targets (set for the CPU) say of this row, or nothing where none applies."""
+    if backend_name != "numpy" or name.startswith("products") or "reference" in name:
+        return ""
+    notes = []
+    if batch == TIME_TARGET_BATCH:
+        notes.append(f"≤ {TIME_TARGET_RATIO}x: {'met' if ratio <= TIME_TARGET_RATIO else 'missed'}")
+    if batch == MEMORY_TARGET_BATCH:
+        if extra_mb <= MEMORY_TARGET_MB:
+            notes.append(f"≤ {MEMORY_TARGET_MB} MB: met")
+        elif beyond_gradients_mb <= MEMORY_TARGET_MB:
+            notes.append(f"≤ {MEMORY_TARGET_MB} MB: missed, met beyond the gradients")
+        else:
+            notes.append(f"≤ {MEMORY_TARGET_MB} MB: missed")
+    return "; ".join(notes)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=backend.BACKENDS, default="numpy")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--tile", type=int, default=None, help="rows per tile (default: tinyclip.losses.default_tile)")
+    parser.add_argument("--naive-max-batch", type=int, default=4096,
+                        help="time the from-primitives references only up to this batch (they hold B×B matrices)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args()
+
+    xp = backend.backend_module(args.backend)
+    dtype = xp.float32
+    host_rng = backend.backend_module("numpy").random.default_rng(0)
+
+    print(machine_description(xp, args.backend))
+    print(f"D = {args.dim}, float32, every input requires a gradient; median of {args.repeat} rounds after "
+          f"{args.warmup} warm-up rounds; peak extra memory over one forward + backward, MB = 2^20 bytes")
+    header = (f"{'B':>6} {'tile':>5}  {'':26}{'fwd+bwd ms':>11} {'/ products':>11} {'peak extra MB':>14} "
+              f"{'less grads':>11}  target")
+    print(header)
+    print("-" * len(header))
+    for batch in args.batch:
+        tile = args.tile or tc.losses.default_tile(batch, args.backend)
+        inputs = make_inputs(xp, host_rng, batch, args.dim, dtype)
+        leaves = list(inputs.values())
+        steps = loss_steps(inputs, args.tile)
+        if batch > args.naive_max_batch:
+            steps = {name: step for name, step in steps.items() if "reference" not in name}
+        names = ["products X·Yᵀ, G·Y, Gᵀ·X"] + list(steps)
+        functions = [make_products(xp, host_rng, batch, args.dim, dtype)] + list(steps.values())
+        times = timed([clearing_gradients(fn, leaves) for fn in functions], xp, args.repeat, args.warmup)
+        for name, fn, seconds in zip(names, functions, times):
+            for leaf in leaves:   # what is held before: the inputs, no gradients
+                leaf.grad = None
+            extra_mb = peak_extra_bytes(fn, xp, args.backend) / MB
+            # what the step leaves behind in the leaves' .grad, counted in the peak
+            beyond_gradients_mb = extra_mb - sum(leaf.grad.nbytes for leaf in leaves if leaf.grad is not None) / MB
+            ratio = seconds / times[0]
+            note = target_note(args.backend, batch, name, ratio, extra_mb, beyond_gradients_mb)
+            print(f"{batch:>6} {tile:>5}  {name:<26}{seconds * 1e3:>11.2f} {ratio:>11.2f} {extra_mb:>14.1f} "
+                  f"{beyond_gradients_mb:>11.1f}  {note}".rstrip(), flush=True)
+        del inputs, leaves, steps, functions   # free this batch's arrays (G is B×B) before the next is made
+    print("peak extra memory includes the gradients the step leaves in the leaves' .grad (image and text: "
+          "2·B·D·4 bytes); 'less grads' is the peak without them")
+    print(f"targets (on the CPU): fused losses within {TIME_TARGET_RATIO}x of the products at "
+          f"B = {TIME_TARGET_BATCH}, at most {MEMORY_TARGET_MB} MB extra at B = {MEMORY_TARGET_BATCH}")
+
+
+if __name__ == "__main__":
+    main()
