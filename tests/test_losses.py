@@ -622,6 +622,7 @@ BAD_INPUTS = [   # (id, replaced arguments, the name the message must hold)
     ("log-scale-inf-number", {"log_scale": math.inf}, "log_scale"),
     ("bias-inf", {"bias": numpy.asarray(-numpy.inf)}, "bias"),
     ("bias-nan-number", {"bias": math.nan}, "bias"),
+    ("log-scale-overflows", {"log_scale": 800.0}, "log_scale"),
 ]
 
 

@@ -122,11 +122,6 @@ def _work_dtype(x, y):
     return dtype if dtype.itemsize >= 4 else backend.get_array_module(x).dtype("float32")
 
 
-def _tiles(batch, tile):
-    for start in range(0, batch, tile):
-        yield start, min(start + tile, batch)
-
-
 class _TiledLogits:
     """The logits l = t·X·Yᵀ + b one tile of rows at a time, in buffers reused by every tile.
 
@@ -135,9 +130,15 @@ class _TiledLogits:
     a sweep needs. float16 inputs are computed in float32.
     """
 
-    def __init__(self, x, y, scale, shift, tile):
+    def __init__(self, x, y, log_scale, shift, tile):
         self.xp = xp = backend.get_array_module(x, y)
         self.work = _work_dtype(x, y)
+        try:
+            scale = math.exp(float(log_scale))
+        except OverflowError:
+            scale = math.inf
+        if scale > float(xp.finfo(self.work).max):
+            raise ValueError(f"log_scale = {float(log_scale)} makes the scale exp(log_scale) overflow {self.work}")
         self.images, self.texts = x.astype(self.work, copy=False), y.astype(self.work, copy=False)
         self.scale, self.shift = scale, shift
         self.batch, self.tile = x.shape[0], min(tile, x.shape[0])
@@ -211,7 +212,7 @@ class CLIPLoss(Function):
     @staticmethod
     def forward(ctx, x, y, log_scale, tile):
         """L = 1/(2B) Σ_i [lse_j l_ij − l_ii] + 1/(2B) Σ_j [lse_i l_ij − l_jj],  l = e^t' X Yᵀ"""
-        tiles = _TiledLogits(x, y, math.exp(float(log_scale)), 0.0, tile)
+        tiles = _TiledLogits(x, y, log_scale, 0.0, tile)
         xp, work, batch = tiles.xp, tiles.work, tiles.batch
 
         # sweep 1: each row's log-sum-exp is complete within its tile; columns are kept online
@@ -284,7 +285,7 @@ class SigLIPLoss(Function):
     @staticmethod
     def forward(ctx, x, y, log_scale, bias, tile, keep_negatives=1.0, negatives="random", mask_seed=0):
         """L = −1/B Σ_ij m_ij log σ(z_ij l_ij),  l = e^t' X Yᵀ + b,  z = 2I − 1"""
-        tiles = _TiledLogits(x, y, math.exp(float(log_scale)), float(bias), tile)
+        tiles = _TiledLogits(x, y, log_scale, float(bias), tile)
         xp, batch = tiles.xp, tiles.batch
         masked = keep_negatives < 1.0
         want_grad = any(ctx.needs_input_grad)
@@ -411,7 +412,7 @@ def siglip_negative_mask(image_emb, text_emb, log_scale, bias, keep_negatives, n
     if float(keep_negatives) >= 1.0:
         return xp.ones((batch, batch), dtype=bool)
     # the logits exactly as the loss's tiles compute them, so that ties break the same way
-    tiles = _TiledLogits(x, y, math.exp(float(_array(log_scale))), float(_array(bias)), batch)
+    tiles = _TiledLogits(x, y, _array(log_scale), float(_array(bias)), batch)
     logits = tiles.compute(0, batch)
     return _negative_mask_tile(logits, 0, float(keep_negatives), negatives, int(mask_seed))
 
