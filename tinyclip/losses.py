@@ -180,6 +180,11 @@ class _TiledLogits:
         return grad_images, grad_texts, _scalar_like(self.xp, grad_log_scale, log_scale)
 
 
+def _masked_sum(xp, terms, keep):
+    """Σ terms, or Σ keep ⊙ terms as one dot product (no (n, B) temporary) when a mask is given."""
+    return terms.sum() if keep is None else xp.vdot(terms.ravel(), keep.ravel())
+
+
 def _scalar_like(xp, value, like):
     """``value`` as an array (never an immutable NumPy scalar) of ``like``'s dtype and shape."""
     return xp.asarray(value, dtype=like.dtype).reshape(like.shape)
@@ -297,23 +302,21 @@ class SigLIPLoss(Function):
         sigma_sum = xp.zeros((), dtype=xp.float64)
         for start, stop in tiles.ranges():
             block, other = tiles.compute(start, stop), tiles.buffer[:stop - start]  # (n, B)
-            keep = _negative_mask_tile(block, start, keep_negatives, negatives, mask_seed) if masked else None
+            keep = (_negative_mask_tile(block, start, keep_negatives, negatives, mask_seed).astype(tiles.work)
+                    if masked else None)                                                 # (n, B) of 0 and 1
             # every pair as if negative: −log σ(−l) = softplus(l) = max(l, 0) + log1p(e^−|l|),
-            # summed term by term (all terms ≥ 0, so nothing cancels)
+            # summed term by term (all terms ≥ 0, so nothing cancels). One of max(l, 0) and
+            # min(l, 0) is 0, so l − max = min and min − max = −|l| exactly: two subtractions
+            # stand in for the min, abs and negate passes.
             xp.maximum(block, 0, out=other)
-            if masked:
-                other *= keep
-            loss_sum += other.sum()
-            xp.exp(xp.negative(xp.abs(block, out=other), out=other), out=other)
-            xp.log1p(other, out=other)                                              # log1p(e^−|l|)
+            loss_sum += _masked_sum(xp, other, keep)
+            block -= other                                                           # min(l, 0)
+            xp.subtract(block, other, out=other)                                     # −|l|
+            xp.log1p(xp.exp(other, out=other), out=other)                           # log1p(e^−|l|)
+            loss_sum += _masked_sum(xp, other, keep)
             if want_grad:
                 # log σ(l) = min(l, 0) − log1p(e^−|l|), in the logits' buffer; σ(l) is its exp
-                xp.minimum(block, 0, out=block)
                 block -= other
-            if masked:
-                other *= keep
-            loss_sum += other.sum()
-            if want_grad:
                 xp.exp(block, out=block)
                 if masked:
                     block *= keep
