@@ -1,0 +1,182 @@
+"""Tests for tinyclip.models: configs, presets, both towers and the two-tower model.
+
+The whole model, in both families, passes the foundation's gradient check
+(float64, every parameter, five-point finite differences) on the ``tiny``
+preset; patchify equals a stride-P convolution; the causal text tower
+ignores tokens after the end-of-text token; bad images and tokens get errors
+that say what was expected.
+"""
+
+import dataclasses
+
+import numpy
+import pytest
+from hypothesis import given, strategies as st
+
+import tinyclip as tc
+from tinyclip import backend
+from tinyclip.models import CLIP, CLIPConfig, PRESETS, preset
+
+from .gradcheck import check_targets
+from .strategies import seeds
+
+SIGLIP_TINY = dict(class_token=False, vision_pre_norm=False, patch_bias=True, vision_pooling="map",
+                   vision_projection=False, embed_dim=16, causal=False, text_pooling="last",
+                   text_projection_bias=True, activation="gelu_tanh", ln_eps=1e-6, init_bias=-10.0)
+FAMILIES = {"clip": preset("tiny"), "siglip": preset("tiny", **SIGLIP_TINY),
+            "gap-eos": preset("tiny", vision_pooling="gap", text_pooling="eos", activation="gelu")}
+
+
+def inputs_for(config, xp, seed, batch=3):
+    rng = numpy.random.default_rng(seed)
+    images = rng.uniform(-1, 1, (batch, config.image_size, config.image_size, 3))
+    tokens = rng.integers(1, config.vocab_size - 1, (batch, config.context_length))
+    tokens[:, -2] = config.vocab_size - 1      # an end-of-text id (the largest) before a padding position
+    tokens[:, -1] = 0
+    return xp.asarray(images), xp.asarray(tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_model_gradients_match_finite_differences(xp, family):
+    config = FAMILIES[family]
+    model = CLIP(config, dtype="float64", backend="numpy" if xp is numpy else "cupy", seed=1)
+    images, tokens = inputs_for(config, xp, 2)
+
+    def forward():
+        image_emb, text_emb, log_scale, bias = model(images, tokens)
+        if bias is None:
+            return tc.losses.clip_loss(image_emb, text_emb, log_scale)
+        return tc.losses.siglip_loss(image_emb, text_emb, log_scale, bias)
+
+    check_targets(forward, list(model.named_parameters()), seed=3, truncation_allowance=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outputs_are_unit_vectors_of_the_embedding_width(xp, family):
+    config = FAMILIES[family]
+    model = CLIP(config, backend="numpy" if xp is numpy else "cupy")
+    image_emb, text_emb, log_scale, bias = model(*inputs_for(config, xp, 0))
+    for emb in (image_emb, text_emb):
+        assert emb.shape == (3, config.embed_dim)
+        numpy.testing.assert_allclose(numpy.linalg.norm(emb.numpy(), axis=1), 1.0, rtol=1e-5)
+    assert log_scale.item() == pytest.approx(config.init_log_scale, rel=1e-6)
+    assert (bias is None) == (config.init_bias is None)
+    raw = model.encode_image(inputs_for(config, xp, 0)[0], normalize=False).numpy()
+    assert not numpy.allclose(numpy.linalg.norm(raw, axis=1), 1.0)
+
+
+@given(seed=seeds)
+def test_patchify_equals_a_stride_p_convolution(seed):
+    config = preset("tiny", image_size=24, patch_size=8)
+    tower = CLIP(config, dtype="float64").visual
+    images, _ = inputs_for(config, numpy, seed)
+    patches = tower.patch_embed(tower.patchify(images)).numpy()         # (B, N, W)
+    # the same weight as a convolution kernel (W, 3, P, P), applied patch by patch
+    p, width = config.patch_size, config.vision_width
+    kernel = tower.patch_embed.weight.numpy().reshape(width, p, p, 3).transpose(0, 3, 1, 2)
+    grid = config.image_size // p
+    expected = numpy.empty((images.shape[0], grid * grid, width))
+    for gy in range(grid):
+        for gx in range(grid):
+            window = images[:, gy * p:(gy + 1) * p, gx * p:(gx + 1) * p, :]          # (B, P, P, 3)
+            expected[:, gy * grid + gx] = numpy.einsum("byxc,wcyx->bw", window, kernel)
+    numpy.testing.assert_allclose(patches, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(seed=seeds, later=st.integers(1, 62))
+def test_causal_text_tower_ignores_tokens_after_end_of_text(seed, later):
+    config = preset("tiny")
+    model = CLIP(config, dtype="float64", seed=seed % 1000)
+    _, tokens = inputs_for(config, numpy, seed)
+    tokens[:, 3] = config.vocab_size - 1            # end of text at position 3, so argmax pools there
+    tokens[:, 4:] = 0
+    before = model.encode_text(tokens).numpy()
+    tokens[:, 4:] = later
+    numpy.testing.assert_array_equal(model.encode_text(tokens).numpy(), before)
+
+
+def test_bidirectional_text_tower_sees_every_token():
+    config = FAMILIES["siglip"]
+    model = CLIP(config, dtype="float64")
+    _, tokens = inputs_for(config, numpy, 0)
+    before = model.encode_text(tokens).numpy()
+    tokens[:, 0] = (tokens[:, 0] + 1) % config.vocab_size
+    assert not numpy.allclose(model.encode_text(tokens).numpy(), before)
+
+
+def test_parameter_names_and_counts():
+    model = CLIP(preset("tiny"))
+    names = dict(model.named_parameters())
+    for name in ("visual.patch_embed.weight", "visual.class_embedding", "visual.position_embedding",
+                 "visual.ln_pre.weight", "visual.transformer.blocks.0.attn.q_proj.weight",
+                 "visual.ln_post.bias", "visual.proj.weight", "text.token_embedding.weight",
+                 "text.position_embedding", "text.transformer.blocks.0.mlp.fc1.weight", "text.ln_final.weight",
+                 "text.proj.weight", "log_scale"):
+        assert name in names, name
+    assert "bias" not in names
+    siglip = dict(CLIP(FAMILIES["siglip"]).named_parameters())
+    assert {"bias", "visual.head.probe", "visual.patch_embed.bias", "text.proj.bias"} <= set(siglip)
+    assert not {"visual.class_embedding", "visual.ln_pre.weight", "visual.proj.weight"} & set(siglip)
+
+
+def test_same_seed_same_weights_and_state_dict_round_trip():
+    first, second = CLIP(preset("tiny"), seed=4), CLIP(preset("tiny"), seed=4)
+    state = first.state_dict()
+    for name, value in second.state_dict().items():
+        numpy.testing.assert_array_equal(value, state[name])
+    third = CLIP(preset("tiny"), seed=5)
+    third.load_state_dict(state)
+    for name, value in third.state_dict().items():
+        numpy.testing.assert_array_equal(value, state[name])
+
+
+def test_init_follows_clip_standard_deviations():
+    config = preset("bench-tiny")
+    params = dict(CLIP(config).named_parameters())
+    width, layers = config.vision_width, config.vision_layers
+    std = lambda name: float(params[name].numpy().std())   # noqa: E731
+    assert std("visual.transformer.blocks.0.attn.q_proj.weight") == pytest.approx(width ** -0.5, rel=0.05)
+    assert std("visual.transformer.blocks.0.mlp.fc2.weight") == pytest.approx(
+        width ** -0.5 * (2 * layers) ** -0.5, rel=0.05)
+    assert std("text.token_embedding.weight") == pytest.approx(0.02, rel=0.05)
+
+
+def test_every_preset_is_a_valid_config():
+    for name, config in PRESETS.items():
+        assert isinstance(config, CLIPConfig), name
+        assert CLIPConfig.from_dict(config.to_dict()) == config
+    bench = preset("bench-tiny")   # DESIGN.md's speed yardstick, field by field
+    assert (bench.image_size, bench.patch_size, bench.vision_width, bench.vision_layers, bench.vision_heads,
+            bench.context_length, bench.vocab_size, bench.text_width, bench.text_layers, bench.text_heads,
+            bench.embed_dim, bench.activation, bench.vision_pooling, bench.causal) == (
+        64, 8, 256, 6, 4, 32, 4096, 256, 6, 4, 256, "quick_gelu", "cls", True)
+    assert preset("siglip-base-patch16-224").family == "siglip"
+    assert preset("ViT-B-32").family == "clip"
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="image_size 30 is not a multiple of patch_size 8"):
+        preset("tiny", image_size=30)
+    with pytest.raises(ValueError, match="vision_pooling 'cls' needs class_token=True"):
+        preset("tiny", class_token=False)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset("huge")
+    with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
+        CLIPConfig.from_dict({**preset("tiny").to_dict(), "colour": "red"})
+    with pytest.raises(TypeError, match="needs a CLIPConfig"):
+        CLIP({"image_size": 16})
+
+
+def test_bad_images_and_tokens_say_what_was_expected():
+    config = preset("tiny")
+    model = CLIP(config)
+    images, tokens = inputs_for(config, numpy, 0)
+    with pytest.raises(ValueError, match=r"images must have shape \(batch, 16, 16, 3\).*got \(3, 32, 32, 3\)"):
+        model.encode_image(numpy.zeros((3, 32, 32, 3)))
+    with pytest.raises(ValueError, match="id 64 is outside the vocabulary of 64 ids"):
+        model.encode_text(numpy.full((2, 4), 64))
+    with pytest.raises(ValueError, match="tokens must be an integer array"):
+        model.encode_text(numpy.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"1 <= length <= 8"):
+        model.encode_text(numpy.zeros((2, 9), dtype=int))
+    assert dataclasses.is_dataclass(config)

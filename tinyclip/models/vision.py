@@ -1,0 +1,89 @@
+"""The vision tower: a Vision Transformer (Dosovitskiy et al. 2021) as CLIP and SigLIP use it.
+
+images (B, H, W, 3) → patches (B, N, P·P·3) → linear → [class token] + position
+embedding → [ln_pre] → pre-LN blocks → ln_post → pooling → [projection].
+
+Patchify is a reshape and a transpose followed by a linear map: the same as a
+stride-P convolution with a P×P kernel, whose weight (width, 3, P, P) is this
+linear weight with its input axis ordered (P, P, 3). Pooling is the class
+token (CLIP), the average of all tokens ("gap"), or SigLIP's multihead
+attention pooling ("map"): one learned probe attends over the tokens, then a
+residual MLP on its layer-normed output.
+"""
+
+from .. import functional as F
+from .. import nn
+
+
+class AttentionPoolingHead(nn.Module):
+    """SigLIP's "map" head: y = a + mlp(ln(a)),  a = attention(probe, tokens)."""
+
+    def __init__(self, config, **init):
+        super().__init__()
+        width = config.vision_width
+        self.probe = nn.Parameter(init["rng"].normal((1, 1, width), std=width ** -0.5, dtype=init["dtype"]))
+        self.attn = nn.MultiHeadAttention(width, config.vision_heads, **init)
+        self.ln = nn.LayerNorm(width, config.ln_eps, **init)
+        self.mlp = nn.MLP(width, int(width * config.vision_mlp_ratio), config.activation, **init)
+
+    def forward(self, tokens):                                              # (B, T, W)
+        probe = F.broadcast_to(self.probe, (tokens.shape[0], 1, tokens.shape[2]))   # (B, 1, W)
+        pooled = self.attn(probe, context=tokens)                           # (B, 1, W)
+        pooled = pooled + self.mlp(self.ln(pooled))
+        return F.reshape(pooled, (tokens.shape[0], tokens.shape[2]))        # (B, W)
+
+
+class VisionTower(nn.Module):
+    """Images (B, H, W, 3) float → image features (B, embed_dim), not yet normalised."""
+
+    def __init__(self, config, **init):
+        super().__init__()
+        self.config = config
+        width, patch = config.vision_width, config.patch_size
+        rng, dtype = init["rng"], init["dtype"]
+        self.patch_embed = nn.Linear(patch * patch * 3, width, bias=config.patch_bias, **init)
+        tokens = config.num_patches + (1 if config.class_token else 0)
+        if config.class_token:
+            self.class_embedding = nn.Parameter(rng.normal((width,), std=width ** -0.5, dtype=dtype))
+        self.position_embedding = nn.Parameter(rng.normal((tokens, width), std=width ** -0.5, dtype=dtype))
+        if config.vision_pre_norm:
+            self.ln_pre = nn.LayerNorm(width, config.ln_eps, **init)
+        self.transformer = nn.Transformer(width, config.vision_layers, config.vision_heads, config.vision_mlp_ratio,
+                                          config.activation, causal=False, eps=config.ln_eps, **init)
+        self.ln_post = nn.LayerNorm(width, config.ln_eps, **init)
+        if config.vision_pooling == "map":
+            self.head = AttentionPoolingHead(config, **init)
+        if config.vision_projection:
+            self.proj = nn.Linear(width, config.embed_dim, bias=False, **init)
+
+    def patchify(self, images):
+        """(B, H, W, 3) → (B, N, P·P·3), patches in row-major order, each flattened as (P, P, 3)."""
+        config = self.config
+        shape = tuple(images.shape)
+        expected = (config.image_size, config.image_size, 3)
+        if len(shape) != 4 or shape[1:] != expected:
+            raise ValueError(f"images must have shape (batch, {config.image_size}, {config.image_size}, 3) "
+                             f"for this model, got {shape}")
+        batch, patch = shape[0], config.patch_size
+        grid = config.image_size // patch
+        x = F.reshape(images, (batch, grid, patch, grid, patch, 3))        # (B, gy, P, gx, P, 3)
+        x = F.permute(x, (0, 1, 3, 2, 4, 5))                               # (B, gy, gx, P, P, 3)
+        return F.reshape(x, (batch, grid * grid, patch * patch * 3))       # (B, N, P·P·3)
+
+    def forward(self, images):
+        config = self.config
+        x = self.patch_embed(self.patchify(images))                        # (B, N, W)
+        batch, _, width = x.shape
+        if config.class_token:
+            cls = F.broadcast_to(F.reshape(self.class_embedding, (1, 1, width)), (batch, 1, width))
+            x = F.concatenate([cls, x], axis=1)                            # (B, 1 + N, W)
+        x = x + self.position_embedding
+        if config.vision_pre_norm:
+            x = self.ln_pre(x)
+        x = self.transformer(x)
+        if config.vision_pooling == "cls":
+            pooled = self.ln_post(x[:, 0, :])                              # (B, W): CLIP norms only the class token
+        else:
+            x = self.ln_post(x)
+            pooled = F.mean(x, axis=1) if config.vision_pooling == "gap" else self.head(x)   # (B, W)
+        return self.proj(pooled) if config.vision_projection else pooled
