@@ -147,15 +147,7 @@ class Module:
             values[name] = value
         missing = [name for name in own if name not in state]
         unexpected = [name for name in state if name not in own]
-        problems = []
-        if strict and missing:
-            problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-        if not_arrays:
-            problems.append(f"values that are not arrays ({len(not_arrays)}): {', '.join(not_arrays)}")
+        problems = key_problems(missing if strict else (), unexpected if strict else (), mismatched, not_arrays)
         if problems:
             raise ValueError(f"load_state_dict: the state does not fit {type(self).__name__}; nothing was loaded\n  "
                              + "\n  ".join(problems))
@@ -172,6 +164,13 @@ class Module:
         lines = [f"({name}): {child!r}".replace("\n", "\n  ") for name, child in self._modules.items()]
         head = f"{type(self).__name__}({self.extra_repr()}"
         return head + ")" if not lines else head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+def key_problems(missing=(), unexpected=(), mismatched=(), not_arrays=()):
+    """One line per kind of misfit between a state and a model, each naming every key; [] when all fit."""
+    kinds = (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+             ("shape mismatches", mismatched, "; "), ("values that are not arrays", not_arrays, ", "))
+    return [f"{label} ({len(keys)}): {separator.join(keys)}" for label, keys, separator in kinds if keys]
 
 
 class ModuleList(Module):

@@ -109,9 +109,10 @@ PRESETS = {
     "bench-tiny": CLIPConfig(image_size=64, patch_size=8, vision_width=256, vision_layers=6, vision_heads=4,
                              context_length=32, vocab_size=4096, eos_id=4095, text_width=256, text_layers=6,
                              text_heads=4, embed_dim=256),
-    # the default model of the main job: small enough to train on a CPU in minutes
+    # the default model of the main job: small enough to train on a CPU in minutes; 1024 ids leave room
+    # for a BPE trained on its captions (CLIP's byte vocabulary alone is 512 symbols + 2 specials)
     "shapes": CLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-                         context_length=16, vocab_size=512, eos_id=511, text_width=128, text_layers=4,
+                         context_length=16, vocab_size=1024, eos_id=1023, text_width=128, text_layers=4,
                          text_heads=4, embed_dim=128, init_log_scale=math.log(10.0), init_bias=-10.0,
                          activation="gelu_tanh"),
     # published shapes (openai/clip-vit-base-patch32, -base-patch16, -large-patch14)

@@ -1,0 +1,134 @@
+"""Tests for tinyclip.data.transforms: loading, mode conversion, CLIP and SigLIP preprocessing.
+
+Sizes and crops are checked on odd aspect ratios, the centre-crop offsets
+against torchvision's rounding, the normalisation against hand-computed
+values, and every PIL mode converts to RGB; a file that is not an image
+gets an error naming it.
+"""
+
+import numpy
+import pytest
+from PIL import Image
+
+from tinyclip.data import load_image, preprocess, preprocess_batch, to_rgb
+from tinyclip.data.transforms import CLIP_MEAN, CLIP_STD
+
+MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "I;16", "I;16B", "I", "F", "YCbCr", "HSV", "LAB",
+         "RGBX", "RGBa")
+
+
+def clip_normalised(rgb):
+    return (numpy.asarray(rgb, numpy.float32) / numpy.float32(255) - numpy.asarray(CLIP_MEAN, numpy.float32)) \
+        / numpy.asarray(CLIP_STD, numpy.float32)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("width, height", [(300, 100), (100, 300), (17, 5), (224, 224), (1, 50), (31, 32)])
+def test_any_aspect_ratio_gives_a_square_float32_image(family, width, height):
+    image = Image.fromarray(numpy.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=numpy.uint8))
+    pixels = preprocess(image, 24, family)
+    assert pixels.shape == (24, 24, 3) and pixels.dtype == numpy.float32
+    assert numpy.isfinite(pixels).all()
+
+
+def test_clip_crops_the_centre_of_a_wide_image():
+    stripes = numpy.full((10, 30, 3), 255, numpy.uint8)       # white | black | white, 10 columns each
+    stripes[:, 10:20] = 0
+    pixels = preprocess(Image.fromarray(stripes), 10, "clip")   # the short side is already 10: crop only
+    numpy.testing.assert_allclose(pixels, numpy.broadcast_to(clip_normalised([0, 0, 0]), (10, 10, 3)), atol=1e-6)
+
+
+def test_centre_crop_offsets_round_like_torchvision():
+    columns = numpy.arange(13, dtype=numpy.uint8) * 10          # 13 wide, 10 high: crop offset round(1.5) = 2
+    image = numpy.repeat(numpy.repeat(columns[None, :, None], 10, axis=0), 3, axis=2)
+    pixels = preprocess(Image.fromarray(image), 10, "clip")
+    numpy.testing.assert_allclose(pixels[0, :, 0], clip_normalised(image[0, 2:12])[:, 0], atol=1e-6)
+
+
+def test_siglip_squashes_instead_of_cropping():
+    halves = numpy.zeros((10, 40, 3), numpy.uint8)
+    halves[:, :20] = 255                                        # white left half, black right half
+    pixels = preprocess(Image.fromarray(halves), 10, "siglip")
+    numpy.testing.assert_allclose(pixels[:, :4], 1.0, atol=1e-6)     # white -> (1 - 0.5) / 0.5
+    numpy.testing.assert_allclose(pixels[:, 6:], -1.0, atol=1e-6)    # black -> -1
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_known_pixel_values_normalise_as_expected(family):
+    colour = (255, 0, 128)
+    pixels = preprocess(Image.new("RGB", (37, 23), colour), 16, family)
+    if family == "clip":
+        expected = [(c / 255 - m) / s for c, m, s in zip(colour, CLIP_MEAN, CLIP_STD)]
+    else:
+        expected = [(c / 255 - 0.5) / 0.5 for c in colour]
+    numpy.testing.assert_allclose(pixels, numpy.broadcast_to(expected, pixels.shape), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_pil_mode_converts_to_rgb(mode):
+    rgb = to_rgb(Image.new(mode, (5, 4)))
+    assert rgb.mode == "RGB" and rgb.size == (5, 4)
+    assert preprocess(Image.new(mode, (5, 4)), 8).shape == (8, 8, 3)
+
+
+def test_transparency_is_composited_on_white():
+    rgba = numpy.zeros((2, 2, 4), numpy.uint8)
+    rgba[0, 0] = (0, 0, 0, 0)          # transparent black -> white
+    rgba[0, 1] = (0, 0, 0, 255)        # opaque black stays black
+    rgba[1, :] = (255, 0, 0, 128)      # half-transparent red -> pink
+    rgb = numpy.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
+    assert tuple(rgb[0, 0]) == (255, 255, 255) and tuple(rgb[0, 1]) == (0, 0, 0)
+    assert rgb[1, 0, 0] == 255 and 125 <= rgb[1, 0, 1] <= 129
+    palette = Image.new("P", (2, 2), 0)
+    palette.info["transparency"] = 0
+    assert tuple(numpy.asarray(to_rgb(palette))[0, 0]) == (255, 255, 255)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    grey = numpy.array([[0, 32896, 65535]], numpy.uint16)
+    image = Image.new("I;16", (3, 1))
+    image.frombytes(grey.astype("<u2").tobytes())
+    assert image.getpixel((2, 0)) == 65535
+    rgb = numpy.asarray(to_rgb(image))
+    numpy.testing.assert_array_equal(rgb[0, :, 0], [0, 128, 255])
+    numpy.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+
+
+@pytest.mark.parametrize("mode, suffix", [("L", "png"), ("P", "gif"), ("LA", "png"), ("CMYK", "jpg"),
+                                          ("I;16", "png"), ("RGBA", "png"), ("RGB", "jpg")])
+def test_load_image_reads_files_of_every_kind(tmp_path, mode, suffix):
+    path = tmp_path / f"picture.{suffix}"
+    Image.new(mode, (6, 3)).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (6, 3)
+    assert preprocess(path, 8).shape == (8, 8, 3)
+
+
+def test_an_undecodable_file_is_named(tmp_path):
+    junk = tmp_path / "not-a-picture.png"
+    junk.write_bytes(b"this is not an image")
+    with pytest.raises(ValueError, match="not-a-picture.png"):
+        load_image(junk)
+    whole = tmp_path / "whole.png"
+    Image.fromarray(numpy.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=numpy.uint8)).save(whole)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated.png"):
+        load_image(truncated)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_batches_and_bad_arguments():
+    images = [Image.new("RGB", (30, 20)), Image.new("L", (20, 30))]
+    batch = preprocess_batch(images, 16, "siglip")
+    assert batch.shape == (2, 16, 16, 3) and batch.dtype == numpy.float32
+    numpy.testing.assert_array_equal(batch[1], preprocess(images[1], 16, "siglip"))
+    with pytest.raises(ValueError, match="no images"):
+        preprocess_batch([], 16)
+    with pytest.raises(ValueError, match="family must be one of"):
+        preprocess(images[0], 16, "dino")
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        preprocess(images[0], 0)
+    with pytest.raises(TypeError, match="PIL image or a path"):
+        preprocess(numpy.zeros((4, 4, 3)), 16)
