@@ -77,3 +77,59 @@ def test_console_script():
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"tinyclip {tinyclip.__version__}\n"
+
+
+# ---------------------------------------------------------------------------------
+# zeroshot and embed, on a tiny saved model with a tokenizer trained on its prompts
+# ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from PIL import Image
+
+    from tinyclip import checkpoint, models
+    from tinyclip.tokenizer import Tokenizer
+    folder = tmp_path_factory.mktemp("model")
+    words = ["cat", "dog", "bird", "red", "blue", "a", "photo", "of", "circle", "square"]
+    tokenizer = Tokenizer.train([f"a photo of a {w} {v}." for w in words for v in words], vocab_size=560)
+    config = models.preset("tiny", vocab_size=tokenizer.vocab_size, eos_id=tokenizer.vocab_size - 1)
+    checkpoint.save(models.CLIP(config, seed=0), str(folder / "clip"))
+    tokenizer.save(str(folder / "clip" / "tokenizer.tinyclip.json"))
+    for name, colour in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 255))):
+        Image.new("RGB", (40, 30), colour).save(folder / name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder
+
+
+def test_zeroshot_prints_a_distribution_over_the_labels(model_folder, capsys):
+    images = [str(model_folder / "red.png"), str(model_folder / "blue.png")]
+    code = main(["zeroshot", "--model", str(model_folder / "clip"), "--images", *images,
+                 "--labels", "cat", "dog", "bird", "--top", "3"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == images
+    for line in lines:
+        scores = [float(part.split()[-1]) for part in line.split(": ", 1)[1].split(", ")]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert sum(scores) == pytest.approx(1.0, abs=2e-3)   # printed to three decimals
+
+
+def test_embed_writes_unit_vectors(model_folder, tmp_path, capsys):
+    out = tmp_path / "emb.npz"
+    code = main(["embed", "--model", str(model_folder / "clip"), "--images", str(model_folder / "red.png"),
+                 "--texts", "a red circle", "a blue square", "--out", str(out)])
+    assert code == 0
+    with np.load(out) as saved:
+        assert saved["image_emb"].shape == (1, 8) and saved["text_emb"].shape == (2, 8)
+        np.testing.assert_allclose(np.linalg.norm(saved["text_emb"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_zeroshot_names_a_bad_image_and_a_missing_tokenizer(model_folder, tmp_path, capsys):
+    bad = str(model_folder / "broken.png")
+    assert main(["zeroshot", "--model", str(model_folder / "clip"), "--images", bad, "--labels", "cat"]) == 2
+    assert bad in capsys.readouterr().err
+    assert main(["embed", "--model", str(model_folder / "clip"), "--texts", "a cat", "--out",
+                 str(tmp_path / "x.npz"), "--bpe", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    assert main(["embed", "--model", str(model_folder / "clip"), "--out", str(tmp_path / "x.npz")]) == 2
+    assert "give --images and/or --texts" in capsys.readouterr().err

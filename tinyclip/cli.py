@@ -1,10 +1,12 @@
 """The ``tinyclip`` command line (also ``python -m tinyclip``).
 
-One argparse parser with a subcommand per job. Today there is ``info``,
-which reports the installation and the devices it can see; ``train``,
-``eval``, ``zeroshot`` and ``embed`` join it as the parts of tinyclip they
-drive are written (DESIGN.md, section 6). ``main`` returns an exit code
-instead of exiting, so that tests and other Python code can call it.
+One argparse parser with a subcommand per job: ``info`` reports the
+installation and the devices it can see; ``zeroshot`` classifies images
+against label prompts with a saved or Hugging Face model; ``embed`` writes
+normalised image and text embeddings to an .npz file. ``train`` and
+``eval`` join them with the training issue (DESIGN.md, section 6). ``main``
+returns an exit code instead of exiting, so that tests and other Python
+code can call it.
 """
 
 import argparse
@@ -60,6 +62,85 @@ def run_info(args):
     return status
 
 
+TOKENIZER_FILES = ("tokenizer.tinyclip.json", "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
+
+
+class CommandError(Exception):
+    """A problem with the command's inputs: printed as one line, exit code 2."""
+
+
+def _load_tokenizer(model_dir, bpe):
+    """The tokenizer given by --bpe, or the first of TOKENIZER_FILES in the model's folder."""
+    from .tokenizer import Tokenizer
+    candidates = [bpe] if bpe else [os.path.join(model_dir, name) for name in TOKENIZER_FILES]
+    for path in candidates:
+        if os.path.isfile(path):
+            return Tokenizer.load(path) if path.endswith(".json") else Tokenizer.from_bpe_file(path)
+    if bpe:
+        raise CommandError(f"--bpe {bpe}: no such file")
+    raise CommandError(f"no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)}): give --bpe PATH, "
+                       "CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer saved by tinyclip")
+
+
+def _load_model_and_images(args):
+    from . import checkpoint
+    from .data import load_image, preprocess_batch
+    model = checkpoint.from_pretrained(args.model)
+    model.eval()
+    family = model.config.family
+    images = None
+    if getattr(args, "images", None):
+        images = preprocess_batch([load_image(path) for path in args.images], model.config.image_size, family)
+    return model, images
+
+
+def _logits(model, image_emb, text_emb):
+    """Scaled cosine similarities (+ bias for SigLIP), as the model was trained to read them: (images, texts)."""
+    logits = numpy.exp(float(model.log_scale.item())) * (image_emb @ text_emb.T)
+    return logits + float(model.bias.item()) if model.bias is not None else logits
+
+
+def run_zeroshot(args):
+    """Score every image against one prompt per label and print the best labels."""
+    from . import autograd
+    model, images = _load_model_and_images(args)
+    tokenizer = _load_tokenizer(args.model, args.bpe)
+    prompts = [args.template.format(label) for label in args.labels]
+    tokens = tokenizer(prompts, context_length=model.config.context_length)
+    with autograd.no_grad():
+        image_emb = model.encode_image(images).numpy()
+        text_emb = model.encode_text(tokens).numpy()
+    logits = _logits(model, image_emb, text_emb)                               # (images, labels)
+    if model.config.family == "clip":   # a softmax over the labels: which one fits best
+        scores = numpy.exp(logits - logits.max(axis=1, keepdims=True))
+        scores /= scores.sum(axis=1, keepdims=True)
+    else:                                # SigLIP: each label's own probability of matching
+        scores = 1 / (1 + numpy.exp(-logits))
+    top = min(args.top, len(args.labels))
+    for path, row in zip(args.images, scores):
+        ranked = numpy.argsort(-row)[:top]
+        print(f"{path}: " + ", ".join(f"{args.labels[i]} {row[i]:.3f}" for i in ranked))
+    return 0
+
+
+def run_embed(args):
+    """Write normalised embeddings of the images and/or texts to an .npz file."""
+    from . import autograd
+    if not args.images and not args.texts:
+        raise CommandError("give --images and/or --texts to embed")
+    model, images = _load_model_and_images(args)
+    arrays = {}
+    with autograd.no_grad():
+        if images is not None:
+            arrays["image_emb"] = model.encode_image(images).numpy()
+        if args.texts:
+            tokens = _load_tokenizer(args.model, args.bpe)(args.texts, context_length=model.config.context_length)
+            arrays["text_emb"] = model.encode_text(tokens).numpy()
+    numpy.savez(args.out, **arrays)
+    print(f"wrote {', '.join(f'{name} {array.shape}' for name, array in arrays.items())} to {args.out}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="tinyclip",
@@ -70,6 +151,27 @@ def build_parser():
                                description="Show the tinyclip and Python versions, the default backend, "
                                            "whether a GPU is usable, and the CPU count.")
     info.set_defaults(run=run_info)
+
+    zeroshot = commands.add_parser("zeroshot", help="classify images against label prompts",
+                                   description="Zero-shot classification: each label becomes a prompt, "
+                                               "each image is scored against every prompt.")
+    zeroshot.add_argument("--model", required=True, help="a tinyclip checkpoint or Hugging Face CLIP/SigLIP folder")
+    zeroshot.add_argument("--images", nargs="+", required=True, help="image files")
+    zeroshot.add_argument("--labels", nargs="+", required=True, help="class names")
+    zeroshot.add_argument("--template", default="a photo of a {}.", help="prompt with {} for the label")
+    zeroshot.add_argument("--top", type=int, default=5, help="labels to show per image")
+    zeroshot.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    zeroshot.set_defaults(run=run_zeroshot)
+
+    embed = commands.add_parser("embed", help="write normalised embeddings to an .npz file",
+                                description="Encode images and/or texts and save the unit-length "
+                                            "embeddings (image_emb, text_emb) with numpy.savez.")
+    embed.add_argument("--model", required=True, help="a tinyclip checkpoint or Hugging Face CLIP/SigLIP folder")
+    embed.add_argument("--images", nargs="*", default=[], help="image files")
+    embed.add_argument("--texts", nargs="*", default=[], help="texts")
+    embed.add_argument("--out", required=True, help="the .npz file to write")
+    embed.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    embed.set_defaults(run=run_embed)
     return parser
 
 
@@ -83,4 +185,8 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (CommandError, ValueError, OSError) as error:   # bad files or inputs: their messages name them
+        print(f"tinyclip {args.command}: {error}", file=sys.stderr)
+        return 2

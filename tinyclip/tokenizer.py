@@ -147,18 +147,22 @@ class Tokenizer:
     def from_bpe_file(cls, path, num_merges=CLIP_NUM_MERGES):
         """CLIP's tokenizer from its merges file (``bpe_simple_vocab_16e6.txt.gz``); never downloads anything.
 
-        The file is gzipped text: a version header line, then one merge
-        ``a b`` per line, best first. CLIP uses the first 48,894 merges.
+        The file is text, gzipped when its name ends in ``.gz``: a version
+        header line, then one merge ``a b`` per line, best first. CLIP uses
+        the first 48,894 merges; a Hugging Face CLIP folder's ``merges.txt``
+        holds the same list uncompressed.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"BPE merges file not found: {path!r} (CLIP's is bpe_simple_vocab_16e6.txt.gz; "
                                     f"tinyclip never downloads it)")
         try:
-            with gzip.open(path, "rt", encoding="utf-8") as stream:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as stream:
                 lines = stream.read().split("\n")
         except (OSError, EOFError, UnicodeDecodeError) as error:
-            raise ValueError(f"cannot read BPE merges file {path!r}: expected gzipped UTF-8 text ({error})") from None
+            raise ValueError(f"cannot read BPE merges file {path!r}: expected UTF-8 text, gzipped for .gz "
+                             f"({error})") from None
         merges = []
         for number, line in enumerate(lines[1:num_merges + 1], start=2):
             if not line.strip():
