@@ -371,3 +371,25 @@ def test_ids_match_open_clip():
     reference = open_clip.tokenize(texts).numpy()
     numpy.testing.assert_array_equal(tok(texts), reference)
     numpy.testing.assert_array_equal(tok(texts, 16), open_clip.tokenize(texts, context_length=16).numpy())
+
+
+def test_same_ids_as_transformers_clip_tokenizer(tmp_path):
+    """transformers' Python CLIPTokenizer, given our trained merges in its vocab.json / merges.txt layout.
+
+    HTML entities are left out: without ftfy, transformers does not unescape them, unlike OpenAI's code.
+    """
+    transformers = pytest.importorskip("transformers")
+    import json
+    import random
+    rng = random.Random(0)
+    words = ("a photo of the cat dog bird red blue small circle square on left café naïve 東京 🙂 don't it's "
+             "we're 3 42 2024 hello-world!").split()
+    captions = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(2000)]
+    trained = Tokenizer.train(captions, vocab_size=900)
+    (tmp_path / "vocab.json").write_text(json.dumps(trained.encoder, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in trained.merges) + "\n",
+                                         encoding="utf-8")
+    reference = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    mine = Tokenizer.from_bpe_file(str(tmp_path / "merges.txt"), num_merges=len(trained.merges))
+    for text in captions[:300] + ["A Photo of THE Cat!!", "  café   naïve  ", "東京 🙂🙂 don't", "it's 2024, hi."]:
+        assert reference(text)["input_ids"] == [mine.sot_id, *mine.encode(text), mine.eot_id], text
