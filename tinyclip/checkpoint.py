@@ -414,8 +414,9 @@ def from_pretrained(path, dtype=None, backend=None):
 def _refuse_pickle(path):
     raise ValueError(f"{path} is a pickle checkpoint (PyTorch .bin/.pt format). Reading it could run arbitrary "
                      f"code, so tinyclip never unpickles files. Convert it to safetensors first, e.g. with "
-                     f"transformers: model.save_pretrained(folder, safe_serialization=True), or with torch: "
-                     f"safetensors.torch.save_file(torch.load(file, weights_only=True), 'model.safetensors')")
+                     f"transformers (load the model, then model.save_pretrained(folder, safe_serialization=True)), "
+                     f"or with PyTorch (read the state dict with weights_only=True, then write it with "
+                     f"safetensors.torch.save_file)")
 
 
 def _checkpoint_folder(path):
