@@ -84,13 +84,10 @@ def _load_tokenizer(model_dir, bpe):
 
 def _load_model_and_images(args):
     from . import checkpoint
-    from .data import load_image, preprocess_batch
+    from .data import preprocess_batch
     model = checkpoint.from_pretrained(args.model)
     model.eval()
-    family = model.config.family
-    images = None
-    if getattr(args, "images", None):
-        images = preprocess_batch([load_image(path) for path in args.images], model.config.image_size, family)
+    images = preprocess_batch(args.images, model.config.image_size, model.config.family) if args.images else None
     return model, images
 
 
