@@ -319,7 +319,7 @@ def clip_grad_norm(parameters, max_norm):
 
     The norm is accumulated in float64 on the parameters' device and read
     back once. Gradients are replaced (``p.grad = p.grad * scale``), never
-    scaled in place, since one gradient array may be shared. A non-finite
+    scaled in place, so an array the caller still holds is never changed. A non-finite
     norm raises FloatingPointError rather than spreading NaN into the weights.
     """
     if isinstance(parameters, Tensor):
