@@ -125,12 +125,16 @@ def _work_dtype(x, y):
 class _TiledLogits:
     """The logits l = t·X·Yᵀ + b one tile of rows at a time, in buffers reused by every tile.
 
-    Holds two (tile, B) buffers (the logits and a work buffer) and a (tile, D)
-    buffer for t·X of the tile's rows: with the inputs, that is all the memory
-    a sweep needs. float16 inputs are computed in float32.
+    X holds the rows (images), Y the columns (texts). Y can be swapped for
+    another block of columns of at most ``columns`` rows (``use_texts``): the
+    distributed losses pass every rank's text chunk through the same buffers.
+    Holds two (tile, columns) buffers (the logits and a work buffer), a
+    (tile, D) buffer for t·X of the tile's rows and the two products' outputs:
+    with the inputs, that is all the memory a sweep needs. float16 inputs are
+    computed in float32.
     """
 
-    def __init__(self, x, y, log_scale, shift, tile):
+    def __init__(self, x, y, log_scale, shift, tile, columns=None):
         self.xp = xp = backend.get_array_module(x, y)
         self.work = _work_dtype(x, y)
         try:
@@ -139,45 +143,122 @@ class _TiledLogits:
             scale = math.inf
         if scale > float(xp.finfo(self.work).max):
             raise ValueError(f"log_scale = {float(log_scale)} makes the scale exp(log_scale) overflow {self.work}")
-        self.images, self.texts = x.astype(self.work, copy=False), y.astype(self.work, copy=False)
+        self.images = x.astype(self.work, copy=False)
         self.scale, self.shift = scale, shift
-        self.batch, self.tile = x.shape[0], min(tile, x.shape[0])
-        self.logits = xp.empty((self.tile, self.batch), dtype=self.work)        # (tile, B)
-        self.buffer = xp.empty_like(self.logits)                                 # (tile, B)
-        self.scaled_rows = xp.empty((self.tile, x.shape[1]), dtype=self.work)   # (tile, D)
+        self.rows, self.tile = x.shape[0], min(tile, x.shape[0])
+        self.columns = y.shape[0] if columns is None else columns
+        # flat, so that a tile of n rows and m ≤ columns columns is one contiguous (n, m) view
+        self.logits = xp.empty(self.tile * self.columns, dtype=self.work)
+        self.buffer = xp.empty_like(self.logits)
+        self.scaled_rows = xp.empty((self.tile, x.shape[1]), dtype=self.work)      # (tile, D)
+        self.row_product = xp.empty_like(self.scaled_rows)                          # (tile, D): G·Y of a tile
+        self.column_product = xp.empty((self.columns, x.shape[1]), dtype=self.work)  # (columns, D): Gᵀ·X
+        self.use_texts(y)
+
+    def use_texts(self, y):
+        """Score the rows against ``y`` (m ≤ columns rows) from now on."""
+        if y.shape[0] > self.columns:
+            raise ValueError(f"a block of {y.shape[0]} texts does not fit buffers made for {self.columns}")
+        self.texts = y.astype(self.work, copy=False)
 
     def ranges(self, reverse=False):
-        starts = range(0, self.batch, self.tile)
+        starts = range(0, self.rows, self.tile)
         for start in (reversed(starts) if reverse else starts):
-            yield start, min(start + self.tile, self.batch)
+            yield start, min(start + self.tile, self.rows)
+
+    def _view(self, flat, rows):
+        return flat[:rows * self.texts.shape[0]].reshape(rows, self.texts.shape[0])
+
+    def logits_of(self, start, stop):
+        """The logits buffer as the last ``compute(start, stop)`` left it."""
+        return self._view(self.logits, stop - start)
 
     def compute(self, start, stop):
-        """Fill and return the logits of rows start .. stop−1: (n, B)."""
+        """Fill and return the logits of rows start .. stop−1 against the current texts: (n, m)."""
         xp, n = self.xp, stop - start
         scaled = xp.multiply(self.images[start:stop], self.scale, out=self.scaled_rows[:n])   # (n, D)
-        block = xp.matmul(scaled, self.texts.T, out=self.logits[:n])
+        block = xp.matmul(scaled, self.texts.T, out=self._view(self.logits, n))
         if self.shift:
             block += self.shift
         return block
 
+    def work_buffer(self, start, stop):
+        """The (n, m) work buffer beside the logits of rows start .. stop−1."""
+        return self._view(self.buffer, stop - start)
+
+    def accumulate(self, weights, start, stop, grad_images, grad_texts):
+        """grad_images[start:stop] += W·Y and grad_texts += Wᵀ·X[start:stop] for a tile's weights W (n, m)."""
+        xp, n = self.xp, stop - start
+        grad_images[start:stop] += xp.matmul(weights, self.texts, out=self.row_product[:n])
+        grad_texts += xp.matmul(weights.T, self.images[start:stop], out=self.column_product[:weights.shape[1]])
+
     def positives(self):
-        """l_ii for every pair: (B,)."""
+        """l_ii for every pair (row i with text i of the current texts, which must be the rows' own): (n,)."""
         return self.scale * self.xp.einsum("ij,ij->i", self.images, self.texts) + self.shift
 
-    def gradients(self, grad_images, grad_texts, row_share, log_scale):
-        """Finish dX = t·G·Y and dY = t·Gᵀ·X from the sums of the tiles' (row_share · G + I/B)-products.
+    def gradients(self, grad_images, grad_texts, row_share, log_scale, batch=None):
+        """Finish dX = t·G·Y and dY = t·Gᵀ·X from the sums of the tiles' (row_share · B·G + I)-products.
 
-        The tiles multiplied only the non-identity part of B·G / row_share; the
+        ``batch`` is B, the global batch (default: the rows here). The tiles
+        multiplied only the non-identity part of B·G / row_share; the
         identity's share, −1/B on the diagonal of G, adds −t·y_i/B to dX_i and
-        −t·x_i/B to dY_i. Everything in place: no (B, D) temporary.
-        Returns dX, dY and d log_scale = Σ_i ⟨x_i, dX_i⟩.
+        −t·x_i/B to dY_i (the current texts must be the rows' own). Everything
+        in place: no (n, D) temporary. Returns dX, dY and d log_scale = Σ_i ⟨x_i, dX_i⟩.
         """
+        batch = self.rows if batch is None else batch
         for grad, partner in ((grad_images, self.texts), (grad_texts, self.images)):
             grad *= row_share
             grad -= partner
-            grad *= self.scale / self.batch
+            grad *= self.scale / batch
         grad_log_scale = self.xp.einsum("ij,ij->", self.images, grad_images)
         return grad_images, grad_texts, _scalar_like(self.xp, grad_log_scale, log_scale)
+
+
+class _RunningLSE:
+    """Log-sum-exp of logits that arrive in pieces (the online softmax), for n rows or columns.
+
+    Keeps the running max m and the rescaled sum s = Σ exp(l − m): on a new
+    piece, m' = max(m, max l), s' = s·exp(m − m') + Σ exp(l − m'), exact at
+    every step. With ``weighted``, also w = Σ exp(l − m)·l, rescaled alike, so
+    that w/s is the softmax-weighted mean logit: the derivative of lse with
+    respect to the log-scale is that mean (for unbiased logits l = t·⟨x, y⟩).
+    The three live in one (3, n) array, ``stats``, so that they travel as one message.
+    """
+
+    def __init__(self, xp, n, dtype, weighted=False, stats=None):
+        self.xp, self.weighted = xp, weighted
+        if stats is None:
+            stats = xp.zeros((3, n), dtype=dtype)
+            stats[0] = -xp.inf
+        self.stats = stats
+
+    def update(self, block, axis, exps, part=slice(None)):
+        """Add a piece ``block`` reduced over ``axis`` to the entries ``part``; ``exps`` is a work buffer like block."""
+        xp = self.xp
+        old_max, total, weighted = self.stats[0, part], self.stats[1, part], self.stats[2, part]
+        new_max = xp.maximum(old_max, block.max(axis=axis))
+        xp.exp(xp.subtract(block, xp.expand_dims(new_max, axis), out=exps), out=exps)
+        decay = xp.exp(old_max - new_max)
+        total *= decay
+        total += exps.sum(axis=axis)
+        if self.weighted:
+            weighted *= decay
+            weighted += xp.einsum("ij,ij->i" if axis == 1 else "ij,ij->j", exps, block)
+        old_max[...] = new_max
+
+    def merge(self, other):
+        """Fold in ``other``, the (3, n) stats of the same entries over other logits."""
+        xp = self.xp
+        new_max = xp.maximum(self.stats[0], other[0])
+        mine, theirs = xp.exp(self.stats[0] - new_max), xp.exp(other[0] - new_max)
+        self.stats[1:] = self.stats[1:] * mine + other[1:] * theirs
+        self.stats[0] = new_max
+
+    def lse(self):
+        return self.stats[0] + self.xp.log(self.stats[1])
+
+    def mean_logit(self):
+        return self.stats[2] / self.stats[1]
 
 
 def _masked_sum(xp, terms, keep):
@@ -213,43 +294,43 @@ def _scalar_input(value, image_emb, text_emb):
 # CLIP: softmax over rows and columns, two sweeps
 # ---------------------------------------------------------------------------------
 
+def _clip_lse_sweep(tiles, row_stats, column_stats):
+    """Sweep 1: fold every tile of the current block into the rows' and the columns' running log-sum-exp."""
+    for start, stop in tiles.ranges():
+        block, exps = tiles.compute(start, stop), tiles.work_buffer(start, stop)     # (n, m)
+        row_stats.update(block, 1, exps, slice(start, stop))
+        column_stats.update(block, 0, exps)
+
+
+def _clip_gradient_sweep(tiles, row_lse, column_lse, grad_images, grad_texts, reuse_last=False):
+    """Sweep 2, last tile first: add (P_rows + P_cols)·Y to grad_images and its transpose's product to grad_texts.
+
+    With ``reuse_last`` the last tile's logits are still in the buffer from
+    sweep 1, so with one tile nothing is recomputed.
+    """
+    xp = tiles.xp
+    for index, (start, stop) in enumerate(tiles.ranges(reverse=True)):
+        block = tiles.logits_of(start, stop) if reuse_last and index == 0 else tiles.compute(start, stop)
+        probs = tiles.work_buffer(start, stop)                                            # (n, m)
+        xp.exp(xp.subtract(block, row_lse[start:stop, None], out=probs), out=probs)   # softmax over j
+        xp.exp(xp.subtract(block, column_lse, out=block), out=block)                  # softmax over i
+        probs += block
+        tiles.accumulate(probs, start, stop, grad_images, grad_texts)
+
+
 class CLIPLoss(Function):
     @staticmethod
     def forward(ctx, x, y, log_scale, tile):
         """L = 1/(2B) Σ_i [lse_j l_ij − l_ii] + 1/(2B) Σ_j [lse_i l_ij − l_jj],  l = e^t' X Yᵀ"""
         tiles = _TiledLogits(x, y, log_scale, 0.0, tile)
-        xp, work, batch = tiles.xp, tiles.work, tiles.batch
-
-        # sweep 1: each row's log-sum-exp is complete within its tile; columns are kept online
-        row_lse = xp.empty(batch, dtype=work)
-        col_max = xp.full(batch, -xp.inf, dtype=work)
-        col_sum = xp.zeros(batch, dtype=work)
-        for start, stop in tiles.ranges():
-            block, exps = tiles.compute(start, stop), tiles.buffer[:stop - start]     # (n, B)
-            row_max = block.max(axis=1, keepdims=True)                               # (n, 1)
-            xp.exp(xp.subtract(block, row_max, out=exps), out=exps)
-            row_lse[start:stop] = row_max[:, 0] + xp.log(exps.sum(axis=1))
-            new_max = xp.maximum(col_max, block.max(axis=0))                         # (B,)
-            xp.exp(xp.subtract(block, new_max, out=exps), out=exps)
-            col_sum = col_sum * xp.exp(col_max - new_max) + exps.sum(axis=0)
-            col_max = new_max
-        col_lse = col_max + xp.log(col_sum)                                          # (B,)
-        loss = (row_lse.sum() + col_lse.sum() - 2 * tiles.positives().sum()) / (2 * batch)
-
+        xp, work, batch = tiles.xp, tiles.work, tiles.rows
+        row_stats, column_stats = _RunningLSE(xp, batch, work), _RunningLSE(xp, batch, work)
+        _clip_lse_sweep(tiles, row_stats, column_stats)
+        row_lse, column_lse = row_stats.lse(), column_stats.lse()                     # (B,), (B,)
+        loss = (row_lse.sum() + column_lse.sum() - 2 * tiles.positives().sum()) / (2 * batch)
         if any(ctx.needs_input_grad):
-            # sweep 2, last tile first: its logits are still in the buffer from sweep 1, so with one
-            # tile nothing is recomputed. Each tile adds (P_rows + P_cols)·Y and its transpose's product.
-            grad_images = xp.empty_like(tiles.images)
-            grad_texts = xp.zeros_like(tiles.texts)
-            product = xp.empty_like(tiles.texts)                                     # (B, D): Gᵀ X of one tile
-            for index, (start, stop) in enumerate(tiles.ranges(reverse=True)):
-                block = tiles.logits[:stop - start] if index == 0 else tiles.compute(start, stop)
-                probs = tiles.buffer[:stop - start]
-                xp.exp(xp.subtract(block, row_lse[start:stop, None], out=probs), out=probs)   # softmax over j
-                xp.exp(xp.subtract(block, col_lse, out=block), out=block)                     # softmax over i
-                probs += block                                                                # (n, B)
-                xp.matmul(probs, tiles.texts, out=grad_images[start:stop])
-                grad_texts += xp.matmul(probs.T, tiles.images[start:stop], out=product)
+            grad_images, grad_texts = xp.zeros_like(tiles.images), xp.zeros_like(tiles.texts)
+            _clip_gradient_sweep(tiles, row_lse, column_lse, grad_images, grad_texts, reuse_last=True)
             # G = (P_rows + P_cols − 2I)/(2B): the tiles summed B·G/½ + I, hence the share ½
             grads = tiles.gradients(grad_images, grad_texts, 0.5, log_scale)
             ctx.save_for_backward(grads[0].astype(x.dtype, copy=False), grads[1].astype(y.dtype, copy=False),
@@ -286,43 +367,56 @@ def _resolve_tile(tile, batch, like):
 # SigLIP: a sigmoid for every pair, one sweep
 # ---------------------------------------------------------------------------------
 
+def _siglip_sweep(tiles, grad_images=None, grad_texts=None, keep=None):
+    """Score every pair of the current block as a negative; return (Σ −log σ(−l), Σ σ(l)) over the counted pairs.
+
+    With gradient buffers, also adds σ(l)·Y to grad_images and σ(l)ᵀ·X to
+    grad_texts. ``keep(block, start)`` gives a tile's 0/1 mask of counted
+    pairs (negative masking); None counts every pair. Positives are scored as
+    negatives here too: the caller corrects for them (softplus(−l) = softplus(l) − l).
+    Sums are float64 0-d arrays.
+    """
+    xp = tiles.xp
+    loss_sum = xp.zeros((), dtype=xp.float64)
+    sigma_sum = xp.zeros((), dtype=xp.float64)
+    for start, stop in tiles.ranges():
+        block, other = tiles.compute(start, stop), tiles.work_buffer(start, stop)     # (n, m)
+        mask = None if keep is None else keep(block, start).astype(tiles.work)       # (n, m) of 0 and 1
+        # every pair as if negative: −log σ(−l) = softplus(l) = max(l, 0) + log1p(e^−|l|),
+        # summed term by term (all terms ≥ 0, so nothing cancels). One of max(l, 0) and
+        # min(l, 0) is 0, so l − max = min and min − max = −|l| exactly: two subtractions
+        # stand in for the min, abs and negate passes.
+        xp.maximum(block, 0, out=other)
+        loss_sum += _masked_sum(xp, other, mask)
+        block -= other                                                               # min(l, 0)
+        xp.subtract(block, other, out=other)                                         # −|l|
+        xp.log1p(xp.exp(other, out=other), out=other)                               # log1p(e^−|l|)
+        loss_sum += _masked_sum(xp, other, mask)
+        if grad_images is not None:
+            # log σ(l) = min(l, 0) − log1p(e^−|l|), in the logits' buffer; σ(l) is its exp
+            block -= other
+            xp.exp(block, out=block)
+            if mask is not None:
+                block *= mask
+            sigma_sum += block.sum()
+            tiles.accumulate(block, start, stop, grad_images, grad_texts)
+    return loss_sum, sigma_sum
+
+
 class SigLIPLoss(Function):
     @staticmethod
     def forward(ctx, x, y, log_scale, bias, tile, keep_negatives=1.0, negatives="random", mask_seed=0):
         """L = −1/B Σ_ij m_ij log σ(z_ij l_ij),  l = e^t' X Yᵀ + b,  z = 2I − 1"""
         tiles = _TiledLogits(x, y, log_scale, float(bias), tile)
-        xp, batch = tiles.xp, tiles.batch
-        masked = keep_negatives < 1.0
+        xp, batch = tiles.xp, tiles.rows
         want_grad = any(ctx.needs_input_grad)
-        if want_grad:
-            grad_images = xp.empty_like(tiles.images)
-            grad_texts = xp.zeros_like(tiles.texts)
-            product = xp.empty_like(tiles.texts)                                     # (B, D): Gᵀ X of one tile
-        loss_sum = xp.zeros((), dtype=xp.float64)
-        sigma_sum = xp.zeros((), dtype=xp.float64)
-        for start, stop in tiles.ranges():
-            block, other = tiles.compute(start, stop), tiles.buffer[:stop - start]  # (n, B)
-            keep = (_negative_mask_tile(block, start, keep_negatives, negatives, mask_seed).astype(tiles.work)
-                    if masked else None)                                                 # (n, B) of 0 and 1
-            # every pair as if negative: −log σ(−l) = softplus(l) = max(l, 0) + log1p(e^−|l|),
-            # summed term by term (all terms ≥ 0, so nothing cancels). One of max(l, 0) and
-            # min(l, 0) is 0, so l − max = min and min − max = −|l| exactly: two subtractions
-            # stand in for the min, abs and negate passes.
-            xp.maximum(block, 0, out=other)
-            loss_sum += _masked_sum(xp, other, keep)
-            block -= other                                                           # min(l, 0)
-            xp.subtract(block, other, out=other)                                     # −|l|
-            xp.log1p(xp.exp(other, out=other), out=other)                           # log1p(e^−|l|)
-            loss_sum += _masked_sum(xp, other, keep)
-            if want_grad:
-                # log σ(l) = min(l, 0) − log1p(e^−|l|), in the logits' buffer; σ(l) is its exp
-                block -= other
-                xp.exp(block, out=block)
-                if masked:
-                    block *= keep
-                sigma_sum += block.sum()
-                xp.matmul(block, tiles.texts, out=grad_images[start:stop])
-                grad_texts += xp.matmul(block.T, tiles.images[start:stop], out=product)
+        grad_images, grad_texts = ((xp.zeros_like(tiles.images), xp.zeros_like(tiles.texts)) if want_grad
+                                   else (None, None))
+        keep = None
+        if keep_negatives < 1.0:
+            def keep(block, start):
+                return _negative_mask_tile(block, start, keep_negatives, negatives, mask_seed)
+        loss_sum, sigma_sum = _siglip_sweep(tiles, grad_images, grad_texts, keep)
         # positives were counted as negatives above: softplus(−l) = softplus(l) − l
         loss = (loss_sum - tiles.positives().sum()) / batch
         if want_grad:
