@@ -1,0 +1,15 @@
+"""Run under ``mpiexec -n K``: rank 1 raises while the others wait in a collective.
+
+The whole job must end with a non-zero status within seconds (tinyclip's
+abort-on-error hook), not hang. tests/test_distributed.py times it.
+"""
+
+import numpy
+
+from tinyclip import distributed
+
+comm = distributed.world()
+if comm.rank == 1:
+    raise RuntimeError("rank 1 fails on purpose")
+comm.all_reduce(numpy.ones(4))     # never completes: rank 1 is gone
+print("unreachable: the collective finished without rank 1", flush=True)
