@@ -3,7 +3,9 @@
 Sizes and crops are checked on odd aspect ratios, the centre-crop offsets
 against torchvision's rounding, the normalisation against hand-computed
 values, and every PIL mode converts to RGB; a file that is not an image
-gets an error naming it.
+gets an error naming it. The training crop: its boxes stay inside the
+image within the scale and ratio asked for, fall back as torchvision's do,
+and one seed gives one crop; ``normalize`` agrees with ``preprocess``.
 """
 
 import numpy
@@ -11,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tinyclip.data import load_image, preprocess, preprocess_batch, to_rgb
-from tinyclip.data.transforms import CLIP_MEAN, CLIP_STD
+from tinyclip.data.transforms import CLIP_MEAN, CLIP_STD, normalize, random_crop_box, random_resized_crop
 
 MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "I;16", "I;16B", "I", "F", "YCbCr", "HSV", "LAB",
          "RGBX", "RGBa")
@@ -132,3 +134,74 @@ def test_batches_and_bad_arguments():
         preprocess(images[0], 0)
     with pytest.raises(TypeError, match="PIL image or a path"):
         preprocess(numpy.zeros((4, 4, 3)), 16)
+
+
+@pytest.mark.parametrize("width, height", [(40, 30), (30, 40), (7, 7), (1000, 10), (10, 1000), (1, 1)])
+def test_crop_boxes_stay_inside_the_image(width, height):
+    for seed in range(200):
+        left, top, crop_width, crop_height = random_crop_box(width, height, numpy.random.default_rng(seed))
+        assert 0 <= left and left + crop_width <= width and 0 < crop_width
+        assert 0 <= top and top + crop_height <= height and 0 < crop_height
+
+
+def test_crop_boxes_keep_scale_and_ratio_within_their_ranges():
+    for seed in range(200):
+        _, _, crop_width, crop_height = random_crop_box(200, 150, numpy.random.default_rng(seed), (0.5, 0.8))
+        assert 0.5 * 0.98 <= crop_width * crop_height / (200 * 150) <= 0.8 * 1.02      # sides are rounded
+        assert 3 / 4 * 0.98 <= crop_width / crop_height <= 4 / 3 * 1.02
+
+
+def test_too_thin_an_image_falls_back_to_the_centre_like_torchvision():
+    # no box of 90-100 % of a 1000 x 10 image has a ratio within [3/4, 4/3]: full height, width round(10 * 4/3)
+    assert random_crop_box(1000, 10, numpy.random.default_rng(0)) == ((1000 - 13) // 2, 0, 13, 10)
+    assert random_crop_box(10, 1000, numpy.random.default_rng(0)) == (0, (1000 - 13) // 2, 10, 13)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_random_resized_crop_is_one_crop_per_seed(family):
+    image = Image.fromarray(numpy.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=numpy.uint8))
+    first = random_resized_crop(image, 16, numpy.random.default_rng(1), family)
+    assert first.shape == (16, 16, 3) and first.dtype == numpy.float32
+    numpy.testing.assert_array_equal(first, random_resized_crop(image, 16, numpy.random.default_rng(1), family))
+    assert not numpy.array_equal(first, random_resized_crop(image, 16, numpy.random.default_rng(2), family))
+
+
+def test_the_whole_image_as_the_crop_is_siglip_preprocessing():
+    image = Image.fromarray(numpy.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=numpy.uint8))
+    whole = random_resized_crop(image, 12, numpy.random.default_rng(0), "siglip", scale=(1, 1), ratio=(1.5, 1.5))
+    numpy.testing.assert_array_equal(whole, preprocess(image, 12, "siglip"))
+
+
+def test_a_crop_of_one_colour_normalises_to_that_colour():
+    pixels = random_resized_crop(Image.new("RGB", (50, 40), (255, 0, 128)), 8, numpy.random.default_rng(0))
+    numpy.testing.assert_allclose(pixels, numpy.broadcast_to(clip_normalised([255, 0, 128]), (8, 8, 3)), atol=1e-5)
+
+
+def test_random_resized_crop_rejects_bad_arguments():
+    image, rng = Image.new("RGB", (8, 8)), numpy.random.default_rng(0)
+    with pytest.raises(ValueError, match="random_resized_crop: family"):
+        random_resized_crop(image, 8, rng, "dino")
+    with pytest.raises(ValueError, match="scale must be"):
+        random_resized_crop(image, 8, rng, scale=(1.0, 0.5))
+    with pytest.raises(ValueError, match="ratio must be"):
+        random_resized_crop(image, 8, rng, ratio=(0, 1))
+    with pytest.raises(TypeError, match="PIL image or a path"):
+        random_resized_crop(numpy.zeros((8, 8, 3)), 8, rng)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_normalize_matches_preprocess_on_a_batch(family):
+    images = numpy.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=numpy.uint8)
+    batch = normalize(images, family)
+    assert batch.shape == (3, 8, 8, 3) and batch.dtype == numpy.float32
+    for image, normalised in zip(images, batch):
+        numpy.testing.assert_array_equal(normalised, preprocess(Image.fromarray(image), 8, family))
+
+
+def test_normalize_takes_only_uint8_rgb():
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(numpy.zeros((2, 4, 4, 3), numpy.float32))
+    with pytest.raises(ValueError, match=r"\(..., H, W, 3\)"):
+        normalize(numpy.zeros((4, 4, 4), numpy.uint8))
+    with pytest.raises(ValueError, match="normalize: family"):
+        normalize(numpy.zeros((4, 4, 3), numpy.uint8), "dino")

@@ -7,9 +7,10 @@
 
 __version__ = "0.1.0"
 
-from . import backend, autograd, functional, nn, optim, losses, models, tokenizer, checkpoint, data, distributed
+from . import (backend, autograd, functional, nn, optim, losses, models, tokenizer, checkpoint, data,
+               distributed, evaluate, plots)
 from .autograd import Tensor, Function, no_grad, enable_grad, is_grad_enabled, tensor
 
 __all__ = ["Tensor", "Function", "tensor", "no_grad", "enable_grad", "is_grad_enabled",
            "backend", "autograd", "functional", "nn", "optim", "losses", "models", "tokenizer", "checkpoint", "data",
-           "distributed", "__version__"]
+           "distributed", "evaluate", "plots", "__version__"]

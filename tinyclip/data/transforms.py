@@ -16,12 +16,22 @@ composited on white: OpenAI's ``.convert("RGB")`` drops the alpha channel
 and shows whatever colour the encoder left under transparent pixels (often
 black), which carries no meaning; white is what a viewer shows. 16-bit
 images are scaled to 8 bits (PIL's own conversion clips them at 255).
+
+For training, ``random_resized_crop`` is the augmentation open_clip uses
+(torchvision's ``RandomResizedCrop`` with scale (0.9, 1.0), bicubic, after
+Szegedy et al. 2015, "Going deeper with convolutions", section 6): a random
+box of 90-100 % of the area and aspect ratio within [3/4, 4/3], resized to
+the square input. ``normalize`` turns uint8 pixels, one image or a batch,
+NumPy or CuPy, into the normalised floats the model takes.
 """
 
+import math
 import os
 
 import numpy
 from PIL import Image
+
+from .. import backend
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -81,28 +91,102 @@ def _centre_crop(image, size):
     return image.crop((left, top, left + size, top + size))
 
 
-def preprocess(image, image_size, family="clip"):
-    """A PIL image (or a path) → (image_size, image_size, 3) float32, normalised for ``family``."""
+def _check_family(family, caller):
     if family not in FAMILIES:
-        raise ValueError(f"preprocess: family must be one of {FAMILIES}, got {family!r}")
+        raise ValueError(f"{caller}: family must be one of {FAMILIES}, got {family!r}")
+
+
+def _checked_rgb_image(image, image_size, family, caller):
+    """Validate the arguments shared by ``preprocess`` and ``random_resized_crop``; the image as RGB PIL."""
+    _check_family(family, caller)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"preprocess: image_size must be a positive int, got {image_size!r}")
+        raise ValueError(f"{caller}: image_size must be a positive int, got {image_size!r}")
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     elif not isinstance(image, Image.Image):
-        raise TypeError(f"preprocess: expected a PIL image or a path, got {type(image).__name__}")
+        raise TypeError(f"{caller}: expected a PIL image or a path, got {type(image).__name__}")
     else:
         image = to_rgb(image)
     if min(image.size) == 0:
-        raise ValueError(f"preprocess: the image is empty (size {image.size})")
+        raise ValueError(f"{caller}: the image is empty (size {image.size})")
+    return image
+
+
+def preprocess(image, image_size, family="clip"):
+    """A PIL image (or a path) → (image_size, image_size, 3) float32, normalised for ``family``."""
+    image = _checked_rgb_image(image, image_size, family, "preprocess")
     if family == "clip":
         image = _centre_crop(_resize_shortest_side(image, image_size), image_size)
-        mean, std = CLIP_MEAN, CLIP_STD
     else:
         image = image.resize((image_size, image_size), Image.BICUBIC)
-        mean, std = SIGLIP_MEAN, SIGLIP_STD
-    pixels = numpy.asarray(image, dtype=numpy.float32) / numpy.float32(255.0)       # (H, W, 3) in [0, 1]
-    return (pixels - numpy.asarray(mean, numpy.float32)) / numpy.asarray(std, numpy.float32)
+    return normalize(numpy.asarray(image), family)
+
+
+def normalize(pixels, family="clip"):
+    """uint8 RGB pixels (..., H, W, 3), NumPy or CuPy → float32 of the same shape, normalised for ``family``.
+
+    ``(pixels / 255 - mean) / std`` per channel, on the array's own device,
+    so a batch of uint8 images can cross to the GPU at a quarter of the
+    float32 size and be normalised there.
+    """
+    _check_family(family, "normalize")
+    dtype = getattr(pixels, "dtype", None)
+    if dtype != numpy.uint8:
+        raise TypeError(f"normalize: expected uint8 pixels, got {type(pixels).__name__} of dtype {dtype}")
+    if pixels.ndim < 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"normalize: expected pixels of shape (..., H, W, 3), got {pixels.shape}")
+    xp = backend.get_array_module(pixels)
+    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
+    scaled = pixels.astype(xp.float32) / xp.float32(255.0)                          # (..., H, W, 3) in [0, 1]
+    return (scaled - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+
+
+def random_crop_box(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random crop (left, top, crop_width, crop_height) inside a width × height image, as torchvision draws it.
+
+    Up to ten tries: an area fraction uniform in ``scale``, an aspect ratio
+    (width / height) log-uniform in ``ratio``, sides rounded; the first box
+    that fits is placed uniformly at random. When none fits (a very thin
+    image), the centre box of the whole image with its ratio clamped to
+    ``ratio``, as torchvision's ``RandomResizedCrop.get_params`` falls back.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        crop_width = round(math.sqrt(target_area * aspect_ratio))
+        crop_height = round(math.sqrt(target_area / aspect_ratio))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(rng.integers(0, height - crop_height + 1))
+            left = int(rng.integers(0, width - crop_width + 1))
+            return left, top, crop_width, crop_height
+    image_ratio = width / height
+    if image_ratio < min(ratio):                # taller than allowed: full width, the tallest allowed height
+        crop_width, crop_height = width, round(width / min(ratio))
+    elif image_ratio > max(ratio):              # wider than allowed: full height, the widest allowed width
+        crop_width, crop_height = round(height * max(ratio)), height
+    else:
+        crop_width, crop_height = width, height
+    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
+
+
+def random_resized_crop(image, image_size, rng, family="clip", scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A PIL image (or a path) → a random crop resized to (image_size, image_size, 3) float32, normalised.
+
+    The training augmentation of open_clip (``RandomResizedCrop`` with
+    bicubic resizing); the box comes from ``random_crop_box`` with the
+    NumPy Generator ``rng``, so one seed gives one crop.
+    """
+    image = _checked_rgb_image(image, image_size, family, "random_resized_crop")
+    for name, (low, high) in (("scale", scale), ("ratio", ratio)):
+        if not 0 < low <= high:
+            raise ValueError(f"random_resized_crop: {name} must be (low, high) with 0 < low <= high, got {(low, high)}")
+    width, height = image.size
+    left, top, crop_width, crop_height = random_crop_box(width, height, rng, scale, ratio)
+    # crop first, then resize, as torchvision's resized_crop: the filter sees no pixels outside the box
+    crop = image.crop((left, top, left + crop_width, top + crop_height))
+    return normalize(numpy.asarray(crop.resize((image_size, image_size), Image.BICUBIC)), family)
 
 
 def preprocess_batch(images, image_size, family="clip"):

@@ -1,0 +1,318 @@
+"""Batches for training: a seeded shuffle per epoch, one shard per MPI rank, prefetched on a thread, resumable.
+
+Two kinds of data set fit:
+
+* anything with ``batch(indices) -> (images, captions)``: images an array
+  (n, H, W, 3), uint8 or float, and a list of n captions. ``len(dataset)``
+  is the number of examples; a data set with no ``__len__`` is unlimited
+  (the synthetic shapes, which draw example i from i itself), unless
+  ``examples=N`` makes it the first N examples, shuffled like any other.
+* a caption set (``tinyclip.data.captions``: ``len``, ``load(i)`` -> PIL
+  image or None, ``caption(i)``) together with a ``transform(image, rng=rng)``
+  that turns one PIL image into an (H, W, 3) array, for example
+  ``functools.partial(random_resized_crop, image_size=224, family="clip")``.
+
+Which examples a batch holds, and how they are augmented, is a pure
+function of (seed, epoch, step); the work is split in two:
+
+``BatchOrder``
+    which examples make global batch ``step`` of ``epoch``, and which of
+    those this rank loads. Epoch e visits the examples in the order
+    ``default_rng(SeedSequence([seed, e])).permutation(n)``, cut into
+    ``n // batch_size`` global batches; the last, incomplete one is dropped
+    so that every step has the same batch size (and so the same loss scale).
+    Rank r of D takes a contiguous slice of each global batch, the sizes
+    as even as possible, the first ``batch_size % D`` ranks one larger:
+    batch 10 on 4 ranks is split 3, 3, 2, 2. Concatenated in rank order the
+    slices are the global batch that one process would have trained on.
+    An unlimited data set is walked in order, batch k being
+    examples [k·B, (k+1)·B): its examples are random already, and the
+    epoch stays 0.
+    Augmentation draws from ``SeedSequence([seed, epoch, index, 1])``: per
+    example and epoch, never per rank, so the same global batch comes out
+    whatever the number of ranks.
+
+``Loader``
+    iterates over the batches without end, epoch after epoch, loading the
+    next ones on a background thread (a queue ``prefetch`` deep) so that
+    decoding and augmentation overlap the training step. ``state()`` is
+    the position of the next batch, a small JSON-able dict; a loader built
+    with ``start=state`` (or after ``load_state``) continues exactly there.
+
+Tokenising stays with the training loop: captions come out as strings.
+"""
+
+import queue
+import threading
+
+import numpy
+
+STATE_KEYS = ("epoch", "step", "seed", "batch_size", "examples")
+
+
+def _is_int(value, minimum):
+    """An int (Python or NumPy, not bool) of at least ``minimum``."""
+    return isinstance(value, (int, numpy.integer)) and not isinstance(value, bool) and value >= minimum
+
+
+class BatchOrder:
+    """Which examples this rank loads at each (epoch, step), and loading them; no state, no threads.
+
+    dataset: see the module docstring; batch_size: the global batch B, over
+    all ranks; seed: the shuffle and augmentation seed (a non-negative int);
+    rank, world_size: this process's place among the data-parallel ranks;
+    transform: for caption sets, ``transform(pil_image, rng=generator)``
+    -> (H, W, 3) array; must be None for data sets with ``batch``;
+    examples: use only examples [0, examples), None for all of them.
+    """
+
+    def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, transform=None, examples=None):
+        name = type(dataset).__name__
+        if not _is_int(batch_size, 1):
+            raise ValueError(f"loader: batch_size must be a positive int, got {batch_size!r}")
+        if not _is_int(seed, 0):
+            raise ValueError(f"loader: seed must be a non-negative int, got {seed!r}")
+        if not _is_int(world_size, 1):
+            raise ValueError(f"loader: world_size must be a positive int, got {world_size!r}")
+        if not _is_int(rank, 0) or rank >= world_size:
+            raise ValueError(f"loader: rank must be an int in [0, {world_size}), got {rank!r}")
+        if batch_size < world_size:
+            raise ValueError(f"loader: a global batch of {batch_size} cannot give each of {world_size} ranks "
+                             f"an example")
+        if hasattr(dataset, "batch"):
+            if transform is not None:
+                raise ValueError(f"loader: {name} makes its own batches (it has batch()); transform is for "
+                                 f"caption sets (load() and caption())")
+        elif not (hasattr(dataset, "load") and hasattr(dataset, "caption") and hasattr(dataset, "__len__")):
+            raise TypeError(f"loader: {name} is not a data set: it needs batch(indices), or __len__, load(i) "
+                            f"and caption(i)")
+        elif transform is None:
+            raise ValueError(f"loader: {name} gives PIL images of any size; pass a transform to make arrays "
+                             f"of them, e.g. functools.partial(random_resized_crop, image_size=..., family=...)")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.transform = transform
+        size = len(dataset) if hasattr(dataset, "__len__") else None               # None: unlimited
+        if examples is not None and not (_is_int(examples, 1) and (size is None or examples <= size)):
+            raise ValueError(f"loader: examples must be an int in [1, {size or 'inf'}] for {name}, "
+                             f"got {examples!r}")
+        self.examples = size if examples is None else int(examples)
+        if self.examples is None:
+            self.steps_per_epoch = None
+        else:
+            self.steps_per_epoch = self.examples // self.batch_size
+            if self.steps_per_epoch == 0:
+                raise ValueError(f"loader: {name} has {self.examples} examples, fewer than one batch of "
+                                 f"{self.batch_size}")
+        # this rank's rows of every global batch: the first batch_size % world_size ranks take one more
+        base, extra = divmod(self.batch_size, self.world_size)
+        self.rows = slice(self.rank * base + min(self.rank, extra),
+                          (self.rank + 1) * base + min(self.rank + 1, extra))
+        self._permutation = (None, None)     # (epoch, its order); one tuple, so one assignment replaces both
+
+    def order(self, epoch):
+        """The order in which epoch ``epoch`` visits the examples: a permutation of range(len(dataset))."""
+        cached_epoch, permutation = self._permutation
+        if cached_epoch != epoch:
+            permutation = numpy.random.default_rng(numpy.random.SeedSequence([self.seed, epoch])) \
+                .permutation(self.examples)
+            self._permutation = (epoch, permutation)
+        return permutation
+
+    def global_indices(self, epoch, step):
+        """The examples of global batch ``step`` in ``epoch``, over all ranks: (batch_size,) int64."""
+        start = step * self.batch_size
+        if self.examples is None:
+            return numpy.arange(start, start + self.batch_size, dtype=numpy.int64)
+        return self.order(epoch)[start:start + self.batch_size]
+
+    def indices(self, epoch, step):
+        """The examples this rank loads at (epoch, step): its slice of the global batch, as a list of ints."""
+        return self.global_indices(epoch, step)[self.rows].tolist()
+
+    def next_position(self, epoch, step):
+        """The (epoch, step) after this one."""
+        if self.steps_per_epoch is not None and step + 1 == self.steps_per_epoch:
+            return epoch + 1, 0
+        return epoch, step + 1
+
+    def load(self, epoch, step):
+        """This rank's batch at (epoch, step): (images (b, H, W, 3), captions: list of b strings)."""
+        indices = self.indices(epoch, step)
+        if self.transform is not None:
+            return self._transformed_batch(epoch, indices)
+        images, captions = self.dataset.batch(indices)
+        if len(images) != len(indices) or len(captions) != len(indices):
+            raise ValueError(f"loader: {type(self.dataset).__name__}.batch gave {len(images)} images and "
+                             f"{len(captions)} captions for {len(indices)} indices")
+        return images, list(captions)
+
+    def _transformed_batch(self, epoch, indices):
+        images, captions = [], []
+        for index in indices:
+            image, caption = self._readable_pair(index)
+            # the trailing 1 keeps these streams apart from the shuffle's: SeedSequence pads short entropy with
+            # zeros, so [seed, epoch, 0] would be the shuffle's [seed, epoch]
+            rng = numpy.random.default_rng(numpy.random.SeedSequence([self.seed, epoch, index, 1]))
+            images.append(self.transform(image, rng=rng))
+            captions.append(caption)
+        return numpy.stack(images), captions          # (b, H, W, 3)
+
+    def _readable_pair(self, index):
+        """(image, caption) of pair ``index``, or of the next pair with a readable image when it has none.
+
+        The substitute depends only on the index, so every rank and every
+        resumed run makes the same choice.
+        """
+        for offset in range(self.examples):
+            substitute = (index + offset) % self.examples
+            image = self.dataset.load(substitute)
+            if image is not None:
+                return image, self.dataset.caption(substitute)
+        raise ValueError(f"loader: no image of {self.dataset!r} could be read")
+
+
+class _WorkerError:
+    """An exception raised on the loading thread, on its way to the consumer."""
+
+    def __init__(self, error):
+        self.error = error
+
+
+def _fill(order, epoch, step, batches, stop):
+    """The loading thread: put this rank's batches from (epoch, step) on into ``batches`` until ``stop`` is set.
+
+    A module function that holds no reference to the Loader, so a loader
+    that is dropped without close() is still collected (and its __del__
+    stops this thread).
+    """
+    try:
+        while not stop.is_set():
+            batches.put(order.load(epoch, step))
+            epoch, step = order.next_position(epoch, step)
+    except BaseException as error:   # anything, or the consumer would wait for a batch that never comes
+        batches.put(_WorkerError(error))
+
+
+class _Prefetch:
+    """One run of the loading thread with its own queue and stop flag; stopping it never blocks on the queue."""
+
+    def __init__(self, order, epoch, step, depth):
+        self.batches = queue.Queue(maxsize=depth)
+        self.stop_event = threading.Event()
+        # a daemon thread: one stuck in a slow read cannot keep the interpreter from exiting
+        self.thread = threading.Thread(target=_fill, args=(order, epoch, step, self.batches, self.stop_event),
+                                       name="tinyclip-loader", daemon=True)
+        self.thread.start()
+
+    def get(self):
+        item = self.batches.get()        # never waits forever: _fill puts a batch or an error before it ends
+        if isinstance(item, _WorkerError):
+            raise item.error     # the same exception, its traceback still showing where it was raised
+        return item
+
+    def stop(self, wait):
+        self.stop_event.set()
+        # empty the queue so a thread blocked in put() gets its place, sees the flag and returns
+        while True:
+            try:
+                self.batches.get_nowait()
+            except queue.Empty:
+                break
+        if wait:
+            self.thread.join()
+
+
+class Loader:
+    """This rank's training batches, epoch after epoch without end, loaded ahead on a background thread.
+
+    ``for images, captions in loader`` (or ``next(loader)``): images as the
+    data set or transform makes them, (b, H, W, 3); captions, b strings.
+    Arguments as ``BatchOrder``, and: prefetch, how many batches to load
+    ahead (0: load in the calling thread, handy under a debugger); start, a
+    ``state()`` to resume from. Close it (or use ``with``) to stop the thread.
+    """
+
+    def __init__(self, dataset, batch_size, *, seed=0, rank=0, world_size=1, transform=None, examples=None,
+                 prefetch=2, start=None):
+        self._prefetch = None            # first, so that __del__ works even when the checks below fail
+        if not _is_int(prefetch, 0):
+            raise ValueError(f"loader: prefetch must be a non-negative int, got {prefetch!r}")
+        self.order = BatchOrder(dataset, batch_size, seed, rank, world_size, transform, examples)
+        self.prefetch = prefetch
+        self.epoch, self.step = 0, 0     # the position of the next batch next() returns
+        self._closed = False
+        if start is not None:
+            self.load_state(start)
+
+    @property
+    def steps_per_epoch(self):
+        """Global batches per epoch (None for an unlimited data set)."""
+        return self.order.steps_per_epoch
+
+    def state(self):
+        """Where the next batch comes from, as a JSON-able dict; the same on every rank."""
+        return {"epoch": self.epoch, "step": self.step, "seed": self.order.seed,
+                "batch_size": self.order.batch_size, "examples": self.order.examples}
+
+    def load_state(self, state):
+        """Continue from ``state()`` of a loader with the same seed, batch size and number of examples.
+
+        The number of ranks may differ: a state names a global batch.
+        """
+        if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
+            raise ValueError(f"loader: a state is a dict with keys {STATE_KEYS}, got {state!r}")
+        for key in ("seed", "batch_size", "examples"):
+            if state[key] != self.state()[key]:
+                raise ValueError(f"loader: cannot resume a loader with {key}={state[key]!r} as one with "
+                                 f"{key}={self.state()[key]!r}: the order of examples would differ")
+        epoch, step = state["epoch"], state["step"]
+        steps = self.steps_per_epoch
+        if not (_is_int(epoch, 0) and _is_int(step, 0) and (steps is None or step < steps)):
+            raise ValueError(f"loader: no position epoch={epoch!r}, step={step!r} in epochs of {steps} steps")
+        self._stop_thread(wait=True)
+        self.epoch, self.step = int(epoch), int(step)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._closed:
+            raise RuntimeError("loader: next() on a closed loader")
+        if self.prefetch == 0:
+            batch = self.order.load(self.epoch, self.step)
+        else:
+            if self._prefetch is None:
+                self._prefetch = _Prefetch(self.order, self.epoch, self.step, self.prefetch)
+            try:
+                batch = self._prefetch.get()
+            except BaseException:
+                # the thread has ended (or the wait was interrupted); the next call starts a fresh one at the
+                # same position, so a failed batch is tried again
+                self._stop_thread(wait=True)
+                raise
+        self.epoch, self.step = self.order.next_position(self.epoch, self.step)
+        return batch
+
+    def _stop_thread(self, wait):
+        if self._prefetch is not None:
+            self._prefetch.stop(wait)
+            self._prefetch = None
+
+    def close(self):
+        """Stop the loading thread and wait for it to end; the loader gives no more batches."""
+        self._stop_thread(wait=True)
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __del__(self):
+        # no join here: __del__ may run while the interpreter shuts down, when joining a thread can hang
+        self._stop_thread(wait=False)
