@@ -7,10 +7,12 @@ in each round. The scripts put the checkout on ``sys.path`` before importing
 this module, so they run from a checkout without installing tinyclip.
 """
 
+import gc
 import os
 import platform
 import statistics
 import time
+import tracemalloc
 
 from tinyclip import backend
 
@@ -69,3 +71,44 @@ def timed(functions, xp, repeat, warmup):
             if round_index >= warmup:
                 samples.append(time.perf_counter() - start)
     return [statistics.median(samples) for samples in times]
+
+
+def peak_extra_bytes(step, xp, backend_name):
+    """The most memory allocated and not yet freed at any moment of ``step()``, in bytes."""
+    gc.collect()
+    if backend_name == "cupy":
+        hook = _pool_peak_hook(xp)
+        with hook:
+            step()
+            synchronizer(xp)()
+        return hook.peak
+    tracemalloc.start()
+    before, _ = tracemalloc.get_traced_memory()
+    step()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak - before
+
+
+def _pool_peak_hook(cupy):
+    """A ``cupy.cuda.MemoryHook`` that counts the bytes taken from the memory pool and keeps the maximum.
+
+    The pool calls ``malloc_postprocess`` whenever it hands out a block (cached
+    or fresh) and ``free_postprocess`` whenever one comes back, with the block's
+    rounded size; blocks freed during the step that were taken before it count
+    negative, exactly as they lower what is in use.
+    """
+    class PoolPeak(cupy.cuda.MemoryHook):
+        name = "tinyclip_pool_peak"
+
+        def __init__(self):
+            self.in_use = self.peak = 0
+
+        def malloc_postprocess(self, **kwargs):
+            self.in_use += kwargs["mem_size"]
+            self.peak = max(self.peak, self.in_use)
+
+        def free_postprocess(self, **kwargs):
+            self.in_use -= kwargs["mem_size"]
+
+    return PoolPeak()

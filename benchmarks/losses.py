@@ -38,15 +38,13 @@ matrix is 256 MB). MB here is 2²⁰ bytes.
 """
 
 import argparse
-import gc
 import math
 import os
 import sys
-import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout, uninstalled
 import tinyclip as tc  # noqa: E402
-from benchmarks.common import machine_description, synchronizer, timed  # noqa: E402
+from benchmarks.common import machine_description, peak_extra_bytes, timed  # noqa: E402
 from tinyclip import backend  # noqa: E402
 
 MB = 1 << 20
@@ -105,47 +103,6 @@ def clearing_gradients(step, leaves):
             leaf.grad = None
         step()
     return run
-
-
-def peak_extra_bytes(step, xp, backend_name):
-    """The most memory allocated and not yet freed at any moment of ``step()``, in bytes."""
-    gc.collect()
-    if backend_name == "cupy":
-        hook = _pool_peak_hook(xp)
-        with hook:
-            step()
-            synchronizer(xp)()
-        return hook.peak
-    tracemalloc.start()
-    before, _ = tracemalloc.get_traced_memory()
-    step()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak - before
-
-
-def _pool_peak_hook(cupy):
-    """A ``cupy.cuda.MemoryHook`` that counts the bytes taken from the memory pool and keeps the maximum.
-
-    The pool calls ``malloc_postprocess`` whenever it hands out a block (cached
-    or fresh) and ``free_postprocess`` whenever one comes back, with the block's
-    rounded size; blocks freed during the step that were taken before it count
-    negative, exactly as they lower what is in use.
-    """
-    class PoolPeak(cupy.cuda.MemoryHook):
-        name = "tinyclip_pool_peak"
-
-        def __init__(self):
-            self.in_use = self.peak = 0
-
-        def malloc_postprocess(self, **kwargs):
-            self.in_use += kwargs["mem_size"]
-            self.peak = max(self.peak, self.in_use)
-
-        def free_postprocess(self, **kwargs):
-            self.in_use -= kwargs["mem_size"]
-
-    return PoolPeak()
 
 
 def target_note(backend_name, batch, name, ratio, extra_mb, beyond_gradients_mb):

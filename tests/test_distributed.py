@@ -45,7 +45,7 @@ def find_mpiexec():
 
 def mpi_ready():
     try:
-        import mpi4py  # noqa: F401
+        import mpi4py  # noqa: F401  (only whether it imports)
     except ImportError:
         return False
     return find_mpiexec() is not None
@@ -59,6 +59,7 @@ def launch(ranks, script, timeout=240):
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith(("PMI_", "MPI_LOCAL", "OMPI_", "PMIX_"))}
     environment["TINYCLIP_BACKEND"] = "numpy"
+    environment["OPENBLAS_NUM_THREADS"] = "1"      # K ranks on few cores: one BLAS thread each, not K × cores
     return subprocess.run([find_mpiexec(), "-n", str(ranks), sys.executable, "-m", f"tests.mpi.{script}"],
                           cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
 

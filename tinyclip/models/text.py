@@ -10,7 +10,6 @@ length and takes the last position.
 """
 
 from .. import backend
-from .. import functional as F
 from .. import nn
 
 
