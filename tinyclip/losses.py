@@ -36,6 +36,7 @@ Numerics: log-sum-exp with the max subtracted; log σ(u) = min(u, 0) − log1p(e
 and give a float32 loss (their gradients come back in float16).
 """
 
+import functools
 import math
 import operator
 
@@ -412,10 +413,8 @@ class SigLIPLoss(Function):
         want_grad = any(ctx.needs_input_grad)
         grad_images, grad_texts = ((xp.zeros_like(tiles.images), xp.zeros_like(tiles.texts)) if want_grad
                                    else (None, None))
-        keep = None
-        if keep_negatives < 1.0:
-            def keep(block, start):
-                return _negative_mask_tile(block, start, keep_negatives, negatives, mask_seed)
+        keep = (functools.partial(_negative_mask_tile, keep_negatives=keep_negatives, negatives=negatives,
+                                  seed=mask_seed) if keep_negatives < 1.0 else None)
         loss_sum, sigma_sum = _siglip_sweep(tiles, grad_images, grad_texts, keep)
         # positives were counted as negatives above: softplus(−l) = softplus(l) − l
         loss = (loss_sum - tiles.positives().sum()) / batch
