@@ -3,8 +3,9 @@
 One argparse parser with a subcommand per job: ``info`` reports the
 installation and the devices it can see; ``zeroshot`` classifies images
 against label prompts with a saved or Hugging Face model; ``embed`` writes
-normalised image and text embeddings to an .npz file. ``train`` and
-``eval`` join them with the training issue (DESIGN.md, section 6). ``main``
+normalised image and text embeddings to an .npz file; ``train`` runs
+``tinyclip.train`` (a flag for each main TrainConfig field); ``eval`` scores a
+saved model on the held-out shapes sets. ``main``
 returns an exit code instead of exiting, so that tests and other Python
 code can call it.
 """
@@ -138,6 +139,70 @@ def run_embed(args):
     return 0
 
 
+def run_train(args):
+    """Train a model (train.TrainConfig from the flags); exit code 1 when the loss diverged."""
+    from . import train
+    fields = {field.name for field in train.dataclasses.fields(train.TrainConfig)}
+    values = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    if args.image_size is not None:
+        values["model_overrides"] = {"image_size": args.image_size}
+    config = train.TrainConfig(**values)
+    try:
+        train.train(config, resume=args.resume)
+    except train.NonFiniteLoss as error:
+        print(f"tinyclip train: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_eval(args):
+    """Evaluate a saved model on the held-out shapes sets and print the metrics as JSON."""
+    import json
+    from . import evaluate, train
+    from .checkpoint import from_pretrained
+    model = from_pretrained(args.model)
+    tokenizer = _load_tokenizer(args.model, args.bpe)
+    config = train.TrainConfig(eval_per_class=args.eval_per_class, eval_pairs=args.eval_pairs)
+    metrics = evaluate.evaluate(model, tokenizer, **train.evaluation_sets(config, model.config.image_size))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _add_train_arguments(parser):
+    from .train import TrainConfig
+    defaults = TrainConfig()
+    add = parser.add_argument
+    add("--preset", default=defaults.preset, help="model preset (tinyclip.models.PRESETS)")
+    add("--image-size", type=int, help="image side in pixels (default: the preset's)")
+    add("--loss", choices=("siglip", "clip"), default=defaults.loss, help="sigmoid (SigLIP) or softmax (CLIP) loss")
+    add("--clip-method", choices=("ring", "gather"), default=defaults.clip_method,
+        help="how the CLIP loss runs over MPI ranks")
+    add("--steps", type=int, default=defaults.steps, help="optimiser steps")
+    add("--batch-size", type=int, default=defaults.batch_size, help="global batch size over all ranks")
+    add("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    add("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
+    add("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up steps")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (matrices only)")
+    add("--grad-clip", type=float, default=defaults.grad_clip, help="gradient-norm cap (0: none)")
+    add("--seed", type=int, default=defaults.seed, help="initialisation and data-order seed")
+    add("--dtype", default=defaults.dtype, help="parameter dtype")
+    add("--data", help="a CSV/TSV of image paths and captions, or a folder of images with .txt captions "
+                       "(default: the built-in shapes)")
+    add("--image-column", default=defaults.image_column, help="CSV/TSV column with image paths")
+    add("--caption-column", default=defaults.caption_column, help="CSV/TSV column with captions")
+    add("--strict", action="store_true", help="a missing or unreadable image is an error, not a warning")
+    add("--examples", type=int, help="train on the first N examples only")
+    add("--out", help="run folder (default: runs/<timestamp>, or the folder of --resume)")
+    add("--resume", metavar="DIR", help="continue the run in DIR (a run folder or its checkpoint/)")
+    add("--log-every", type=int, default=defaults.log_every, help="steps between progress lines")
+    add("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations (0: at the end)")
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+        help="steps between checkpoints (0: at the end and on Ctrl-C)")
+    add("--eval-per-class", type=int, default=defaults.eval_per_class, help="zero-shot images per class")
+    add("--eval-pairs", type=int, default=defaults.eval_pairs, help="retrieval pairs and relation-probe images")
+    add("--no-plots", dest="plots", action="store_false", help="skip loss.png and similarity.png")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="tinyclip",
@@ -169,6 +234,22 @@ def build_parser():
     embed.add_argument("--out", required=True, help="the .npz file to write")
     embed.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
     embed.set_defaults(run=run_embed)
+
+    train = commands.add_parser("train", help="train a CLIP/SigLIP model (default: the shapes preset on shapes)",
+                                description="Train with the SigLIP or CLIP loss; under mpiexec, data-parallel. "
+                                            "Writes metrics.jsonl, checkpoints, the model, summary.json and "
+                                            "pictures into the run folder.")
+    _add_train_arguments(train)
+    train.set_defaults(run=run_train)
+
+    evaluation = commands.add_parser("eval", help="evaluate a model on the held-out shapes sets",
+                                     description="Zero-shot top-1/top-5 over the colour x shape classes, "
+                                                 "image-text retrieval and the relation probe.")
+    evaluation.add_argument("--model", required=True, help="a tinyclip model folder (e.g. RUN/model)")
+    evaluation.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    evaluation.add_argument("--eval-per-class", type=int, default=10, help="zero-shot images per class")
+    evaluation.add_argument("--eval-pairs", type=int, default=500, help="retrieval pairs and probe images")
+    evaluation.set_defaults(run=run_eval)
     return parser
 
 

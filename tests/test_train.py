@@ -1,0 +1,176 @@
+"""Tests for tinyclip.train: a tiny run learns, resumes bit for bit, stops on NaN, refuses a foreign checkpoint.
+
+Every run here is the ``tiny`` preset at 32 px on the shapes data for a
+few steps of a small batch, so each takes about a second; the command-line
+test runs the ``shapes`` preset for two steps, the CSV test eight plain
+pictures. The MPI test trains under
+``mpiexec -n 2`` in float64 and compares every logged loss with the
+one-process run on the same global batch.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+from tinyclip import checkpoint, cli, train
+
+from .test_distributed import ROOT, find_mpiexec, needs_mpi
+
+
+def tiny_config(out, **changes):
+    values = dict(preset="tiny", model_overrides={"image_size": 32}, steps=12, batch_size=8, lr=3e-3,
+                  warmup_steps=2, log_every=1, eval_every=0, checkpoint_every=4, eval_per_class=1, eval_pairs=8,
+                  tokenizer_captions=300, plots=False, out=str(out))
+    values.update(changes)
+    return train.TrainConfig(**values)
+
+
+def weights(folder):
+    return checkpoint.read_safetensors(os.path.join(folder, checkpoint.WEIGHTS_FILE))
+
+
+def losses_in(out):
+    with open(os.path.join(out, "metrics.jsonl")) as file:
+        return [record["loss"] for record in map(json.loads, file) if "loss" in record]
+
+
+@pytest.fixture
+def loss_calls(monkeypatch):
+    """Wrap train.batch_loss: ``calls["hook"](call_number, share)`` may act on (or replace) each share."""
+    calls = {"count": 0, "hook": None}
+    original = train.batch_loss
+
+    def counted(*args):
+        calls["count"] += 1
+        share = original(*args)
+        return calls["hook"](calls["count"], share) if calls["hook"] else share
+
+    monkeypatch.setattr(train, "batch_loss", counted)
+    return calls
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_a_tiny_run_lowers_the_loss(tmp_path, loss):
+    # 16 examples seen again and again: the loss must fall well below where it started
+    result = train.train(tiny_config(tmp_path, loss=loss, examples=16, steps=30, checkpoint_every=0))
+    assert len(result.losses) == 30 and all(numpy.isfinite(result.losses))
+    assert numpy.mean(result.losses[-3:]) < 0.7 * numpy.mean(result.losses[:3])
+    assert losses_in(tmp_path) == result.losses
+
+
+def test_the_summary_and_the_run_folder(tmp_path):
+    result = train.train(tiny_config(tmp_path, steps=3))
+    with open(tmp_path / "summary.json") as file:
+        summary = json.load(file)
+    assert set(summary) == set(train.SUMMARY_KEYS) and summary == result.summary
+    assert summary["steps"] == 3 and summary["final_loss"] == result.losses[-1]
+    assert all(0 <= summary[key] <= 1 for key in train.SUMMARY_KEYS[:5])
+    for name in ("metrics.jsonl", "train_config.json", "model/config.json", "model/tokenizer.tinyclip.json",
+                 "checkpoint/state.json", "checkpoint/optimizer.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    model = checkpoint.load(tmp_path / "model")
+    assert model.config.image_size == 32 and model.bias is not None
+
+
+def test_a_clip_run_keeps_the_scale_at_most_100(tmp_path):
+    config = tiny_config(tmp_path, loss="clip", steps=3, lr=0.5, model_overrides={"image_size": 32,
+                                                                                   "init_log_scale": 4.7})
+    train.train(config)
+    assert checkpoint.load(tmp_path / "model").log_scale.item() <= numpy.log(100.0)
+
+
+def test_resume_after_ctrl_c_repeats_the_uninterrupted_losses_bit_for_bit(tmp_path, loss_calls):
+    whole = train.train(tiny_config(tmp_path / "whole"))
+
+    def interrupt_at_step_5(call, share):
+        if call == 5:
+            os.kill(os.getpid(), signal.SIGINT)      # as Ctrl-C: the run finishes the step, saves, returns
+        return share
+
+    loss_calls["count"], loss_calls["hook"] = 0, interrupt_at_step_5
+    first = train.train(tiny_config(tmp_path / "parts"))
+    assert first.interrupted and 5 <= first.steps < 12 and not (tmp_path / "parts" / "summary.json").exists()
+    loss_calls["hook"] = None
+    rest = train.train(tiny_config(tmp_path / "parts"), resume=str(tmp_path / "parts"))
+    assert first.losses + rest.losses == whole.losses                 # exactly equal floats
+    assert losses_in(tmp_path / "parts") == whole.losses              # the log has each step once
+    resumed, uninterrupted = weights(tmp_path / "parts" / "model"), weights(tmp_path / "whole" / "model")
+    assert all(numpy.array_equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
+    assert rest.summary["steps"] == 12
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, loss_calls):
+    loss_calls["hook"] = lambda call, share: share * float("nan") if call >= 7 else share
+    with pytest.raises(train.NonFiniteLoss, match=r"step 7: the loss is nan.*last good checkpoint"):
+        train.train(tiny_config(tmp_path))
+    with open(tmp_path / "checkpoint" / "state.json") as file:
+        assert json.load(file)["step"] == 4
+    assert not (tmp_path / "model").exists()
+    # the checkpoint is good: resuming from it (without the NaN) finishes the run
+    loss_calls["hook"] = None
+    assert train.train(tiny_config(tmp_path), resume=str(tmp_path)).steps == 12
+
+
+def test_resume_with_a_different_configuration_fails_before_training(tmp_path, loss_calls):
+    train.train(tiny_config(tmp_path, steps=4))
+    calls_before = loss_calls["count"]
+    with pytest.raises(ValueError, match=r"different configuration.*lr: 0.003 in the checkpoint, 0.01 now"):
+        train.train(tiny_config(tmp_path, steps=4, lr=1e-2), resume=str(tmp_path))
+    assert loss_calls["count"] == calls_before
+    with pytest.raises(ValueError, match="no training checkpoint"):
+        train.train(tiny_config(tmp_path / "other"), resume=str(tmp_path / "nowhere"))
+
+
+def test_training_on_a_csv_of_images_and_captions(tmp_path):
+    from PIL import Image
+    rows = ["filepath,title"]
+    for index, colour in enumerate(["red", "green", "blue", "white"] * 2):
+        Image.new("RGB", (40, 36), colour).save(tmp_path / f"{index}.png")
+        rows.append(f"{index}.png,a {colour} picture")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    result = train.train(tiny_config(tmp_path / "run", data=str(tmp_path / "pairs.csv"), steps=3, batch_size=4))
+    assert result.steps == 3 and result.summary["zeroshot_top1"] is None      # no shapes evaluation on real data
+    assert checkpoint.load(tmp_path / "run" / "model").config.image_size == 32
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="loss must be 'siglip' or 'clip'"):
+        train.TrainConfig(loss="softmax")
+    with pytest.raises(ValueError, match=r"warmup_steps \(10\) must be below steps \(5\)"):
+        train.TrainConfig(steps=5, warmup_steps=10)
+
+
+def test_the_command_line_trains_and_evaluates(tmp_path, capsys):
+    out = tmp_path / "run"
+    status = cli.main(["train", "--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-per-class",
+                       "1", "--eval-pairs", "8", "--no-plots", "--out", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "step      2/2" in printed and "summary: zeroshot_top1" in printed
+    assert cli.main(["eval", "--model", str(out / "model"), "--eval-per-class", "1", "--eval-pairs", "8"]) == 0
+    assert "zeroshot_top1" in json.loads(capsys.readouterr().out)
+    assert cli.main(["train", "--steps", "3", "--warmup-steps", "1", "--resume", str(out)]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+@needs_mpi
+def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path):
+    arguments = ["--preset", "tiny", "--image-size", "32", "--steps", "4", "--batch-size", "6", "--warmup-steps", "1", "--dtype",
+                 "float64", "--log-every", "1", "--eval-every", "0", "--eval-per-class", "1", "--eval-pairs",
+                 "8", "--no-plots"]
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith(("PMI_", "MPI_LOCAL", "OMPI_", "PMIX_"))}
+    environment.update(TINYCLIP_BACKEND="numpy", OPENBLAS_NUM_THREADS="1")
+    for ranks in (1, 2):
+        command = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "tinyclip", "train", *arguments,
+                   "--out", str(tmp_path / f"ranks{ranks}")]
+        completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=240)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert completed.stdout.count("summary:") == 1                  # only rank 0 prints
+    one, two = losses_in(tmp_path / "ranks1"), losses_in(tmp_path / "ranks2")
+    assert len(one) == 4 and numpy.allclose(one, two, rtol=0, atol=1e-10)
