@@ -49,8 +49,8 @@ from .autograd import Function
 
 METHODS = ("ring", "gather")
 
-# environment variables an MPI launcher sets in every process it starts (MPICH/Hydra, Open MPI, PMIx, Slurm+PMI)
-_LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+# the job's size, as an MPI launcher tells every process it starts (MPICH/Hydra and Slurm's PMI, Open MPI, PMIx)
+_LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 
 
 # ---------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def launched_size():
     for name in _LAUNCHER_SIZE_VARIABLES:
         value = os.environ.get(name, "").strip()
         if value.isdigit():
-            return int(value) if name != "MPI_LOCALNRANKS" else max(int(value), 1)
+            return int(value)
     return 1
 
 
@@ -362,9 +362,15 @@ def ring_hops(size, bidirectional=False):
 class _Trip:
     """One direction of a round trip: the chunk held here, and the accumulator travelling with it."""
 
-    def __init__(self, step, length, cargo):
+    def __init__(self, step, length, cargo, size):
         self.step, self.length = step, length       # ±1, and the number of ranks it visits
         self.cargo, self.gathered = cargo, None
+        self.shapes = None                          # of the message on its way here
+        # home after the last visit: onwards if that is shorter (a one-way trip is one hop from home),
+        # else back the way it came
+        onwards = size - length <= length
+        self.home_step = step if onwards else -step
+        self.home_hops = size - length if onwards else length
 
 
 def _round_trip(comm, sizes, cargo, cargo_shapes, visit, accumulator=None, bidirectional=False):
@@ -386,7 +392,7 @@ def _round_trip(comm, sizes, cargo, cargo_shapes, visit, accumulator=None, bidir
     """
     size, rank = comm.size, comm.rank
     up, down = ring_hops(size, bidirectional)
-    trips = [_Trip(step, length, cargo) for step, length in ((+1, up), (-1, down)) if length > 0]
+    trips = [_Trip(step, length, cargo, size) for step, length in ((+1, up), (-1, down)) if length > 0]
 
     def origin(trip, hop):               # whose chunk this rank holds after ``hop`` hops
         return (rank - hop * trip.step) % size
@@ -410,11 +416,6 @@ def _round_trip(comm, sizes, cargo, cargo_shapes, visit, accumulator=None, bidir
     if not accumulator:
         return []
 
-    # home: onwards if that is shorter (a one-way trip is one hop from home), else back the way it came
-    for trip in trips:
-        onwards = size - trip.length <= trip.length
-        trip.home_step = trip.step if onwards else -trip.step
-        trip.home_hops = size - trip.length if onwards else trip.length
     for hop in range(1, max((trip.home_hops for trip in trips), default=0) + 1):
         moving = [trip for trip in trips if hop <= trip.home_hops]
         messages = []
