@@ -20,6 +20,7 @@ NumPy (as float32). Pickle formats (``pytorch_model.bin``, ``.pt``, ...)
 can run code when read, so they are refused, never unpickled.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -137,19 +138,33 @@ def save(model, path):
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"save: {path} exists and is not a checkpoint folder")
+    with staged_folder(path) as staging:
+        write_json(os.path.join(staging, CONFIG_FILE),
+                   {"tinyclip_format": FORMAT_VERSION, "config": model.config.to_dict()})
+        state = {key: _to_host(array) for key, array in model.state_dict().items()}
+        write_safetensors(os.path.join(staging, WEIGHTS_FILE), state,
+                          metadata={"format": "tinyclip", "tinyclip_format": FORMAT_VERSION})
+
+
+def write_json(path, document):
+    """``document`` as indented JSON at ``path``, flushed to disk (inside a staged folder, before the swap)."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(document, file, indent=2)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+@contextlib.contextmanager
+def staged_folder(path):
+    """``with staged_folder(path) as staging:`` fill ``staging``; when the block ends without an error it
+    takes ``path``'s place whole, and on an error it is deleted and ``path`` is left as it was."""
+    path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:
-        config = {"tinyclip_format": FORMAT_VERSION, "config": model.config.to_dict()}
-        with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as file:
-            json.dump(config, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        state = {key: _to_host(array) for key, array in model.state_dict().items()}
-        write_safetensors(os.path.join(staging, WEIGHTS_FILE), state,
-                          metadata={"format": "tinyclip", "tinyclip_format": FORMAT_VERSION})
+        yield staging
         _swap_in(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

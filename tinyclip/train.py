@@ -41,10 +41,8 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import numpy
@@ -242,14 +240,6 @@ def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_re
 # Checkpoints
 # ---------------------------------------------------------------------------------
 
-def _write_json(path, document):
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(document, file, indent=2)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-
-
 def save_model(model, tokenizer, path):
     """The model in tinyclip's checkpoint format with its tokenizer beside the weights (cli-loadable)."""
     checkpoint.save(model, path)
@@ -258,10 +248,7 @@ def save_model(model, tokenizer, path):
 
 def save_checkpoint(path, model, tokenizer, optimizer, schedule, loader, config, step, seconds):
     """Everything a step depends on, written into a folder beside ``path`` and swapped in whole."""
-    path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-    try:
+    with checkpoint.staged_folder(path) as staging:
         save_model(model, tokenizer, os.path.join(staging, "model"))
         optimizer_state = optimizer.state_dict()
         arrays, numbers = {}, {}
@@ -272,14 +259,10 @@ def save_checkpoint(path, model, tokenizer, optimizer, schedule, loader, config,
                 else:
                     numbers[f"{index}.{key}"] = value
         checkpoint.write_safetensors(os.path.join(staging, OPTIMIZER_FILE), arrays)
-        _write_json(os.path.join(staging, STATE_FILE), {
+        checkpoint.write_json(os.path.join(staging, STATE_FILE), {
             "step": step, "seconds": seconds, "train_config": dataclasses.asdict(config), "loader": loader.state(),
             "schedule": schedule.state_dict(), "optimizer_groups": optimizer_state["param_groups"],
             "optimizer_numbers": numbers, "saved_at": datetime.datetime.now().isoformat(timespec="seconds")})
-        checkpoint._swap_in(staging, path)     # the model checkpoint's own swap: old folder kept until done
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def checkpoint_folder(path):
