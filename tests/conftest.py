@@ -3,7 +3,13 @@
 Profiles: ``ci`` (default; few examples, the whole suite in minutes on two
 cores), ``dev`` and ``thorough``; pick one with HYPOTHESIS_PROFILE.
 Tests that take the ``xp`` fixture run once per backend: NumPy always, CuPy
-(marked ``gpu``) only where CuPy sees a CUDA device, and skipped otherwise.
+(marked ``gpu``) only where CuPy sees a CUDA device, and skipped otherwise,
+with the reason. ``python -m pytest -m gpu`` runs only the CuPy ones.
+
+Every other test runs on NumPy whatever the shell's TINYCLIP_BACKEND says (a
+test of that variable sets it itself): ``TINYCLIP_BACKEND=cupy python -m
+pytest`` means "run the CuPy tests too", and without a usable GPU it stops
+at once with the reason instead of skipping them.
 """
 
 import os
@@ -21,15 +27,25 @@ settings.register_profile("thorough", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# taken out of the environment before any test runs, so that the tests' default backend is NumPy
+REQUESTED_BACKEND = os.environ.pop("TINYCLIP_BACKEND", "").strip().lower() or "numpy"
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA device (skipped cleanly without one)")
+    if REQUESTED_BACKEND not in backend.BACKENDS:
+        raise pytest.UsageError(f"TINYCLIP_BACKEND must be one of {backend.BACKENDS}, got {REQUESTED_BACKEND!r}")
+    if REQUESTED_BACKEND == "cupy" and backend.why_no_gpu():
+        raise pytest.UsageError(f"TINYCLIP_BACKEND=cupy asks for the CuPy tests, but CuPy cannot run here "
+                                f"({backend.why_no_gpu()}); without a GPU run plain `python -m pytest`, "
+                                "where they skip themselves")
 
 
 def pytest_collection_modifyitems(config, items):
-    if backend.gpu_available():
+    reason = backend.why_no_gpu()
+    if reason is None:
         return
-    skip = pytest.mark.skip(reason="CuPy sees no CUDA device")
+    skip = pytest.mark.skip(reason=f"needs CuPy and a CUDA device ({reason})")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

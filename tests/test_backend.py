@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -122,6 +123,14 @@ def test_set_backend_cupy_without_a_gpu_fails_and_changes_nothing():
     with pytest.raises(RuntimeError, match="cupy backend is not available"):
         backend.set_backend("cupy")
     assert backend.default_backend() == "numpy"
+
+
+def test_why_no_gpu_is_none_exactly_when_a_gpu_is_available():
+    reason = backend.why_no_gpu()
+    assert (reason is None) == backend.gpu_available()
+    if reason is not None:
+        with pytest.raises(RuntimeError, match=re.escape(reason)):
+            backend.cupy_module()
 
 
 def test_devices():

@@ -75,6 +75,11 @@ def gpu_available():
     return _probe_cupy() is not None
 
 
+def why_no_gpu():
+    """None when CuPy sees a CUDA device, else why not, in one line (CuPy missing, no driver, no device)."""
+    return None if _probe_cupy() is not None else _cupy_error
+
+
 def cupy_module():
     """The cupy module; a clear RuntimeError when no GPU can be used."""
     cupy = _probe_cupy()

@@ -159,7 +159,7 @@ class Communicator:
     def all_reduce(self, array):
         """Σ over ranks, into ``array`` (returned)."""
         outgoing = self._outgoing(array)
-        result = numpy.empty_like(outgoing) if outgoing is not array else self._incoming(array, array.shape)
+        result = backend.get_array_module(outgoing).empty_like(outgoing)   # beside what MPI sends: host or device
         self.comm.Allreduce(outgoing, result, op=self.MPI.SUM)
         self.bytes_sent += outgoing.nbytes
         array[...] = backend.get_array_module(array).asarray(result)

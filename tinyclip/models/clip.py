@@ -43,13 +43,19 @@ class CLIP(nn.Module):
 
     def encode_image(self, images, normalize=True):
         """Images (B, H, W, 3) float → (B, embed_dim), unit length when ``normalize``."""
-        features = self.visual(images)
+        features = self.visual(self._on_model_backend(images))
         return F.l2_normalize(features) if normalize else features
 
     def encode_text(self, tokens, normalize=True):
         """Token ids (B, T) → (B, embed_dim), unit length when ``normalize``."""
-        features = self.text(tokens)
+        features = self.text(self._on_model_backend(tokens))
         return F.l2_normalize(features) if normalize else features
+
+    def _on_model_backend(self, value):
+        """A plain array moved to the parameters' backend (NumPy images into a CuPy model); Tensors as they are."""
+        if getattr(value, "is_tensor", False) or not hasattr(value, "shape"):
+            return value
+        return _backend.asarray(value, _backend.backend_of(self.log_scale.data))
 
     def forward(self, images, tokens):
         return self.encode_image(images), self.encode_text(tokens), self.log_scale, self.bias
