@@ -114,6 +114,49 @@ def test_zeroshot_prints_a_distribution_over_the_labels(model_folder, capsys):
         assert sum(scores) == pytest.approx(1.0, abs=2e-3)   # printed to three decimals
 
 
+def printed_scores(out):
+    """{image path: {label: score}} from zeroshot's lines "path: label score, label score, ..."."""
+    scores = {}
+    for line in out.strip().splitlines():
+        path, ranked = line.split(": ", 1)
+        scores[path] = {label: float(score) for label, score in (part.rsplit(" ", 1) for part in ranked.split(", "))}
+    return scores
+
+
+def test_zeroshot_ensembles_several_templates_as_encode_classes_does(model_folder, capsys):
+    from tinyclip import checkpoint, evaluate
+    from tinyclip.data import preprocess_batch
+    from tinyclip.tokenizer import Tokenizer
+    images = [str(model_folder / "red.png"), str(model_folder / "blue.png")]
+    labels, templates = ["cat", "dog", "bird"], ["a photo of a {}.", "a {} photo."]
+    code = main(["zeroshot", "--model", str(model_folder / "clip"), "--images", *images, "--labels", *labels,
+                 "--template", templates[0], "--template", templates[1], "--top", "3"])
+    assert code == 0
+    printed = printed_scores(capsys.readouterr().out)
+
+    model = checkpoint.load(model_folder / "clip")
+    tokenizer = Tokenizer.load(str(model_folder / "clip" / "tokenizer.tinyclip.json"))
+    image_emb = backend.to_numpy(evaluate.encode_images(model, preprocess_batch(images, model.config.image_size)))
+
+    def softmax_scores(class_templates):
+        class_emb = backend.to_numpy(evaluate.encode_classes(model, tokenizer, labels, class_templates))
+        logits = np.exp(model.log_scale.item()) * image_emb @ class_emb.T          # (images, labels)
+        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    expected = softmax_scores(templates)
+    assert not np.allclose(expected, softmax_scores(templates[:1]), atol=2e-3)   # the second template counts
+    for path, row in zip(images, expected):
+        assert printed[path] == pytest.approx(dict(zip(labels, row.tolist())), abs=6e-4)   # three decimals
+
+
+def test_zeroshot_refuses_a_template_without_exactly_one_placeholder(model_folder, capsys):
+    for bad in ("a photo of a cat", "a {} next to a {}", "a {label}"):
+        code = main(["zeroshot", "--model", str(model_folder / "clip"), "--images", str(model_folder / "red.png"),
+                     "--labels", "cat", "--template", "a {}.", "--template", bad])
+        assert code == 2
+        assert f"argument --template: {bad!r} must contain exactly one {{}}" in capsys.readouterr().err
+
+
 def test_embed_writes_unit_vectors(model_folder, tmp_path, capsys):
     out = tmp_path / "emb.npz"
     code = main(["embed", "--model", str(model_folder / "clip"), "--images", str(model_folder / "red.png"),

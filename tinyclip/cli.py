@@ -13,6 +13,7 @@ code can call it.
 import argparse
 import os
 import platform
+import string
 import sys
 
 import numpy
@@ -83,6 +84,19 @@ def _load_tokenizer(model_dir, bpe):
                        "CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer saved by tinyclip")
 
 
+def _prompt_template(template):
+    """An argparse type: ``template`` itself when it has exactly one replacement field, an empty ``{}``."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:                  # an unmatched { or }
+        fields = None
+    if fields != [("", "", None)]:
+        raise argparse.ArgumentTypeError(f"{template!r} must contain exactly one {{}} for the label "
+                                         f"(write {{{{ and }}}} for literal braces)")
+    return template
+
+
 def _load_model_and_images(args):
     from . import checkpoint
     from .data import preprocess_batch
@@ -99,16 +113,15 @@ def _logits(model, image_emb, text_emb):
 
 
 def run_zeroshot(args):
-    """Score every image against one prompt per label and print the best labels."""
-    from . import autograd
+    """Score every image against every label (its prompts ensembled) and print the best labels."""
+    from . import evaluate
     model, images = _load_model_and_images(args)
     tokenizer = _load_tokenizer(args.model, args.bpe)
-    prompts = [args.template.format(label) for label in args.labels]
-    tokens = tokenizer(prompts, context_length=model.config.context_length)
-    with autograd.no_grad():
-        image_emb = model.encode_image(images).numpy()
-        text_emb = model.encode_text(tokens).numpy()
-    logits = _logits(model, image_emb, text_emb)                               # (images, labels)
+    templates = args.template or evaluate.DEFAULT_TEMPLATES
+    # each label's prompts are encoded, normalised and averaged into one class embedding (CLIP §3.1.4)
+    class_emb = backend.to_numpy(evaluate.encode_classes(model, tokenizer, args.labels, templates))  # (labels, D)
+    image_emb = backend.to_numpy(evaluate.encode_images(model, images))                             # (images, D)
+    logits = _logits(model, image_emb, class_emb)                              # (images, labels)
     if model.config.family == "clip":   # a softmax over the labels: which one fits best
         scores = numpy.exp(logits - logits.max(axis=1, keepdims=True))
         scores /= scores.sum(axis=1, keepdims=True)
@@ -204,6 +217,7 @@ def _add_train_arguments(parser):
 
 
 def build_parser():
+    from .evaluate import DEFAULT_TEMPLATES
     parser = argparse.ArgumentParser(
         prog="tinyclip",
         description="CLIP and SigLIP from scratch on NumPy (CPU) and CuPy (GPU).")
@@ -215,12 +229,15 @@ def build_parser():
     info.set_defaults(run=run_info)
 
     zeroshot = commands.add_parser("zeroshot", help="classify images against label prompts",
-                                   description="Zero-shot classification: each label becomes a prompt, "
-                                               "each image is scored against every prompt.")
+                                   description="Zero-shot classification: each label is written into every "
+                                               "template, its prompts' embeddings are averaged into one "
+                                               "label embedding, and each image is scored against every label.")
     zeroshot.add_argument("--model", required=True, help="a tinyclip checkpoint or Hugging Face CLIP/SigLIP folder")
     zeroshot.add_argument("--images", nargs="+", required=True, help="image files")
     zeroshot.add_argument("--labels", nargs="+", required=True, help="class names")
-    zeroshot.add_argument("--template", default="a photo of a {}.", help="prompt with {} for the label")
+    zeroshot.add_argument("--template", action="append", type=_prompt_template, metavar="TEMPLATE",
+                          help="prompt with one {} for the label; repeat it to ensemble several prompts per label "
+                               f"(default: {' '.join(map(repr, DEFAULT_TEMPLATES))})")
     zeroshot.add_argument("--top", type=int, default=5, help="labels to show per image")
     zeroshot.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
     zeroshot.set_defaults(run=run_zeroshot)
