@@ -154,7 +154,7 @@ def test_zeroshot_refuses_a_template_without_exactly_one_placeholder(model_folde
         code = main(["zeroshot", "--model", str(model_folder / "clip"), "--images", str(model_folder / "red.png"),
                      "--labels", "cat", "--template", "a {}.", "--template", bad])
         assert code == 2
-        assert f"argument --template: {bad!r} must contain exactly one {{}}" in capsys.readouterr().err
+        assert f"argument --template: prompt template {bad!r} must contain exactly one {{}}" in capsys.readouterr().err
 
 
 def test_embed_writes_unit_vectors(model_folder, tmp_path, capsys):

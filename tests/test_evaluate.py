@@ -9,6 +9,8 @@ exactly what the metric functions give on embeddings computed by hand, for
 any batch size.
 """
 
+import re
+
 import numpy
 import pytest
 from PIL import Image
@@ -330,8 +332,11 @@ def test_encoder_bad_inputs_are_named(tokenizer):
         encode_texts(model, tokenizer, [])
     with pytest.raises(ValueError, match="class_names is empty"):
         encode_classes(model, tokenizer, [])
-    with pytest.raises(ValueError, match="templates must be"):
-        encode_classes(model, tokenizer, ["circle"], templates=("no placeholder",))
+    for bad in ("no placeholder", "a {} and a {}", "a {name}", "a {"):
+        with pytest.raises(ValueError, match=f"prompt template {re.escape(repr(bad))} must contain exactly one"):
+            encode_classes(model, tokenizer, ["circle"], templates=("a {}", bad))
+    with pytest.raises(ValueError, match="templates is empty"):
+        encode_classes(model, tokenizer, ["circle"], templates=())
 
 
 def relation_captions(count):
@@ -394,7 +399,7 @@ def test_evaluate_and_sets_reject_bad_inputs(tokenizer):
         evaluate(model, tokenizer, retrieval=(pixels, ["a", "b", "c"]))
     with pytest.raises(ValueError, match="ZeroShotSet.labels has 2 entries but images has 3"):
         ZeroShotSet(pixels, [0, 1], ["circle", "square"])
-    with pytest.raises(ValueError, match="templates must be"):
+    with pytest.raises(ValueError, match="must contain exactly one"):
         ZeroShotSet(pixels, [0, 1, 0], ["circle", "square"], templates=("a circle",))
     with pytest.raises(ValueError, match="RetrievalSet.captions has 2 entries but images has 3"):
         RetrievalSet(pixels, ["a", "b"])

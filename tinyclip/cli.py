@@ -13,7 +13,6 @@ code can call it.
 import argparse
 import os
 import platform
-import string
 import sys
 
 import numpy
@@ -85,16 +84,12 @@ def _load_tokenizer(model_dir, bpe):
 
 
 def _prompt_template(template):
-    """An argparse type: ``template`` itself when it has exactly one replacement field, an empty ``{}``."""
+    """An argparse type: ``template`` itself when it has exactly one ``{}`` (evaluate.check_template)."""
+    from .evaluate import check_template
     try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
-    except ValueError:                  # an unmatched { or }
-        fields = None
-    if fields != [("", "", None)]:
-        raise argparse.ArgumentTypeError(f"{template!r} must contain exactly one {{}} for the label "
-                                         f"(write {{{{ and }}}} for literal braces)")
-    return template
+        return check_template(template)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _load_model_and_images(args):

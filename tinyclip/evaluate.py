@@ -36,6 +36,7 @@ model over evaluation sets under ``no_grad`` in batches.
 
 import contextlib
 import dataclasses
+import string
 
 import numpy
 
@@ -320,12 +321,30 @@ def encode_texts(model, tokenizer, texts, batch_size=256, context_length=None):
     return backend.backend_module(backend_name).concatenate(embeddings)
 
 
+def check_template(template):
+    """``template`` itself if it is a str with exactly one replacement field, an empty ``{}``; else a ValueError.
+
+    "a photo of a {}." passes; "a {} and {}", "a {name}" and an unmatched brace
+    do not (literal braces are written ``{{`` and ``}}``, as in str.format).
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"a prompt template must be a str, got {type(template).__name__}")
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:                  # an unmatched { or }
+        fields = None
+    if fields != [("", "", None)]:
+        raise ValueError(f"prompt template {template!r} must contain exactly one {{}} for the class name "
+                         f"(write {{{{ and }}}} for literal braces)")
+    return template
+
+
 def _checked_templates(templates):
     templates = (templates,) if isinstance(templates, str) else tuple(templates)
-    if not templates or not all(isinstance(template, str) and "{}" in template for template in templates):
-        raise ValueError(f"templates must be a non-empty sequence of str, each with a {{}} for the class name, "
-                         f"got {templates!r}")
-    return templates
+    if not templates:
+        raise ValueError("templates is empty: give at least one prompt template with a {} for the class name")
+    return tuple(check_template(template) for template in templates)
 
 
 def encode_classes(model, tokenizer, class_names, templates=DEFAULT_TEMPLATES, batch_size=256):
