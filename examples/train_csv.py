@@ -69,7 +69,6 @@ def main(argv=None):
         model_overrides={"image_size": args.image_size} if args.image_size else {},
         steps=args.steps,
         batch_size=args.batch_size,
-        warmup_steps=min(TrainConfig.warmup_steps, args.steps // 10),
         out=args.out,
     )
     # a missing or broken image is skipped with one warning (strict=True would stop instead), and the

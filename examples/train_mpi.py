@@ -51,7 +51,6 @@ def main(argv=None):
         clip_method=args.clip_method,
         steps=args.steps,
         batch_size=args.batch_size,    # global: the same number on any count of ranks gives the same run
-        warmup_steps=min(TrainConfig.warmup_steps, args.steps // 10),
         out=args.out,
     )
     result = train(config, comm=comm)  # every rank runs the loop; only rank 0 prints and writes files

@@ -38,8 +38,6 @@ def main(argv=None):
         loss=args.loss,
         steps=args.steps,
         batch_size=args.batch_size,
-        # the default warm-up suits the default run length; a short run warms up for a tenth of its steps
-        warmup_steps=min(TrainConfig.warmup_steps, args.steps // 10),
         out=args.out,
     )
     result = train(config)             # prints progress; writes the run folder

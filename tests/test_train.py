@@ -143,6 +143,16 @@ def test_bad_settings_are_named():
         train.TrainConfig(loss="softmax")
     with pytest.raises(ValueError, match=r"warmup_steps \(10\) must be below steps \(5\)"):
         train.TrainConfig(steps=5, warmup_steps=10)
+    with pytest.raises(ValueError, match="warmup_steps must be None or a non-negative int"):
+        train.TrainConfig(warmup_steps=-1)
+
+
+def test_the_default_warmup_follows_the_run_length():
+    assert train.TrainConfig(steps=400).warmup == 50
+    assert train.TrainConfig(steps=1000).warmup == 50       # capped
+    assert train.TrainConfig(steps=20).warmup == 2          # a short run needs no --warmup-steps of its own
+    assert train.TrainConfig(steps=1).warmup == 0
+    assert train.TrainConfig(steps=20, warmup_steps=5).warmup == 5
 
 
 def test_the_command_line_trains_and_evaluates(tmp_path, capsys):

@@ -189,7 +189,8 @@ def _add_train_arguments(parser):
     add("--batch-size", type=int, default=defaults.batch_size, help="global batch size over all ranks")
     add("--lr", type=float, default=defaults.lr, help="peak learning rate")
     add("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
-    add("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up steps")
+    add("--warmup-steps", type=int, default=defaults.warmup_steps,
+        help="linear warm-up steps (default: an eighth of --steps, at most 50)")
     add("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (matrices only)")
     add("--grad-clip", type=float, default=defaults.grad_clip, help="gradient-norm cap (0: none)")
     add("--seed", type=int, default=defaults.seed, help="initialisation and data-order seed")

@@ -85,7 +85,7 @@ class TrainConfig:
     batch_size: int = 128            # global batch over all ranks
     lr: float = 1e-3                 # peak learning rate
     min_lr: float = 1e-5             # learning rate at the end of the cosine
-    warmup_steps: int = 50           # linear warm-up from 0 to lr
+    warmup_steps: int | None = None  # linear warm-up from 0 to lr (None: an eighth of the run, at most 50)
     weight_decay: float = 0.1        # decoupled, on weight matrices only (optim.param_groups_for_decay)
     beta1: float = 0.9               # AdamW β₁
     beta2: float = 0.98              # AdamW β₂ (CLIP: 0.98 for stability at large batch)
@@ -110,7 +110,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "eval_per_class", "eval_pairs", "tokenizer_captions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            problems.append(f"warmup_steps must be None or a non-negative int, got {self.warmup_steps!r}")
+        for name in ("eval_every", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
         if isinstance(self.steps, int) and isinstance(self.warmup_steps, int) and self.warmup_steps >= self.steps:
@@ -121,6 +123,11 @@ class TrainConfig:
             problems.append(f"need grad_clip >= 0 and max_scale > 0, got {self.grad_clip}, {self.max_scale}")
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
+
+    @property
+    def warmup(self):
+        """The warm-up length in steps: ``warmup_steps``, or when that is None an eighth of the run, at most 50."""
+        return min(50, self.steps // 8) if self.warmup_steps is None else self.warmup_steps
 
     def identity(self):
         """The fields a resumed run must share with the run it continues (all that change what a step computes)."""
@@ -191,7 +198,7 @@ def build_optimizer(model, config):
     """AdamW with weight decay on weight matrices only, and its warm-up + cosine schedule."""
     groups = optim.param_groups_for_decay(model.named_parameters(), config.weight_decay)
     optimizer = optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
-    schedule = optim.WarmupCosine(optimizer, config.warmup_steps, config.steps, min_lr=config.min_lr)
+    schedule = optim.WarmupCosine(optimizer, config.warmup, config.steps, min_lr=config.min_lr)
     return optimizer, schedule
 
 
