@@ -20,7 +20,9 @@ import tinyclip as tc
 import tinyclip.functional as F
 from tinyclip import backend
 
+from . import strict_backend
 from .gradcheck import check_gradients
+from .strict_backend import DeviceArray
 from .strategies import away_from_zero, axes_for, broadcastable_pair, distinct, normal, positive, seeds, shapes
 
 erf = numpy.vectorize(math.erf)
@@ -448,3 +450,248 @@ def test_reshape_and_reduction_errors_are_named():
         F.sum(numpy.zeros((2, 3)), axis=2)
     with pytest.raises(TypeError, match="pow: the exponent must be a Python number"):
         F.pow(numpy.ones(2), numpy.ones(2))
+
+
+# ---------------------------------------------------------------------------------
+# Patches (im2col) and batch norm, channels last
+# ---------------------------------------------------------------------------------
+
+def naive_patches(x, kernel, stride, padding):
+    """im2col one output pixel at a time: the window at (i, j), flattened in (ky, kx, c) order."""
+    batch, height, width, channels = x.shape
+    padded = numpy.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    cols = numpy.zeros((batch, out_h, out_w, kernel * kernel * channels))
+    for i in range(out_h):
+        for j in range(out_w):
+            window = padded[:, i * stride:i * stride + kernel, j * stride:j * stride + kernel]   # (B, k, k, C)
+            cols[:, i, j] = window.reshape(batch, -1)
+    return cols
+
+
+def naive_convolution(x, weight, bias, stride, padding):
+    """A direct convolution loop with a PyTorch Conv2d weight (out, C, k, k), channels-last input and output."""
+    batch, height, width, _ = x.shape
+    out_channels, _, kernel, _ = weight.shape
+    padded = numpy.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    y = numpy.zeros((batch, out_h, out_w, out_channels))
+    for i in range(out_h):
+        for j in range(out_w):
+            for ky in range(kernel):
+                for kx in range(kernel):
+                    pixel = padded[:, i * stride + ky, j * stride + kx]             # (B, C)
+                    y[:, i, j] += pixel @ weight[:, :, ky, kx].T                  # (B, out)
+    return y + (0 if bias is None else bias)
+
+
+@st.composite
+def patch_configs(draw):
+    """(input shape, kernel, stride, padding) with at least one output pixel; strides up to past the kernel."""
+    kernel, stride, padding = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(0, 2))
+    low = max(1, kernel - 2 * padding)
+    height, width = draw(st.integers(low, low + 4)), draw(st.integers(low, low + 4))
+    return (draw(st.integers(1, 2)), height, width, draw(st.integers(1, 3))), kernel, stride, padding
+
+
+@given(seed=seeds, config=patch_configs())
+def test_patches_matches_a_per_pixel_loop(xp, seed, config):
+    shape, kernel, stride, padding = config
+    x = normal(seed, shape)
+    got = F.patches(tc.tensor(xp.asarray(x)), kernel, stride, padding)
+    numpy.testing.assert_array_equal(got.numpy(), naive_patches(x, kernel, stride, padding))
+
+
+PATCH_CASES = [(1, 1, 0), (1, 2, 1), (2, 2, 0), (3, 1, 1), (2, 3, 0), (3, 2, 2)]   # (kernel, stride, padding)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", PATCH_CASES, ids=[f"k{k}s{s}p{p}" for k, s, p in PATCH_CASES])
+def test_patches_backward_matches_finite_differences(xp, kernel, stride, padding):
+    x = normal(kernel * 100 + stride * 10 + padding, (2, 5, 4, 3))
+    check_gradients(lambda t: F.patches(t, kernel, stride, padding), [xp.asarray(x)])
+
+
+@given(seed=seeds, config=patch_configs(), out_channels=st.integers(1, 3), with_bias=st.booleans())
+def test_convolution_through_patches_matches_a_direct_loop(xp, seed, config, out_channels, with_bias):
+    shape, kernel, stride, padding = config
+    x = normal(seed, shape)
+    torch_weight = normal(seed + 1, (out_channels, shape[-1], kernel, kernel))   # PyTorch's (out, C, k, k)
+    weight = torch_weight.transpose(0, 2, 3, 1).reshape(out_channels, -1)      # (out, k·k·C)
+    bias = normal(seed + 2, (out_channels,)) if with_bias else None
+
+    def convolution(x, weight, bias):
+        return F.linear(F.patches(x, kernel, stride, padding), weight, bias)
+
+    got = convolution(*[None if a is None else tc.tensor(a) for a in _on(xp, [x, weight, bias])])
+    numpy.testing.assert_allclose(got.numpy(), naive_convolution(x, torch_weight, bias, stride, padding),
+                                  rtol=1e-12, atol=1e-12)
+    check_gradients(convolution, _on(xp, [x, weight, bias]), seed=seed)
+
+
+def test_patches_backward_counts_the_windows_over_each_pixel(xp):
+    x = tc.tensor(xp.ones((1, 4, 5, 2)), requires_grad=True)
+    F.patches(x, 3, stride=1, padding=1).sum().backward()
+    coverage = numpy.outer([2, 3, 3, 2], [2, 3, 3, 3, 2])   # windows per pixel: 4 at corners, 6 on edges, 9 inside
+    numpy.testing.assert_array_equal(backend.to_numpy(x.grad), numpy.repeat(coverage[None, :, :, None], 2, axis=3))
+    x.grad = None
+    F.patches(x, 1, stride=2).sum().backward()                      # stride past the kernel: skipped pixels get 0
+    read = numpy.outer([1, 0, 1, 0], [1, 0, 1, 0, 1])
+    numpy.testing.assert_array_equal(backend.to_numpy(x.grad)[0, :, :, 0], read)
+
+
+def draw_batch_norm(data, ndim, affine):
+    """(x, weight, bias) with ndim axes and at least 2 values per channel; channel values well apart."""
+    leading = (data.draw(st.integers(2, 4)),) + tuple(data.draw(st.integers(1, 3)) for _ in range(ndim - 2))
+    channels = data.draw(st.integers(1, 4))
+    weight = normal(data.draw(seeds), (channels,)) if affine else None
+    bias = normal(data.draw(seeds), (channels,)) if affine else None
+    x = distinct(data.draw(seeds), leading + (channels,), gap=0.2)
+    return [x, weight, bias], {"eps": data.draw(st.sampled_from([1e-5, 0.1]))}
+
+
+def draw_running(data, channels):
+    """Running (mean, var) as NumPy arrays, the variance positive."""
+    return normal(data.draw(seeds), (channels,)), positive(data.draw(seeds), (channels,))
+
+
+def composed_batch_norm(x, weight, bias, eps, running=None):
+    """Batch norm from the primitive ops: mean and variance by F.mean, then (x - μ) / √(σ² + eps) · w + b."""
+    axes = tuple(range(x.ndim - 1))
+    if running is None:
+        centred = x - F.mean(x, axis=axes, keepdims=True)
+        variance = F.mean(centred * centred, axis=axes, keepdims=True)
+    else:
+        centred, variance = x - running[0], running[1]
+    y = centred / F.sqrt(variance + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+@pytest.mark.parametrize("ndim", [2, 4])
+@given(data=st.data())
+def test_batch_norm_training_backward_matches_finite_differences(xp, ndim, affine, data):
+    arrays, options = draw_batch_norm(data, ndim, affine)
+    check_gradients(lambda *tensors: F.batch_norm(*tensors, **options), _on(xp, arrays), seed=data.draw(seeds))
+
+
+@given(data=st.data())
+def test_batch_norm_eval_backward_matches_finite_differences(xp, data):
+    arrays, options = draw_batch_norm(data, data.draw(st.sampled_from([2, 4])), data.draw(st.booleans()))
+    running = _on(xp, draw_running(data, arrays[0].shape[-1]))
+    check_gradients(lambda *tensors: F.batch_norm(*tensors, running=running, training=False, **options),
+                    _on(xp, arrays), seed=data.draw(seeds))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@given(data=st.data())
+def test_batch_norm_matches_its_composition_forward_and_backward(xp, training, data):
+    arrays, options = draw_batch_norm(data, data.draw(st.sampled_from([2, 3, 4])), True)
+    arrays[1:] = [a if data.draw(st.booleans()) else None for a in arrays[1:]]   # weight, bias: each optional
+    running = None if training else _on(xp, draw_running(data, arrays[0].shape[-1]))
+    cotangent = xp.asarray(normal(data.draw(seeds), arrays[0].shape))
+    results = []
+    for fn in (lambda *t: F.batch_norm(*t, running=running, training=training, **options),
+               lambda *t: composed_batch_norm(*t, running=running, **options)):
+        tensors = [None if a is None else tc.tensor(a, requires_grad=True) for a in _on(xp, arrays)]
+        y = fn(*tensors)
+        y.backward(cotangent)
+        results.append([y.numpy()] + [backend.to_numpy(t.grad) for t in tensors if t is not None])
+    for fused, composed in zip(*results):
+        numpy.testing.assert_allclose(fused, composed, rtol=1e-10, atol=1e-12)
+
+
+@given(seed=seeds, shape=shapes(min_dims=2, max_dims=4, min_side=2, max_side=4))
+def test_batch_norm_training_output_is_standardised_per_channel(xp, seed, shape):
+    x = distinct(seed, shape) * 7 + 3
+    eps = 1e-5
+    y = F.batch_norm(tc.tensor(xp.asarray(x)), eps=eps).numpy()
+    axes = tuple(range(len(shape) - 1))
+    variance = x.var(axis=axes)
+    numpy.testing.assert_allclose(y.mean(axis=axes), 0, atol=1e-12)
+    numpy.testing.assert_allclose(y.var(axis=axes), variance / (variance + eps), rtol=1e-10)
+
+
+@given(data=st.data(), momentum=st.sampled_from([0.0, 0.1, 0.5, 1.0]), as_tensors=st.booleans())
+def test_batch_norm_moves_the_running_statistics_once_per_call(xp, data, momentum, as_tensors):
+    (x, weight, bias), options = draw_batch_norm(data, data.draw(st.sampled_from([2, 4])), True)
+    mean0, var0 = draw_running(data, x.shape[-1])
+    running = (xp.array(mean0), xp.array(var0))          # copies, updated in place
+    passed = tuple(tc.Tensor(r) for r in running) if as_tensors else running
+    t = tc.tensor(xp.asarray(x), requires_grad=True)
+    y = F.batch_norm(t, xp.asarray(weight), xp.asarray(bias), running=passed, momentum=momentum, **options)
+    axes = tuple(range(x.ndim - 1))
+    expected = ((1 - momentum) * mean0 + momentum * x.mean(axis=axes),
+                (1 - momentum) * var0 + momentum * x.var(axis=axes, ddof=1))   # unbiased, as PyTorch keeps it
+    for array, wanted in zip(running, expected):
+        numpy.testing.assert_allclose(backend.to_numpy(array), wanted, rtol=1e-12, atol=1e-14)
+    after_forward = [backend.to_numpy(r).copy() for r in running]
+    y.backward(xp.ones(y.shape))                            # the backward leaves the running statistics alone
+    for array, before in zip(running, after_forward):
+        numpy.testing.assert_array_equal(backend.to_numpy(array), before)
+
+
+@given(data=st.data())
+def test_batch_norm_eval_with_the_batch_statistics_equals_training(xp, data):
+    arrays, options = draw_batch_norm(data, data.draw(st.sampled_from([2, 3, 4])), data.draw(st.booleans()))
+    x = arrays[0]
+    axes = tuple(range(x.ndim - 1))
+    running = _on(xp, [x.mean(axis=axes), x.var(axis=axes)])   # the biased variance, which training divides by
+    on_device = _on(xp, arrays)
+    training = F.batch_norm(*on_device, **options).numpy()
+    evaluation = F.batch_norm(*on_device, running=running, training=False, **options).numpy()
+    numpy.testing.assert_allclose(evaluation, training, rtol=1e-12, atol=1e-12)
+    numpy.testing.assert_array_equal(backend.to_numpy(running[1]), x.var(axis=axes))   # eval updates nothing
+
+
+def test_patches_and_batch_norm_stay_on_the_device(monkeypatch):
+    device = strict_backend.install(monkeypatch)
+    x = tc.tensor(device.asarray(normal(0, (2, 5, 5, 3))), requires_grad=True)
+    weight = tc.tensor(device.asarray(normal(1, (4, 27))), requires_grad=True)
+    scale = tc.tensor(device.ones(4), requires_grad=True)
+    running = (device.zeros(4), device.ones(4))
+    features = F.linear(F.patches(x, 3, stride=2, padding=1), weight)                    # (2, 3, 3, 4)
+    y = F.batch_norm(features, scale, running=running)
+    y = y + F.batch_norm(features, scale, running=running, training=False)
+    (y * y).sum().backward()
+    for array in (y.data, x.grad, weight.grad, scale.grad, *running):
+        assert isinstance(array, DeviceArray), f"a {type(array).__name__} came back where a device array belongs"
+
+
+def test_patches_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"patches: input must be 4-D \(B, H, W, C\), got shape \(4, 4, 2\)"):
+        F.patches(numpy.zeros((4, 4, 2)), 2)
+    x = numpy.zeros((1, 4, 3, 2))
+    for options, message in [({"kernel": 0}, "kernel must be an integer >= 1, got 0"),
+                             ({"kernel": 2.0}, "kernel must be an integer >= 1, got 2.0"),
+                             ({"kernel": 2, "stride": 0}, "stride must be an integer >= 1, got 0"),
+                             ({"kernel": 2, "padding": -1}, "padding must be an integer >= 0, got -1"),
+                             ({"kernel": 6, "padding": 1}, r"kernel 6 does not fit an input of shape \(1, 4, 3, 2\) "
+                                                           r"with padding 1 \(padded to 6×5\)")]:
+        with pytest.raises(ValueError, match=f"patches: {message}"):
+            F.patches(x, **options)
+
+
+def test_batch_norm_bad_input_is_named():
+    x = numpy.zeros((4, 3))
+    good = (numpy.zeros(3), numpy.ones(3))
+    with pytest.raises(ValueError, match=r"batch_norm: input must be non-empty with a batch axis .* shape \(3,\)"):
+        F.batch_norm(numpy.zeros(3))
+    with pytest.raises(ValueError, match=r"batch_norm: weight must have shape \(3,\) for input \(4, 3\), got \(4"):
+        F.batch_norm(x, numpy.ones(4))
+    with pytest.raises(ValueError, match=r"batch_norm: training needs at least 2 values per channel .* \(1, 3\)"):
+        F.batch_norm(numpy.zeros((1, 3)))
+    with pytest.raises(ValueError, match=r"batch_norm: evaluation \(training=False\) .* pass running=\(mean, var\)"):
+        F.batch_norm(x, training=False)
+    with pytest.raises(ValueError, match=r"batch_norm: running must be a pair \(mean, var\)"):
+        F.batch_norm(x, running=numpy.zeros(3))
+    with pytest.raises(ValueError, match=r"batch_norm: running var must have shape \(3,\) for input \(4, 3\), got"):
+        F.batch_norm(x, running=(numpy.zeros(3), numpy.ones(4)))
+    with pytest.raises(ValueError, match=r"batch_norm: running mean must be a float array on the input's backend "
+                                         r"\(numpy\), got numpy, int64"):
+        F.batch_norm(x, running=(numpy.zeros(3, dtype=numpy.int64), numpy.ones(3)))
+    with pytest.raises(ValueError, match=r"batch_norm: momentum must be in \[0, 1\], got 1.5"):
+        F.batch_norm(x, running=good, momentum=1.5)
+    numpy.testing.assert_array_equal(good[0], 0)                      # a refused call moves nothing

@@ -24,7 +24,8 @@ SIGLIP_TINY = dict(class_token=False, vision_pre_norm=False, patch_bias=True, vi
                    vision_projection=False, embed_dim=16, causal=False, text_pooling="last",
                    text_projection_bias=True, activation="gelu_tanh", ln_eps=1e-6, init_bias=-10.0)
 FAMILIES = {"clip": preset("tiny"), "siglip": preset("tiny", **SIGLIP_TINY),
-            "gap-eos": preset("tiny", vision_pooling="gap", text_pooling="eos", activation="gelu")}
+            "gap-eos": preset("tiny", vision_pooling="gap", text_pooling="eos", activation="gelu"),
+            "cnn": preset("tiny", vision_type="cnn", conv_channels=(3, 4))}
 
 
 def inputs_for(config, xp, seed, batch=3):
@@ -154,7 +155,36 @@ def test_every_preset_is_a_valid_config():
     assert preset("ViT-B-32").family == "clip"
 
 
+def test_cnn_tower_is_conv_batch_norm_stages_then_the_mean_and_a_projection():
+    config = preset("tiny", vision_type="cnn", conv_channels=(3, 4), image_size=16)
+    model = CLIP(config, dtype="float64", seed=0)
+    assert [name for name, _ in model.visual.named_parameters()] == [
+        "stages.0.conv.weight", "stages.0.norm.weight", "stages.0.norm.bias",
+        "stages.1.conv.weight", "stages.1.norm.weight", "stages.1.norm.bias", "proj.weight"]
+    assert "visual.stages.1.norm.running_var" in model.state_dict()
+    images = numpy.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 3))
+    # by hand: two stages of conv 3×3 / 2 (16 -> 8 -> 4), batch norm on the batch's statistics, the activation
+    x = images
+    for stage in model.visual.stages:
+        x = numpy.asarray(stage.conv(x).numpy())
+        mean, var = x.reshape(-1, x.shape[-1]).mean(0), x.reshape(-1, x.shape[-1]).var(0)
+        x = tc.nn.ACTIVATIONS[config.activation](tc.Tensor((x - mean) / numpy.sqrt(var + 1e-5))).numpy()
+    assert x.shape == (3, 4, 4, 4)
+    expected = x.mean(axis=(1, 2)) @ model.visual.proj.weight.numpy().T
+    numpy.testing.assert_allclose(model.encode_image(images, normalize=False).numpy(), expected, rtol=1e-10)
+    # in eval mode an image's embedding does not depend on the rest of the batch
+    model.eval()
+    alone = model.encode_image(images[:1]).numpy()
+    numpy.testing.assert_allclose(model.encode_image(images).numpy()[:1], alone, rtol=1e-12)
+
+
 def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="vision_type 'cnn' needs conv_channels"):
+        preset("tiny", vision_type="cnn")
+    with pytest.raises(ValueError, match="conv_channels is for vision_type 'cnn'"):
+        preset("tiny", conv_channels=(4,))
+    with pytest.raises(ValueError, match="vision_type 'resnet' is not one of"):
+        preset("tiny", vision_type="resnet")
     with pytest.raises(ValueError, match="image_size 30 is not a multiple of patch_size 8"):
         preset("tiny", image_size=30)
     with pytest.raises(ValueError, match="vision_pooling 'cls' needs class_token=True"):

@@ -156,6 +156,73 @@ def test_layer_norm(xp, shape, seed):
     check_module_gradients(layer, [xp.asarray(x)], seed)
 
 
+def ref_conv2d(weight, bias, x, kernel, stride, padding):
+    """Direct convolution, one output pixel at a time; weight (out, k·k·in) in (ky, kx, c) order."""
+    b, h, w, c = x.shape
+    padded = numpy.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho, wo = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    kernel_4d = weight.reshape(-1, kernel, kernel, c)                                # (out, ky, kx, in)
+    y = numpy.zeros((b, ho, wo, weight.shape[0]))
+    for i in range(ho):
+        for j in range(wo):
+            window = padded[:, i * stride:i * stride + kernel, j * stride:j * stride + kernel, :]   # (B, k, k, in)
+            y[:, i, j, :] = numpy.einsum("byxc,oyxc->bo", window, kernel_4d)
+    return y + (0 if bias is None else bias)
+
+
+@given(batch=st.integers(1, 2), side=st.integers(3, 6), channels=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       kernel=st.integers(1, 3), stride=st.integers(1, 3), padding=st.integers(0, 1), bias=st.booleans(), seed=seeds)
+def test_conv2d(xp, batch, side, channels, kernel, stride, padding, bias, seed):
+    c_in, c_out = channels
+    layer = scaled_init(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias, dtype="float64",
+                                  backend=name_of(xp), seed=seed % 1000), seed)
+    x = normal(seed, (batch, side, side, c_in))
+    p = params_of(layer)
+    expected = ref_conv2d(p["weight"], p.get("bias"), x, kernel, stride, padding)
+    numpy.testing.assert_allclose(host(layer(xp.asarray(x))), expected, rtol=1e-12, atol=1e-12)
+    check_module_gradients(layer, [xp.asarray(x)], seed)
+
+
+@given(shape=st.sampled_from([(4, 3), (2, 3, 3, 4), (3, 2, 5)]), seed=seeds)
+def test_batch_norm_trains_on_batch_statistics_and_evaluates_on_running_ones(xp, shape, seed):
+    layer = scaled_init(nn.BatchNorm(shape[-1], momentum=0.25, dtype="float64", backend=name_of(xp)), seed)
+    x = normal(seed, shape, scale=2.0) + 1.5
+    p = params_of(layer)
+    flat = x.reshape(-1, shape[-1])
+    mean, var = flat.mean(axis=0), flat.var(axis=0)
+    expected = (x - mean) / numpy.sqrt(var + 1e-5) * p["weight"] + p["bias"]
+    numpy.testing.assert_allclose(host(layer(xp.asarray(x))), expected, rtol=1e-12, atol=1e-12)
+    # the running statistics moved a quarter of the way from (0, 1) to the batch's (unbiased variance)
+    n = flat.shape[0]
+    numpy.testing.assert_allclose(host(layer.running_mean), 0.25 * mean, rtol=1e-12, atol=1e-15)
+    numpy.testing.assert_allclose(host(layer.running_var), 0.75 + 0.25 * var * n / (n - 1), rtol=1e-12)
+    check_module_gradients(layer, [xp.asarray(x)], seed)       # (each call moves the running statistics again)
+    layer.eval()
+    running_mean, running_var = host(layer.running_mean), host(layer.running_var)
+    expected = (x - running_mean) / numpy.sqrt(running_var + 1e-5) * p["weight"] + p["bias"]
+    numpy.testing.assert_allclose(host(layer(xp.asarray(x))), expected, rtol=1e-12, atol=1e-12)
+    numpy.testing.assert_array_equal(host(layer(xp.asarray(x[:1]))), host(layer(xp.asarray(x)))[:1])  # alone = in a batch
+    numpy.testing.assert_array_equal(host(layer.running_mean), running_mean)                          # eval: no update
+    check_module_gradients(layer, [xp.asarray(x)], seed)
+
+
+def test_buffers_are_saved_and_loaded_but_never_trained(xp):
+    source = nn.BatchNorm(3, backend=name_of(xp))
+    source(xp.asarray(normal(0, (5, 3)) + 2.0, dtype="float32"))       # moves the running statistics
+    assert [name for name, _ in source.named_parameters()] == ["weight", "bias"]
+    assert [name for name, _ in source.named_buffers()] == ["running_mean", "running_var"]
+    state = source.state_dict()
+    assert list(state) == ["weight", "bias", "running_mean", "running_var"]
+    target = nn.BatchNorm(3, backend=name_of(xp))
+    target.load_state_dict(state)
+    numpy.testing.assert_array_equal(host(target.running_mean), host(source.running_mean))
+    numpy.testing.assert_array_equal(host(target.running_var), host(source.running_var))
+    with pytest.raises(ValueError, match=r"missing keys \(1\): running_var"):
+        nn.BatchNorm(3, backend=name_of(xp)).load_state_dict({k: v for k, v in state.items() if k != "running_var"})
+    assert not any(isinstance(p, nn.Buffer) for p in source.parameters())
+    assert not source.running_mean.requires_grad
+
+
 @given(num=st.integers(1, 6), dim=st.integers(1, 4), ids_shape=st.lists(st.integers(1, 4), max_size=2), seed=seeds)
 def test_embedding(xp, num, dim, ids_shape, seed):
     layer = nn.Embedding(num, dim, dtype="float64", backend=name_of(xp), seed=seed % 1000)

@@ -7,7 +7,10 @@ primitives is small (arithmetic, matmul, reductions, shape ops, indexing);
 the heavy ops of a transformer are fused with hand-derived backwards so they
 neither keep nor recompute intermediate results they do not need: layer norm,
 GELU / QuickGELU, softmax / log-softmax / log-sum-exp, L2 normalisation,
-embedding gather, the linear layer and scaled-dot-product attention.
+embedding gather, the linear layer and scaled-dot-product attention. The
+convolutional image tower adds two more: ``patches`` (im2col for
+channels-last images; a convolution is ``linear(patches(x), W)``) and batch
+norm.
 
 Conventions: ``g`` is the gradient of the loss with respect to the op's
 output; broadcasting is undone by ``autograd.unbroadcast``; a backward
@@ -15,7 +18,7 @@ returns one gradient per positional input (``None`` where none is needed).
 
 References: the GELU paper (Hendrycks & Gimpel 2016) for GELU and its tanh
 approximation; CLIP's QuickGELU x·σ(1.702x); layer norm (Ba et al. 2016);
-attention (Vaswani et al. 2017).
+attention (Vaswani et al. 2017); batch norm (Ioffe & Szegedy 2015).
 """
 
 import math
@@ -869,10 +872,7 @@ class LayerNorm(Function):
         rstd = 1.0 / xp.sqrt(variance + eps)                     # (..., 1)
         xhat *= rstd
         ctx.save_for_backward(xhat, rstd, weight)
-        y = xhat * weight if weight is not None else xhat.copy()
-        if bias is not None:
-            y += bias
-        return y
+        return _scale_shift(xhat, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -882,7 +882,7 @@ class LayerNorm(Function):
         needs = ctx.needs_input_grad
         dim = g.shape[-1]
         g2d, xhat2d = g.reshape(-1, dim), xhat.reshape(-1, dim)  # (N, D): column sums become one reduction
-        dx = dweight = dbias = None
+        dx = None
         if needs[0]:
             ghat = g * weight if weight is not None else g.copy()
             mean_ghat = ghat.mean(axis=-1, keepdims=True)                                  # (..., 1)
@@ -891,11 +891,23 @@ class LayerNorm(Function):
             ghat -= xhat * mean_ghat_xhat
             ghat *= rstd
             dx = ghat
-        if needs[1]:
-            dweight = xp.einsum("ni,ni->i", g2d, xhat2d)
-        if needs[2]:
-            dbias = g2d.sum(axis=0)
-        return dx, dweight, dbias
+        return (dx, *_scale_shift_grads(g2d, xhat2d, needs))
+
+
+def _scale_shift(xhat, weight, bias):
+    """y = x̂ · w + b, either of w and b may be None (the affine end of layer norm and batch norm)."""
+    y = xhat * weight if weight is not None else xhat.copy()
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _scale_shift_grads(g2d, xhat2d, needs):
+    """(dw, db) = (Σ g ⊙ x̂, Σ g) over the rows of (N, C) arrays, each None unless ``needs`` it (inputs 1, 2)."""
+    xp = _xp(g2d)
+    dweight = xp.einsum("nc,nc->c", g2d, xhat2d) if needs[1] else None
+    dbias = g2d.sum(axis=0) if needs[2] else None
+    return dweight, dbias
 
 
 def softmax(x, axis=-1):
@@ -1025,3 +1037,172 @@ def dropout(x, p, rng, training=True):
     data = x.data if isinstance(x, Tensor) else x
     keep = (rng.uniform(data.shape, dtype=data.dtype) >= p).astype(data.dtype) / (1 - p)
     return Dropout.apply(x, keep=keep)
+
+
+# ---------------------------------------------------------------------------------
+# Convolutional ops: image patches (im2col) and batch norm, channels last
+# ---------------------------------------------------------------------------------
+
+def _check_count(name, value, minimum):
+    """An integer option (kernel, stride, padding) at least ``minimum``, or an error that names it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"patches: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class Patches(Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride=1, padding=0):
+        """f(x)[b, i, j, (ky, kx, c)] = x₀[b, s·i + ky, s·j + kx, c],  x₀ = x with ``padding`` zeros around"""
+        if x.ndim != 4:
+            raise ValueError(f"patches: input must be 4-D (B, H, W, C), got shape {x.shape}")
+        kernel = _check_count("kernel", kernel, 1)
+        stride = _check_count("stride", stride, 1)
+        padding = _check_count("padding", padding, 0)
+        batch, height, width, channels = x.shape
+        if min(height, width) + 2 * padding < kernel:
+            raise ValueError(f"patches: kernel {kernel} does not fit an input of shape {x.shape} with padding "
+                             f"{padding} (padded to {height + 2 * padding}×{width + 2 * padding})")
+        xp = _xp(x)
+        out_h = (height + 2 * padding - kernel) // stride + 1
+        out_w = (width + 2 * padding - kernel) // stride + 1
+        padded = x
+        if padding:
+            padded = xp.zeros((batch, height + 2 * padding, width + 2 * padding, channels), dtype=x.dtype)
+            padded[:, padding:padding + height, padding:padding + width] = x
+        # one strided copy per kernel offset (k² of them) rather than one per output pixel
+        cols = xp.empty((batch, out_h, out_w, kernel, kernel, channels), dtype=x.dtype)
+        for ky, kx, rows, columns in _kernel_offsets(kernel, stride, out_h, out_w):
+            cols[:, :, :, ky, kx] = padded[:, rows, columns]     # (B, Ho, Wo, C)
+        ctx.shape, ctx.options = x.shape, (kernel, stride, padding)
+        return cols.reshape(batch, out_h, out_w, kernel * kernel * channels)   # (B, Ho, Wo, k·k·C)
+
+    @staticmethod
+    def backward(ctx, g):
+        """col2im: each window's gradient is added back where the window was read, the padding cropped off"""
+        kernel, stride, padding = ctx.options
+        batch, height, width, channels = ctx.shape
+        out_h, out_w = g.shape[1:3]
+        g = g.reshape(batch, out_h, out_w, kernel, kernel, channels)
+        dpadded = _xp(g).zeros((batch, height + 2 * padding, width + 2 * padding, channels), dtype=g.dtype)
+        # windows overlap where stride < kernel, so offsets add up; within one offset the
+        # strided slice touches each pixel at most once, so += has no repeated indices to lose
+        for ky, kx, rows, columns in _kernel_offsets(kernel, stride, out_h, out_w):
+            dpadded[:, rows, columns] += g[:, :, :, ky, kx]
+        return dpadded[:, padding:padding + height, padding:padding + width]
+
+
+def _kernel_offsets(kernel, stride, out_h, out_w):
+    """(ky, kx, rows, columns) per kernel offset: the padded input's pixels that offset reads, as slices."""
+    for ky in range(kernel):
+        for kx in range(kernel):
+            yield (ky, kx, slice(ky, ky + stride * (out_h - 1) + 1, stride),
+                   slice(kx, kx + stride * (out_w - 1) + 1, stride))
+
+
+def patches(x, kernel, stride=1, padding=0):
+    """im2col, channels last: (B, H, W, C) → (B, Ho, Wo, k·k·C),  Ho = (H + 2·padding − k)//stride + 1,  k = kernel.
+
+    Each window is flattened in (ky, kx, c) order, so a convolution is
+    ``linear(patches(x, k, s, p), weight, bias)`` with ``weight`` (out, k·k·C):
+    a PyTorch Conv2d weight (out, C, k, k) permuted to (out, k, k, C) and reshaped.
+    """
+    return Patches.apply(x, kernel=kernel, stride=stride, padding=padding)
+
+
+class BatchNorm(Function):
+    @staticmethod
+    def forward(ctx, x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True):
+        """f(x) = (x - μ) / √(σ² + eps) · w + b per channel (last axis), μ and σ² the batch's or the running ones"""
+        xp = _xp(x)
+        if x.ndim < 2 or x.size == 0:
+            raise ValueError(f"batch_norm: input must be non-empty with a batch axis and a channel axis (last), "
+                             f"got shape {x.shape}")
+        channels = x.shape[-1]
+        count = x.size // channels                             # values per channel
+        for name, p in (("weight", weight), ("bias", bias)):
+            if p is not None and p.shape != (channels,):
+                raise ValueError(f"batch_norm: {name} must have shape ({channels},) for input {x.shape}, "
+                                 f"got {p.shape}")
+        if running is not None:
+            _check_running(running, x)
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"batch_norm: momentum must be in [0, 1], got {momentum}")
+        if training and count < 2:
+            raise ValueError(f"batch_norm: training needs at least 2 values per channel to estimate a variance, "
+                             f"got input of shape {x.shape} ({count} per channel)")
+        if not training and running is None:
+            raise ValueError("batch_norm: evaluation (training=False) normalises with the running statistics; "
+                             "pass running=(mean, var)")
+        if training:
+            batch_mean = x.reshape(-1, channels).mean(axis=0)   # (C,)
+            xhat = x - batch_mean                               # centred, normalised in place below
+            xhat2d = xhat.reshape(-1, channels)                 # (N, C), a view: xhat is a fresh array
+            batch_var = xp.einsum("nc,nc->c", xhat2d, xhat2d) / count  # (C,), biased: what x̂ is divided by
+            if running is not None:
+                # PyTorch's convention: the running variance is the unbiased estimate n/(n-1)·σ²
+                running_mean, running_var = running
+                running_mean *= 1 - momentum
+                running_mean += momentum * batch_mean
+                running_var *= 1 - momentum
+                running_var += (momentum * count / (count - 1)) * batch_var
+            rstd = 1.0 / xp.sqrt(batch_var + eps)               # (C,)
+        else:
+            running_mean, running_var = running
+            xhat = x - running_mean
+            rstd = 1.0 / xp.sqrt(running_var + eps)             # (C,)
+        xhat *= rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.training = training
+        return _scale_shift(xhat, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)), or rstd · ĝ in eval, ĝ = g ⊙ w;  dw = Σ g ⊙ x̂;  db = Σ g"""
+        xhat, rstd, weight = ctx.saved_tensors
+        xp = _xp(g)
+        needs = ctx.needs_input_grad
+        channels = g.shape[-1]
+        g2d, xhat2d = g.reshape(-1, channels), xhat.reshape(-1, channels)   # (N, C)
+        dx = None
+        if needs[0]:
+            ghat = g * weight if weight is not None else g.copy()   # dx is built in ghat's buffer
+            if ctx.training:
+                # the batch statistics depend on every x: these two terms are their share of the gradient
+                ghat2d = ghat.reshape(-1, channels)                 # (N, C), a view
+                count = ghat2d.shape[0]
+                mean_ghat = ghat2d.mean(axis=0)                                     # (C,)
+                mean_ghat_xhat = xp.einsum("nc,nc->c", ghat2d, xhat2d) / count      # (C,)
+                ghat -= mean_ghat
+                ghat -= xhat * mean_ghat_xhat
+            ghat *= rstd
+            dx = ghat
+        return (dx, *_scale_shift_grads(g2d, xhat2d, needs))
+
+
+def _check_running(running, x):
+    """``running`` must be (mean, var): float arrays of shape (C,) on x's backend (updated in place, in their own dtype)."""
+    if not isinstance(running, (tuple, list)) or len(running) != 2:
+        raise ValueError(f"batch_norm: running must be a pair (mean, var) of arrays, got {type(running).__name__}")
+    channels = x.shape[-1]
+    for name, array in zip(("mean", "var"), running):
+        if not hasattr(array, "shape") or array.shape != (channels,):
+            raise ValueError(f"batch_norm: running {name} must have shape ({channels},) for input {x.shape}, "
+                             f"got {getattr(array, 'shape', type(array).__name__)}")
+        if _xp(array) is not _xp(x) or array.dtype.kind != "f":
+            raise ValueError(f"batch_norm: running {name} must be a float array on the input's backend "
+                             f"({backend.backend_of(x)}), got {backend.backend_of(array)}, {array.dtype}")
+
+
+def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True):
+    """Batch norm over every axis but the last (channels last: (N, C), (B, H, W, C), ...).
+
+    Training normalises with the batch's mean and biased variance and, when
+    ``running`` = (mean, var) is given, moves those arrays in place towards the
+    batch's: m ← (1 − momentum)·m + momentum·μ, v ← (1 − momentum)·v + momentum·n/(n−1)·σ²
+    (n values per channel), once per call. Evaluation (``training=False``)
+    normalises with ``running`` and changes nothing. Weight and bias (C,) may be None.
+    """
+    if running is not None and isinstance(running, (tuple, list)):
+        running = tuple(r.data if isinstance(r, Tensor) else r for r in running)
+    return BatchNorm.apply(x, weight, bias, eps=eps, running=running, momentum=momentum, training=training)

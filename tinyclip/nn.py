@@ -41,16 +41,32 @@ class Parameter(Tensor):
 LoadResult = collections.namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
 
 
+class Buffer(Tensor):
+    """State a Module keeps and saves but nobody trains: batch norm's running statistics (requires_grad=False).
+
+    The layer that owns it updates ``.data`` in place; ``state_dict`` writes it
+    and ``load_state_dict`` reads it like a parameter; optimisers never see it.
+    """
+
+    def __init__(self, data):
+        super().__init__(data, requires_grad=False)
+
+    def __repr__(self):
+        return f"Buffer(shape={self.shape}, dtype={self.dtype}, backend={self.backend})"
+
+
 class Module:
-    """Base class of every layer: registers Parameters and sub-Modules, and calls ``forward``.
+    """Base class of every layer: registers Parameters, Buffers and sub-Modules, and calls ``forward``.
 
     Subclasses call ``super().__init__()`` before assigning attributes. An
-    attribute holding a Parameter, a Module, or a non-empty list/tuple of
-    Modules (wrapped into a ``ModuleList``) is registered under its name.
+    attribute holding a Parameter, a Buffer, a Module, or a non-empty
+    list/tuple of Modules (wrapped into a ``ModuleList``) is registered under
+    its name.
     """
 
     def __init__(self):
         object.__setattr__(self, "_parameters", {})   # name -> Parameter, in assignment order
+        object.__setattr__(self, "_buffers", {})      # name -> Buffer, in assignment order
         object.__setattr__(self, "_modules", {})      # name -> Module, in assignment order
         object.__setattr__(self, "training", True)
 
@@ -62,17 +78,21 @@ class Module:
             raise TypeError(f"{type(self).__name__}.{name} is a Parameter; assign a Parameter or None, "
                             f"got {type(value).__name__} (update weights in place through .data instead)")
         self._parameters.pop(name, None)
+        self._buffers.pop(name, None)
         self._modules.pop(name, None)
         if isinstance(value, (list, tuple)) and value and all(isinstance(item, Module) for item in value):
             value = ModuleList(value)
         if isinstance(value, Parameter):
             self._parameters[name] = value
+        elif isinstance(value, Buffer):
+            self._buffers[name] = value
         elif isinstance(value, Module):
             self._modules[name] = value
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):
         self._parameters.pop(name, None)
+        self._buffers.pop(name, None)
         self._modules.pop(name, None)
         object.__delattr__(self, name)
 
@@ -105,6 +125,16 @@ class Module:
     def parameters(self):
         return [parameter for _, parameter in self.named_parameters()]
 
+    def named_buffers(self, prefix=""):
+        """(dotted name, Buffer) pairs, in the order of ``named_modules``."""
+        for module_name, module in self.named_modules(prefix):
+            for name, buffer in module._buffers.items():
+                yield (f"{module_name}.{name}" if module_name else name), buffer
+
+    def _named_state(self):
+        """Everything ``state_dict`` saves: the parameters, then the buffers."""
+        return [*self.named_parameters(), *self.named_buffers()]
+
     # ---- modes and gradients ------------------------------------------------------
     def train(self, mode=True):
         """Set ``training`` on this module and every descendant (dropout and the like read it)."""
@@ -121,8 +151,8 @@ class Module:
 
     # ---- weights in and out -------------------------------------------------------
     def state_dict(self):
-        """An ordered dict dotted name -> a copy of the parameter's array (same dtype and backend)."""
-        return collections.OrderedDict((name, parameter.data.copy()) for name, parameter in self.named_parameters())
+        """An ordered dict dotted name -> a copy of each parameter's and buffer's array (same dtype and backend)."""
+        return collections.OrderedDict((name, tensor.data.copy()) for name, tensor in self._named_state())
 
     def load_state_dict(self, state, strict=True):
         """Copy arrays from ``state`` into the parameters, in place, keeping each parameter's dtype and backend.
@@ -133,7 +163,7 @@ class Module:
         both are loaded and a ``LoadResult(missing_keys, unexpected_keys)`` is
         returned; shapes must match either way.
         """
-        own = dict(self.named_parameters())
+        own = dict(self._named_state())
         values = {}
         not_arrays, mismatched = [], []
         for name, value in state.items():
@@ -264,6 +294,65 @@ class LayerNorm(Module):
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"
+
+
+class Conv2d(Module):
+    """A 2-D convolution on channels-last images: (B, H, W, C_in) -> (B, H', W', C_out).
+
+    ``linear(patches(x, kernel, stride, padding), W, b)``: every kernel × kernel
+    window (zero padding) is flattened as (ky, kx, c) and mapped by W of shape
+    (out, kernel·kernel·in), which is PyTorch's (out, in, k, k) weight
+    permuted to (out, k, k, in). Weights start normal with std 1/√(k·k·in).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel, stride=1, padding=0, bias=True,
+                 dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        init = _Init(dtype, backend, rng, seed)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        fan_in = kernel * kernel * in_channels
+        self.weight = init.normal((out_channels, fan_in), fan_in ** -0.5)   # (out, k·k·in)
+        self.bias = init.constant((out_channels,), 0.0) if bias else None
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"Conv2d: expected input (batch, height, width, {self.in_channels}), got {tuple(x.shape)}")
+        return F.linear(F.patches(x, self.kernel, self.stride, self.padding), self.weight, self.bias)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel={self.kernel}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}")
+
+
+class BatchNorm(Module):
+    """Batch normalisation over every axis but the last (Ioffe & Szegedy 2015), channels last.
+
+    Training: y = (x - μ_batch) / √(σ²_batch + eps) · weight + bias, and the
+    running mean and variance (Buffers, saved with the weights) move towards
+    the batch's by ``momentum``. Evaluation (``module.eval()``): the running
+    statistics are used instead, so one image gives the same answer alone or
+    in a batch. Statistics are those of the batch this process sees: under
+    MPI each rank normalises with its own share (PyTorch's BatchNorm in DDP
+    does the same).
+    """
+
+    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=None, backend=None, rng=None, seed=None):
+        super().__init__()
+        init = _Init(dtype, backend, rng, seed)
+        self.channels, self.eps, self.momentum = channels, eps, momentum
+        self.weight = init.constant((channels,), 1.0)
+        self.bias = init.constant((channels,), 0.0)
+        self.running_mean = Buffer(init.xp.zeros((channels,), dtype=init.dtype))
+        self.running_var = Buffer(init.xp.ones((channels,), dtype=init.dtype))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.weight, self.bias, eps=self.eps,
+                            running=(self.running_mean.data, self.running_var.data),
+                            momentum=self.momentum, training=self.training)
+
+    def extra_repr(self):
+        return f"{self.channels}, eps={self.eps}, momentum={self.momentum}"
 
 
 class Embedding(Module):

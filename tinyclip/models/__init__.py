@@ -3,6 +3,6 @@
 from .config import CLIPConfig, PRESETS, preset
 from .clip import CLIP
 from .text import TextTower
-from .vision import VisionTower
+from .vision import ConvTower, VisionTower
 
-__all__ = ["CLIPConfig", "PRESETS", "preset", "CLIP", "TextTower", "VisionTower"]
+__all__ = ["CLIPConfig", "PRESETS", "preset", "CLIP", "TextTower", "VisionTower", "ConvTower"]

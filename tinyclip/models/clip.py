@@ -20,7 +20,7 @@ from .. import functional as F
 from .. import nn
 from .config import CLIPConfig
 from .text import TextTower
-from .vision import VisionTower
+from .vision import ConvTower, VisionTower
 
 
 class CLIP(nn.Module):
@@ -33,7 +33,7 @@ class CLIP(nn.Module):
         self.config = config
         rng = _backend.RNG(seed, backend)
         init = {"dtype": _backend.default_dtype() if dtype is None else dtype, "backend": rng.backend, "rng": rng}
-        self.visual = VisionTower(config, **init)
+        self.visual = (ConvTower if config.vision_type == "cnn" else VisionTower)(config, **init)
         self.text = TextTower(config, **init)
         xp = rng.xp
         self.log_scale = nn.Parameter(xp.full((), config.init_log_scale, dtype=init["dtype"]))
@@ -64,8 +64,8 @@ class CLIP(nn.Module):
 def _init_like_clip(model, rng):
     """Redraw the weight matrices with the standard deviations of OpenAI's CLIP code."""
     config = model.config
-    towers = (("visual.", config.vision_width, config.vision_layers),
-              ("text.", config.text_width, config.text_layers))
+    towers = ((("visual.", config.vision_width, config.vision_layers),) if config.vision_type == "vit" else ()) + (
+        ("text.", config.text_width, config.text_layers),)         # a CNN tower keeps its own initialisation
     for prefix, width, layers in towers:
         attention_std = width ** -0.5
         residual_std = attention_std * (2 * layers) ** -0.5      # maps that write into the residual stream

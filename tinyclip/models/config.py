@@ -14,12 +14,14 @@ import math
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 VISION_POOLING = ("cls", "gap", "map")
+VISION_TYPES = ("vit", "cnn")
 TEXT_POOLING = ("argmax", "eos", "last")
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     # --- vision tower --------------------------------------------------------------------------
+    vision_type: str = "vit"         # "vit": a Vision Transformer (the fields below); "cnn": conv_channels
     image_size: int = 224            # square input side, pixels
     patch_size: int = 16             # side of a patch; image_size must be a multiple of it
     vision_width: int = 768          # token width of the vision transformer
@@ -31,6 +33,7 @@ class CLIPConfig:
     patch_bias: bool = False         # bias in the patch projection (CLIP: no, SigLIP: yes)
     vision_pooling: str = "cls"      # "cls" token, "gap" average over tokens, "map" attention-pooling head
     vision_projection: bool = True   # linear map width -> embed_dim without bias (SigLIP: none)
+    conv_channels: tuple = ()        # "cnn": output channels of each 3×3 stride-2 conv + batch norm stage
     # --- text tower ------------------------------------------------------------------------------
     context_length: int = 77         # tokens per caption
     vocab_size: int = 49408          # token ids are in [0, vocab_size)
@@ -51,7 +54,20 @@ class CLIPConfig:
     init_bias: float | None = None   # the SigLIP loss bias at initialisation (-10); None for CLIP (no bias)
 
     def __post_init__(self):
+        object.__setattr__(self, "conv_channels", tuple(self.conv_channels))   # JSON gives a list
         problems = []
+        if self.vision_type not in VISION_TYPES:
+            problems.append(f"vision_type {self.vision_type!r} is not one of {VISION_TYPES}")
+        if self.vision_type == "cnn":
+            if not self.conv_channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                                 for c in self.conv_channels):
+                problems.append(f"vision_type 'cnn' needs conv_channels, a non-empty tuple of positive ints, "
+                                f"got {self.conv_channels!r}")
+            elif not self.vision_projection and self.conv_channels[-1] != self.embed_dim:
+                problems.append(f"without a vision projection, the last of conv_channels {self.conv_channels} "
+                                f"must equal embed_dim {self.embed_dim}")
+        elif self.conv_channels:
+            problems.append("conv_channels is for vision_type 'cnn'; a 'vit' tower has none")
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.vision_width % self.vision_heads:
@@ -66,7 +82,7 @@ class CLIPConfig:
             problems.append(f"text_pooling {self.text_pooling!r} is not one of {TEXT_POOLING}")
         if self.vision_pooling == "cls" and not self.class_token:
             problems.append("vision_pooling 'cls' needs class_token=True")
-        if not self.vision_projection and self.vision_width != self.embed_dim:
+        if self.vision_type == "vit" and not self.vision_projection and self.vision_width != self.embed_dim:
             problems.append(f"without a vision projection, vision_width {self.vision_width} must equal "
                             f"embed_dim {self.embed_dim}")
         if not 0 <= self.eos_id < self.vocab_size:
@@ -110,11 +126,18 @@ PRESETS = {
                              context_length=32, vocab_size=4096, eos_id=4095, text_width=256, text_layers=6,
                              text_heads=4, embed_dim=256),
     # the default model of the main job: small enough to train on a CPU in minutes; 1024 ids leave room
-    # for a BPE trained on its captions (CLIP's byte vocabulary alone is 512 symbols + 2 specials)
-    "shapes": CLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-                         context_length=16, vocab_size=1024, eos_id=1023, text_width=128, text_layers=4,
+    # for a BPE trained on its captions (CLIP's byte vocabulary alone is 512 symbols + 2 specials). Its
+    # image tower is a four-stage CNN with batch norm (vision.ConvTower), 64 px -> 4 x 4 x 256 -> mean
+    "shapes": CLIPConfig(vision_type="cnn", conv_channels=(32, 64, 128, 256), image_size=64,
+                         context_length=16, vocab_size=1024, eos_id=1023, text_width=128, text_layers=2,
                          text_heads=4, embed_dim=128, init_log_scale=math.log(10.0), init_bias=-10.0,
                          activation="gelu_tanh"),
+    # the same with a ViT image tower of about four times the cost: on the default run it learns the
+    # colours but not the shapes (README, "Training")
+    "shapes-vit": CLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+                             context_length=16, vocab_size=1024, eos_id=1023, text_width=128, text_layers=4,
+                             text_heads=4, embed_dim=128, init_log_scale=math.log(10.0), init_bias=-10.0,
+                             activation="gelu_tanh"),
     # published shapes (openai/clip-vit-base-patch32, -base-patch16, -large-patch14)
     "ViT-B-32": CLIPConfig(patch_size=32),
     "ViT-B-16": CLIPConfig(patch_size=16),

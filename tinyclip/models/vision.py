@@ -1,4 +1,4 @@
-"""The vision tower: a Vision Transformer (Dosovitskiy et al. 2021) as CLIP and SigLIP use it.
+"""The vision towers: a Vision Transformer (Dosovitskiy et al. 2021) as CLIP and SigLIP use it, and a small CNN.
 
 images (B, H, W, 3) → patches (B, N, P·P·3) → linear → [class token] + position
 embedding → [ln_pre] → pre-LN blocks → ln_post → pooling → [projection].
@@ -9,6 +9,14 @@ linear weight with its input axis ordered (P, P, 3). Pooling is the class
 token (CLIP), the average of all tokens ("gap"), or SigLIP's multihead
 attention pooling ("map"): one learned probe attends over the tokens, then a
 residual MLP on its layer-normed output.
+
+The CNN tower (``vision_type="cnn"``) is the small convolutional network the
+built-in ``shapes`` preset trains on a CPU: stages of a 3×3 stride-2
+convolution, batch norm and the activation, then the average over positions
+and the projection. CLIP's own paper trains ResNets beside ViTs; this is a
+much smaller relative, chosen because from scratch, on a few minutes of a
+CPU, it learns what shapes look like where a ViT of the same cost learns
+only their colours (README, "Training", has the measurements).
 """
 
 from .. import functional as F
@@ -87,3 +95,43 @@ class VisionTower(nn.Module):
             x = self.ln_post(x)
             pooled = F.mean(x, axis=1) if config.vision_pooling == "gap" else self.head(x)   # (B, W)
         return self.proj(pooled) if config.vision_projection else pooled
+
+
+class ConvTower(nn.Module):
+    """Images (B, H, W, 3) float → image features (B, embed_dim): [conv 3×3/2 → batch norm → act] × n → mean → proj."""
+
+    def __init__(self, config, **init):
+        super().__init__()
+        self.config = config
+        stages, channels_in = [], 3
+        for channels in config.conv_channels:
+            stages.append(ConvStage(channels_in, channels, config.activation, **init))
+            channels_in = channels
+        self.stages = stages
+        if config.vision_projection:
+            self.proj = nn.Linear(channels_in, config.embed_dim, bias=False, std=channels_in ** -0.5, **init)
+
+    def forward(self, images):
+        config = self.config
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[1:] != (config.image_size, config.image_size, 3):
+            raise ValueError(f"images must have shape (batch, {config.image_size}, {config.image_size}, 3) "
+                             f"for this model, got {shape}")
+        x = images
+        for stage in self.stages:
+            x = stage(x)                                                   # (B, H/2, W/2, C)
+        pooled = F.mean(x, axis=(1, 2))                                    # (B, C): average over positions
+        return self.proj(pooled) if config.vision_projection else pooled
+
+
+class ConvStage(nn.Module):
+    """x → act(batch_norm(conv 3×3, stride 2, padding 1 (x))): half the side, ``channels_out`` channels."""
+
+    def __init__(self, channels_in, channels_out, activation, **init):
+        super().__init__()
+        self.conv = nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1, bias=False, **init)
+        self.norm = nn.BatchNorm(channels_out, dtype=init["dtype"], backend=init["backend"])
+        self.act = nn.ACTIVATIONS[activation]
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
