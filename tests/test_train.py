@@ -84,7 +84,15 @@ def test_a_clip_run_keeps_the_scale_at_most_100(tmp_path):
     assert checkpoint.load(tmp_path / "model").log_scale.item() <= numpy.log(100.0)
 
 
-def test_resume_after_ctrl_c_repeats_the_uninterrupted_losses_bit_for_bit(tmp_path, loss_calls):
+# the ViT tower, and the CNN tower whose batch-norm running statistics must travel in the checkpoint too
+TOWERS = {"vit": {"image_size": 32}, "cnn": {"image_size": 32, "vision_type": "cnn", "conv_channels": (4, 8)}}
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_resume_after_ctrl_c_repeats_the_uninterrupted_losses_bit_for_bit(tmp_path, loss_calls, tower):
+    def tiny_config(out, **changes):
+        return globals()["tiny_config"](out, model_overrides=TOWERS[tower], **changes)
+
     whole = train.train(tiny_config(tmp_path / "whole"))
 
     def interrupt_at_step_5(call, share):

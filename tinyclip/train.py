@@ -81,9 +81,9 @@ class TrainConfig:
     examples: int | None = None      # use only the first N examples (None: all; shapes are unlimited)
     tokenizer_captions: int = 4000   # captions the BPE tokenizer is trained on
     # --- optimisation ----------------------------------------------------------------------------
-    steps: int = 400                 # optimiser steps in the whole run (~8 min on 2 CPU cores at the defaults)
+    steps: int = 700                 # optimiser steps in the whole run (~8 min on 2 CPU cores at the defaults)
     batch_size: int = 128            # global batch over all ranks
-    lr: float = 1e-3                 # peak learning rate
+    lr: float = 2e-3                 # peak learning rate
     min_lr: float = 1e-5             # learning rate at the end of the cosine
     warmup_steps: int | None = None  # linear warm-up from 0 to lr (None: an eighth of the run, at most 50)
     weight_decay: float = 0.1        # decoupled, on weight matrices only (optim.param_groups_for_decay)
@@ -130,9 +130,11 @@ class TrainConfig:
         return min(50, self.steps // 8) if self.warmup_steps is None else self.warmup_steps
 
     def identity(self):
-        """The fields a resumed run must share with the run it continues (all that change what a step computes)."""
+        """The fields a resumed run must share with the run it continues (all that change what a step computes),
+        as JSON gives them back (tuples as lists), so that a saved configuration compares equal to its source."""
         how_often = {"out", "log_every", "eval_every", "checkpoint_every", "eval_per_class", "eval_pairs", "plots"}
-        return {key: value for key, value in dataclasses.asdict(self).items() if key not in how_often}
+        return json.loads(json.dumps({key: value for key, value in dataclasses.asdict(self).items()
+                                      if key not in how_often}))
 
 
 class NonFiniteLoss(RuntimeError):
