@@ -81,7 +81,7 @@ class TrainConfig:
     examples: int | None = None      # use only the first N examples (None: all; shapes are unlimited)
     tokenizer_captions: int = 4000   # captions the BPE tokenizer is trained on
     # --- optimisation ----------------------------------------------------------------------------
-    steps: int = 700                 # optimiser steps in the whole run (~8 min on 2 CPU cores at the defaults)
+    steps: int = 700                 # optimiser steps in the whole run (~6 min on 2 CPU cores at the defaults)
     batch_size: int = 128            # global batch over all ranks
     lr: float = 2e-3                 # peak learning rate
     min_lr: float = 1e-5             # learning rate at the end of the cosine
