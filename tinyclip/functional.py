@@ -986,7 +986,7 @@ class ScaledDotProductAttention(Function):
         if causal:
             t = q.shape[-2]
             future = xp.triu(xp.ones((t, t), dtype=bool), k=1)  # (T, T): key j > query i
-            scores[..., future] = -xp.inf
+            xp.copyto(scores, -xp.inf, where=future)             # not scores[..., future]: no GPU sync
         scores -= scores.max(axis=-1, keepdims=True)
         probs = xp.exp(scores, out=scores)
         probs /= probs.sum(axis=-1, keepdims=True)               # (B, H, Tq, Tk)
@@ -1036,6 +1036,7 @@ def dropout(x, p, rng, training=True):
         return x if isinstance(x, Tensor) else Tensor(x)
     data = x.data if isinstance(x, Tensor) else x
     keep = (rng.uniform(data.shape, dtype=data.dtype) >= p).astype(data.dtype) / (1 - p)
+    keep = backend.asarray(keep, backend.backend_of(data))   # the rng may live on the other backend
     return Dropout.apply(x, keep=keep)
 
 
