@@ -646,6 +646,40 @@ def test_batch_norm_eval_with_the_batch_statistics_equals_training(xp, data):
     numpy.testing.assert_array_equal(backend.to_numpy(running[1]), x.var(axis=axes))   # eval updates nothing
 
 
+class _TwoRanksOfOne:
+    """A communicator whose all-reduce doubles its input: as if a second rank held an identical copy of the batch."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def all_reduce(self, array):
+        self.calls += 1
+        array *= 2
+        return array
+
+
+@given(data=st.data())
+def test_synchronised_batch_norm_uses_the_statistics_of_the_global_batch(xp, data):
+    # Two ranks holding the same batch: the global batch is that batch twice, whose mean and variance are the
+    # batch's own; each rank's input gradient is then that of the two-copy batch at its own rows.
+    arrays, options = draw_batch_norm(data, data.draw(st.sampled_from([2, 4])), data.draw(st.booleans()))
+    x = arrays[0]
+    upstream = normal(data.draw(seeds), x.shape)
+    twice = numpy.concatenate([x, x])
+    alone = [tc.Tensor(xp.asarray(twice), requires_grad=True), *_on(xp, arrays[1:])]
+    F.sum(F.mul(F.batch_norm(*alone, **options), xp.asarray(numpy.concatenate([upstream, upstream])))).backward()
+    comm = _TwoRanksOfOne()
+    synced = [tc.Tensor(xp.asarray(x), requires_grad=True), *_on(xp, arrays[1:])]
+    y = F.batch_norm(*synced, comm=comm, **options)
+    F.sum(F.mul(y, xp.asarray(upstream))).backward()
+    assert comm.calls == 3                                    # Σx and Σ(x-μ)² forward, (Σĝ, Σĝx̂) backward
+    half = x.shape[0]
+    numpy.testing.assert_allclose(y.numpy(), F.batch_norm(*alone, **options).numpy()[:half], rtol=1e-12,
+                                  atol=1e-12)
+    numpy.testing.assert_allclose(backend.to_numpy(synced[0].grad), backend.to_numpy(alone[0].grad)[:half],
+                                  rtol=1e-10, atol=1e-12)
+
+
 def test_patches_and_batch_norm_stay_on_the_device(monkeypatch):
     device = strict_backend.install(monkeypatch)
     x = tc.tensor(device.asarray(normal(0, (2, 5, 5, 3))), requires_grad=True)

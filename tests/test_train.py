@@ -177,8 +177,9 @@ def test_the_command_line_trains_and_evaluates(tmp_path, capsys):
 
 
 @needs_mpi
-def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path):
-    arguments = ["--preset", "tiny", "--image-size", "32", "--steps", "4", "--batch-size", "6", "--warmup-steps", "1", "--dtype",
+@pytest.mark.parametrize("model", ["tiny", "shapes"])    # a ViT; the CNN whose batch norm is synchronised
+def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path, model):
+    arguments = ["--preset", model, "--image-size", "32", "--steps", "4", "--batch-size", "6", "--warmup-steps", "1", "--dtype",
                  "float64", "--log-every", "1", "--eval-every", "0", "--eval-per-class", "1", "--eval-pairs",
                  "8", "--no-plots"]
     environment = {name: value for name, value in os.environ.items()

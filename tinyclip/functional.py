@@ -1113,10 +1113,10 @@ def patches(x, kernel, stride=1, padding=0):
 
 class BatchNorm(Function):
     @staticmethod
-    def forward(ctx, x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True):
+    def forward(ctx, x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True, comm=None):
         """f(x) = (x - μ) / √(σ² + eps) · w + b per channel (last axis), μ and σ² the batch's or the running ones"""
         xp = _xp(x)
-        if x.ndim < 2 or x.size == 0:
+        if x.ndim < 2 or (x.size == 0 and comm is None):    # under MPI one rank's share may be empty
             raise ValueError(f"batch_norm: input must be non-empty with a batch axis and a channel axis (last), "
                              f"got shape {x.shape}")
         channels = x.shape[-1]
@@ -1129,17 +1129,26 @@ class BatchNorm(Function):
             _check_running(running, x)
         if not 0 <= momentum <= 1:
             raise ValueError(f"batch_norm: momentum must be in [0, 1], got {momentum}")
-        if training and count < 2:
-            raise ValueError(f"batch_norm: training needs at least 2 values per channel to estimate a variance, "
-                             f"got input of shape {x.shape} ({count} per channel)")
         if not training and running is None:
             raise ValueError("batch_norm: evaluation (training=False) normalises with the running statistics; "
                              "pass running=(mean, var)")
         if training:
-            batch_mean = x.reshape(-1, channels).mean(axis=0)   # (C,)
+            flat = x.reshape(-1, channels)                      # (N, C)
+            if comm is None:
+                batch_mean = flat.mean(axis=0)                  # (C,)
+            else:   # synchronised: the statistics of the whole global batch, Σx and the count from every rank
+                totals = comm.all_reduce(xp.concatenate([flat.sum(axis=0), xp.full((1,), count, flat.dtype)]))
+                count = int(round(float(totals[-1])))
+                batch_mean = totals[:channels] / count if count else totals[:channels]
+            if count < 2:                                       # the same count on every rank: all raise together
+                raise ValueError(f"batch_norm: training needs at least 2 values per channel to estimate a "
+                                 f"variance, got input of shape {x.shape} ({count} per channel in the batch)")
             xhat = x - batch_mean                               # centred, normalised in place below
             xhat2d = xhat.reshape(-1, channels)                 # (N, C), a view: xhat is a fresh array
-            batch_var = xp.einsum("nc,nc->c", xhat2d, xhat2d) / count  # (C,), biased: what x̂ is divided by
+            squares = xp.einsum("nc,nc->c", xhat2d, xhat2d)     # (C,)
+            if comm is not None:
+                comm.all_reduce(squares)
+            batch_var = squares / count                         # (C,), biased: what x̂ is divided by
             if running is not None:
                 # PyTorch's convention: the running variance is the unbiased estimate n/(n-1)·σ²
                 running_mean, running_var = running
@@ -1154,7 +1163,7 @@ class BatchNorm(Function):
             rstd = 1.0 / xp.sqrt(running_var + eps)             # (C,)
         xhat *= rstd
         ctx.save_for_backward(xhat, rstd, weight)
-        ctx.training = training
+        ctx.training, ctx.count, ctx.comm = training, count, comm
         return _scale_shift(xhat, weight, bias)
 
     @staticmethod
@@ -1171,9 +1180,10 @@ class BatchNorm(Function):
             if ctx.training:
                 # the batch statistics depend on every x: these two terms are their share of the gradient
                 ghat2d = ghat.reshape(-1, channels)                 # (N, C), a view
-                count = ghat2d.shape[0]
-                mean_ghat = ghat2d.mean(axis=0)                                     # (C,)
-                mean_ghat_xhat = xp.einsum("nc,nc->c", ghat2d, xhat2d) / count      # (C,)
+                sums = xp.stack([ghat2d.sum(axis=0), xp.einsum("nc,nc->c", ghat2d, xhat2d)])   # (2, C)
+                if ctx.comm is not None:                            # synchronised: over the global batch
+                    ctx.comm.all_reduce(sums)
+                mean_ghat, mean_ghat_xhat = sums / ctx.count        # (C,) each
                 ghat -= mean_ghat
                 ghat -= xhat * mean_ghat_xhat
             ghat *= rstd
@@ -1195,7 +1205,7 @@ def _check_running(running, x):
                              f"({backend.backend_of(x)}), got {backend.backend_of(array)}, {array.dtype}")
 
 
-def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True):
+def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True, comm=None):
     """Batch norm over every axis but the last (channels last: (N, C), (B, H, W, C), ...).
 
     Training normalises with the batch's mean and biased variance and, when
@@ -1203,7 +1213,13 @@ def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, 
     batch's: m ← (1 − momentum)·m + momentum·μ, v ← (1 − momentum)·v + momentum·n/(n−1)·σ²
     (n values per channel), once per call. Evaluation (``training=False``)
     normalises with ``running`` and changes nothing. Weight and bias (C,) may be None.
+
+    ``comm`` (a ``tinyclip.distributed`` communicator) makes it synchronised
+    batch norm: in training the mean and variance are those of the whole
+    batch over all ranks (two all-reduces of (C,) sums forward, one of a
+    (2, C) array backward), so data-parallel training equals one process.
     """
     if running is not None and isinstance(running, (tuple, list)):
         running = tuple(r.data if isinstance(r, Tensor) else r for r in running)
-    return BatchNorm.apply(x, weight, bias, eps=eps, running=running, momentum=momentum, training=training)
+    return BatchNorm.apply(x, weight, bias, eps=eps, running=running, momentum=momentum, training=training,
+                           comm=comm)

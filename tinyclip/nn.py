@@ -332,9 +332,11 @@ class BatchNorm(Module):
     running mean and variance (Buffers, saved with the weights) move towards
     the batch's by ``momentum``. Evaluation (``module.eval()``): the running
     statistics are used instead, so one image gives the same answer alone or
-    in a batch. Statistics are those of the batch this process sees: under
-    MPI each rank normalises with its own share (PyTorch's BatchNorm in DDP
-    does the same).
+    in a batch. Statistics are those of the batch this process sees, unless
+    ``comm`` is set to a ``tinyclip.distributed`` communicator: then they are
+    the whole global batch's over all ranks (synchronised batch norm, which
+    ``tinyclip.train`` turns on under MPI, so that N ranks train exactly as
+    one process).
     """
 
     def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=None, backend=None, rng=None, seed=None):
@@ -345,11 +347,12 @@ class BatchNorm(Module):
         self.bias = init.constant((channels,), 0.0)
         self.running_mean = Buffer(init.xp.zeros((channels,), dtype=init.dtype))
         self.running_var = Buffer(init.xp.ones((channels,), dtype=init.dtype))
+        self.comm = None                # a communicator: normalise over the global batch of all ranks
 
     def forward(self, x):
         return F.batch_norm(x, self.weight, self.bias, eps=self.eps,
                             running=(self.running_mean.data, self.running_var.data),
-                            momentum=self.momentum, training=self.training)
+                            momentum=self.momentum, training=self.training, comm=self.comm)
 
     def extra_repr(self):
         return f"{self.channels}, eps={self.eps}, momentum={self.momentum}"

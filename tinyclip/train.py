@@ -47,7 +47,7 @@ import time
 
 import numpy
 
-from . import backend, checkpoint, distributed, evaluate, optim, plots
+from . import backend, checkpoint, distributed, evaluate, nn, optim, plots
 from .data import captions as caption_sets
 from .data import shapes
 from .data.loader import Loader
@@ -434,6 +434,10 @@ class Run:
         self.tokenizer = prepare_tokenizer(config, resume_path)
         self.model = CLIP(model_config(config, self.tokenizer), dtype=config.dtype, seed=config.seed)
         self.model.train()
+        if comm.size > 1:        # batch norm over the global batch, so that N ranks train exactly as one process
+            for module in self.model.modules():
+                if isinstance(module, nn.BatchNorm):
+                    module.comm = comm
         self.optimizer, self.schedule = build_optimizer(self.model, config)
         self.step = 0
         self.seconds_before = 0.0            # training time of the run before this process took over
