@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy
 import pytest
@@ -193,3 +194,40 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path, mod
         assert completed.stdout.count("summary:") == 1                  # only rank 0 prints
     one, two = losses_in(tmp_path / "ranks1"), losses_in(tmp_path / "ranks2")
     assert len(one) == 4 and numpy.allclose(one, two, rtol=0, atol=1e-10)
+
+
+@needs_mpi
+def test_ctrl_c_under_mpiexec_saves_and_a_resumed_two_rank_run_repeats_the_uninterrupted_one(tmp_path):
+    arguments = ["--preset", "tiny", "--image-size", "32", "--steps", "200", "--batch-size", "6", "--warmup-steps",
+                 "2", "--dtype", "float64", "--log-every", "1", "--eval-every", "0", "--checkpoint-every", "0",
+                 "--eval-per-class", "1", "--eval-pairs", "8", "--no-plots"]
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith(("PMI_", "MPI_LOCAL", "OMPI_", "PMIX_"))}
+    environment.update(TINYCLIP_BACKEND="numpy", OPENBLAS_NUM_THREADS="1")
+
+    def launch(out, *extra):
+        command = [find_mpiexec(), "-n", "2", sys.executable, "-m", "tinyclip", "train", *arguments, "--out", str(out),
+                   *extra]
+        return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    parts = tmp_path / "parts"
+    job = launch(parts)
+    deadline = time.monotonic() + 120
+    while job.poll() is None and time.monotonic() < deadline:     # Ctrl-C once the run is under way
+        if (parts / "metrics.jsonl").is_file() and len(losses_in(parts)) >= 5:
+            job.send_signal(signal.SIGINT)                          # mpiexec passes it on to every rank
+            break
+        time.sleep(0.02)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "interrupted: checkpoint of step" in stdout and not (parts / "summary.json").exists()
+    first = losses_in(parts)
+    assert 5 <= len(first) < 200
+
+    resumed = launch(parts, "--resume", str(parts))
+    whole = launch(tmp_path / "whole")
+    for job in (resumed, whole):
+        stdout, stderr = job.communicate(timeout=240)
+        assert job.returncode == 0, stderr[-3000:]
+    assert losses_in(parts) == losses_in(tmp_path / "whole")        # exactly equal floats, each step once
