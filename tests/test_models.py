@@ -185,6 +185,10 @@ def test_config_errors_name_the_problem():
         preset("tiny", conv_channels=(4,))
     with pytest.raises(ValueError, match="vision_type 'resnet' is not one of"):
         preset("tiny", vision_type="resnet")
+    with pytest.raises(ValueError, match="pixel_norm 'imagenet' is not one of"):
+        preset("tiny", pixel_norm="imagenet")
+    assert preset("tiny").image_normalization == "clip" and preset("shapes").image_normalization == "siglip"
+    assert preset("shapes", pixel_norm="clip").image_normalization == "clip"
     with pytest.raises(ValueError, match="image_size 30 is not a multiple of patch_size 8"):
         preset("tiny", image_size=30)
     with pytest.raises(ValueError, match="vision_pooling 'cls' needs class_token=True"):

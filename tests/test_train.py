@@ -19,6 +19,7 @@ import numpy
 import pytest
 
 from tinyclip import checkpoint, cli, train
+from tinyclip.models import CLIP, preset
 
 from .test_distributed import ROOT, find_mpiexec, needs_mpi
 
@@ -231,3 +232,35 @@ def test_ctrl_c_under_mpiexec_saves_and_a_resumed_two_rank_run_repeats_the_unint
         stdout, stderr = job.communicate(timeout=240)
         assert job.returncode == 0, stderr[-3000:]
     assert losses_in(parts) == losses_in(tmp_path / "whole")        # exactly equal floats, each step once
+
+
+def test_lit_starts_from_a_saved_image_tower_and_keeps_it_locked(tmp_path):
+    # a CLIP-family model with a CNN image tower, its batch-norm statistics moved away from (0, 1)
+    source_config = preset("tiny", image_size=32, vision_type="cnn", conv_channels=(4, 6), embed_dim=12)
+    source = CLIP(source_config, seed=7)
+    source.encode_image(numpy.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)))
+    checkpoint.save(source, tmp_path / "source")
+    source_state = source.visual.state_dict()
+
+    locked = train.train(tiny_config(tmp_path / "lit", image_tower=str(tmp_path / "source"), lock_image=True,
+                                     eval_every=4))              # evaluations in between must not unlock it
+    model = checkpoint.load(tmp_path / "lit" / "model")
+    assert model.config.conv_channels == (4, 6) and model.config.embed_dim == 12
+    assert model.config.family == "siglip" and model.config.image_normalization == "clip"   # the tower's pixels
+    for name, value in model.visual.state_dict().items():         # weights and batch-norm statistics untouched
+        numpy.testing.assert_array_equal(value, source_state[name])
+    fresh = CLIP(model.config, seed=0)                               # what the text tower started from
+    assert not numpy.array_equal(model.text.state_dict()["token_embedding.weight"],
+                                 fresh.text.state_dict()["token_embedding.weight"])
+    assert numpy.mean(locked.losses[-3:]) < numpy.mean(locked.losses[:3])
+
+    train.train(tiny_config(tmp_path / "unlocked", image_tower=str(tmp_path / "source")))
+    unlocked = checkpoint.load(tmp_path / "unlocked" / "model").visual.state_dict()
+    assert not numpy.array_equal(unlocked["stages.0.conv.weight"], source_state["stages.0.conv.weight"])
+
+
+def test_lit_settings_are_checked_before_training(tmp_path):
+    with pytest.raises(ValueError, match="lock_image needs image_tower"):
+        train.TrainConfig(lock_image=True)
+    with pytest.raises(ValueError, match="--image-tower .*nowhere"):
+        train.train(tiny_config(tmp_path / "run", image_tower=str(tmp_path / "nowhere"), lock_image=True))

@@ -97,7 +97,7 @@ def _load_model_and_images(args):
     from .data import preprocess_batch
     model = checkpoint.from_pretrained(args.model)
     model.eval()
-    images = preprocess_batch(args.images, model.config.image_size, model.config.family) if args.images else None
+    images = preprocess_batch(args.images, model.config.image_size, model.config.image_normalization) if args.images else None
     return model, images
 
 
@@ -195,6 +195,9 @@ def _add_train_arguments(parser):
     add("--grad-clip", type=float, default=defaults.grad_clip, help="gradient-norm cap (0: none)")
     add("--seed", type=int, default=defaults.seed, help="initialisation and data-order seed")
     add("--dtype", default=defaults.dtype, help="parameter dtype")
+    add("--image-tower", metavar="MODEL", help="start the image tower from this model folder (tinyclip's or a "
+                                                "Hugging Face CLIP/SigLIP one); its tower's settings replace the preset's")
+    add("--lock-image", action="store_true", help="LiT: keep the --image-tower fixed and train only the text side")
     add("--data", help="a CSV/TSV of image paths and captions, or a folder of images with .txt captions "
                        "(default: the built-in shapes)")
     add("--image-column", default=defaults.image_column, help="CSV/TSV column with image paths")

@@ -256,14 +256,16 @@ def relation_accuracy(image_emb, true_text_emb, swapped_text_emb):
 
 @contextlib.contextmanager
 def _inference(model):
-    """No graph and eval mode inside the block; the model's own mode again afterwards."""
-    was_training = model.training
+    """No graph and eval mode inside the block; afterwards every module's own mode again (a locked tower stays in
+    eval mode while the rest trains)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with autograd.no_grad():
             yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _model_placement(model):
@@ -295,7 +297,7 @@ def encode_images(model, images, batch_size=256):
             # uint8 crosses to the GPU at a quarter of the size of float32 and is normalised there
             batch = backend.asarray(images[start:start + batch_size], backend_name)    # (b, H, W, 3)
             if batch.dtype == numpy.uint8:
-                batch = transforms.normalize(batch, model.config.family)
+                batch = transforms.normalize(batch, model.config.image_normalization)
             embeddings.append(model.encode_image(batch.astype(dtype, copy=False)).data)
     return backend.backend_module(backend_name).concatenate(embeddings)
 

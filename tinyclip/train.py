@@ -53,6 +53,7 @@ from .data import shapes
 from .data.loader import Loader
 from .data.transforms import normalize, random_resized_crop
 from .models import CLIP, preset
+from .models.config import VISION_FIELDS
 from .tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.tinyclip.json"     # the name tinyclip.cli looks for in a model folder
@@ -72,6 +73,8 @@ class TrainConfig:
     loss: str = "siglip"             # "siglip" (sigmoid, with bias) or "clip" (softmax)
     clip_method: str = "ring"        # distributed CLIP loss: "ring" or "gather" (same numbers)
     dtype: str = "float32"           # parameter dtype
+    image_tower: str | None = None   # a model folder (tinyclip's or Hugging Face's) whose image tower to start from
+    lock_image: bool = False         # LiT (Zhai et al. 2022): keep that image tower fixed, train the text tower
     seed: int = 0                    # model initialisation and data order
     # --- data ------------------------------------------------------------------------------------
     data: str | None = None          # None: the built-in shapes; else a CSV/TSV file or an image folder
@@ -119,6 +122,8 @@ class TrainConfig:
             problems.append(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             problems.append(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.lock_image and not self.image_tower:
+            problems.append("lock_image needs image_tower: a locked image tower must come from a trained model")
         if self.grad_clip < 0 or self.max_scale <= 0:
             problems.append(f"need grad_clip >= 0 and max_scale > 0, got {self.grad_clip}, {self.max_scale}")
         if problems:
@@ -160,10 +165,19 @@ def family_of(config):
     return "siglip" if config.loss == "siglip" else "clip"
 
 
-def model_config(config, tokenizer):
-    """The CLIPConfig: the preset with the overrides, sized for the tokenizer, with a bias for SigLIP."""
+def model_config(config, tokenizer, image_tower=None):
+    """The CLIPConfig: the preset with the overrides, sized for the tokenizer, with a bias for SigLIP.
+
+    With ``image_tower`` (the CLIPConfig of the model given as ``config.image_tower``)
+    every field of the image tower, the embedding width and the pixel
+    normalisation come from it, so that its weights fit and see the pixels they
+    were trained on.
+    """
     base = preset(config.preset)
     overrides = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eot_id}
+    if image_tower is not None:
+        overrides.update({name: getattr(image_tower, name) for name in VISION_FIELDS},
+                         pixel_norm=image_tower.image_normalization)
     if config.loss == "siglip" and base.init_bias is None:
         overrides.update(init_log_scale=math.log(10.0), init_bias=-10.0)       # SigLIP's initialisation
     if config.loss == "clip" and base.init_bias is not None:
@@ -196,9 +210,29 @@ def training_captions(config, count):
     return [pairs.caption(index) for index in range(min(count, len(pairs)))]
 
 
+def load_image_tower(config):
+    """The model of ``config.image_tower`` (its image tower is what is used), or a clear error before training."""
+    try:
+        return checkpoint.from_pretrained(config.image_tower)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--image-tower {config.image_tower}: {error}") from None
+
+
+def lock_image_tower(model):
+    """LiT: the image tower's parameters take no gradient and its batch norms keep their statistics."""
+    for parameter in model.visual.parameters():
+        parameter.requires_grad = False
+    model.visual.eval()
+
+
+def trainable(model):
+    """(name, parameter) of every parameter the optimiser updates: all but a locked tower's."""
+    return [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
 def build_optimizer(model, config):
     """AdamW with weight decay on weight matrices only, and its warm-up + cosine schedule."""
-    groups = optim.param_groups_for_decay(model.named_parameters(), config.weight_decay)
+    groups = optim.param_groups_for_decay(trainable(model), config.weight_decay)
     optimizer = optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     schedule = optim.WarmupCosine(optimizer, config.warmup, config.steps, min_lr=config.min_lr)
     return optimizer, schedule
@@ -230,7 +264,7 @@ def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_re
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"the loss is {loss}")
     share.backward()
-    parameters = model.parameters()
+    parameters = [parameter for _, parameter in trainable(model)]
     distributed.all_reduce_gradients(parameters, comm)
     max_norm = config.grad_clip or sys.float_info.max          # grad_clip 0: measure the norm, never scale
     try:
@@ -432,8 +466,14 @@ class Run:
     def __init__(self, config, comm, resume_path=None, state=None):
         self.config, self.comm, self.lead = config, comm, comm.rank == 0
         self.tokenizer = prepare_tokenizer(config, resume_path)
-        self.model = CLIP(model_config(config, self.tokenizer), dtype=config.dtype, seed=config.seed)
+        source = load_image_tower(config) if config.image_tower else None
+        self.model = CLIP(model_config(config, self.tokenizer, source and source.config), dtype=config.dtype,
+                          seed=config.seed)
         self.model.train()
+        if source is not None:      # (a resumed run then loads its checkpoint's weights over these)
+            self.model.visual.load_state_dict(source.visual.state_dict())
+        if config.lock_image:
+            lock_image_tower(self.model)
         if comm.size > 1:        # batch norm over the global batch, so that N ranks train exactly as one process
             for module in self.model.modules():
                 if isinstance(module, nn.BatchNorm):
@@ -468,7 +508,7 @@ class Run:
         images, captions = next(self.loader)
         images = backend.asarray(images, self.device)      # uint8 pixels cross to a GPU at a quarter of float32
         if images.dtype == numpy.uint8:
-            images = normalize(images, self.model.config.family)                   # (b, H, W, 3) float32
+            images = normalize(images, self.model.config.image_normalization)                   # (b, H, W, 3) float32
         images = backend.asarray(images, self.device, dtype=self.config.dtype)
         tokens = self.tokenizer(captions, context_length=self.model.config.context_length)   # (b, T)
         return images, backend.asarray(tokens, self.device)

@@ -15,6 +15,11 @@ import math
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 VISION_POOLING = ("cls", "gap", "map")
 VISION_TYPES = ("vit", "cnn")
+# the fields that decide what the image tower computes: a tower moved into another model brings them along
+# (activation and ln_eps are shared with the text tower, which then follows the image tower's)
+VISION_FIELDS = ("vision_type", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
+                 "vision_mlp_ratio", "class_token", "vision_pre_norm", "patch_bias", "vision_pooling",
+                 "vision_projection", "conv_channels", "embed_dim", "activation", "ln_eps")
 TEXT_POOLING = ("argmax", "eos", "last")
 
 
@@ -52,10 +57,13 @@ class CLIPConfig:
     ln_eps: float = 1e-5             # layer-norm epsilon (CLIP 1e-5, SigLIP 1e-6)
     init_log_scale: float = math.log(1 / 0.07)   # t' at initialisation: scale = exp(t') (SigLIP: log 10)
     init_bias: float | None = None   # the SigLIP loss bias at initialisation (-10); None for CLIP (no bias)
+    pixel_norm: str | None = None    # the image normalisation, "clip" or "siglip"; None: the family's
 
     def __post_init__(self):
         object.__setattr__(self, "conv_channels", tuple(self.conv_channels))   # JSON gives a list
         problems = []
+        if self.pixel_norm not in (None, "clip", "siglip"):
+            problems.append(f"pixel_norm {self.pixel_norm!r} is not one of None, 'clip', 'siglip'")
         if self.vision_type not in VISION_TYPES:
             problems.append(f"vision_type {self.vision_type!r} is not one of {VISION_TYPES}")
         if self.vision_type == "cnn":
@@ -98,6 +106,11 @@ class CLIPConfig:
     def family(self):
         """'siglip' when the loss has a bias, else 'clip'."""
         return "clip" if self.init_bias is None else "siglip"
+
+    @property
+    def image_normalization(self):
+        """Whose pixel mean and std the image tower expects: ``pixel_norm``, else the family's."""
+        return self.pixel_norm or self.family
 
     def to_dict(self):
         return dataclasses.asdict(self)
