@@ -23,6 +23,15 @@ from .. import functional as F
 from .. import nn
 
 
+def _checked_image_shape(images, config):
+    """The shape of ``images`` when it is (batch, image_size, image_size, 3) for ``config``, else a ValueError."""
+    shape = tuple(images.shape)
+    if len(shape) != 4 or shape[1:] != (config.image_size, config.image_size, 3):
+        raise ValueError(f"images must have shape (batch, {config.image_size}, {config.image_size}, 3) "
+                         f"for this model, got {shape}")
+    return shape
+
+
 class AttentionPoolingHead(nn.Module):
     """SigLIP's "map" head: y = a + mlp(ln(a)),  a = attention(probe, tokens)."""
 
@@ -67,11 +76,7 @@ class VisionTower(nn.Module):
     def patchify(self, images):
         """(B, H, W, 3) → (B, N, P·P·3), patches in row-major order, each flattened as (P, P, 3)."""
         config = self.config
-        shape = tuple(images.shape)
-        expected = (config.image_size, config.image_size, 3)
-        if len(shape) != 4 or shape[1:] != expected:
-            raise ValueError(f"images must have shape (batch, {config.image_size}, {config.image_size}, 3) "
-                             f"for this model, got {shape}")
+        shape = _checked_image_shape(images, config)
         batch, patch = shape[0], config.patch_size
         grid = config.image_size // patch
         x = F.reshape(images, (batch, grid, patch, grid, patch, 3))        # (B, gy, P, gx, P, 3)
@@ -113,10 +118,7 @@ class ConvTower(nn.Module):
 
     def forward(self, images):
         config = self.config
-        shape = tuple(images.shape)
-        if len(shape) != 4 or shape[1:] != (config.image_size, config.image_size, 3):
-            raise ValueError(f"images must have shape (batch, {config.image_size}, {config.image_size}, 3) "
-                             f"for this model, got {shape}")
+        _checked_image_shape(images, config)
         x = images
         for stage in self.stages:
             x = stage(x)                                                   # (B, H/2, W/2, C)
