@@ -159,11 +159,11 @@ def test_bad_configs_and_folders_are_named(tmp_path):
         checkpoint.read_safetensors(folder / "model.safetensors")
     header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
-    with pytest.raises(ValueError, match="malformed safetensors header entry for 'w'"):
+    with pytest.raises(ValueError, match="model.safetensors is not a safetensors file.*data_offsets"):
         checkpoint.read_safetensors(folder / "model.safetensors")
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
-    with pytest.raises(ValueError, match="tensor w holds 2 values"):
+    with pytest.raises(ValueError, match="model.safetensors is not a safetensors file"):
         checkpoint.read_safetensors(folder / "model.safetensors")
 
 
