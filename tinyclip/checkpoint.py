@@ -208,7 +208,7 @@ def load(path, dtype=None, backend=None):
         raise ValueError(f"{config_path} is not a tinyclip checkpoint config (no 'tinyclip_format'); "
                          f"use from_pretrained for Hugging Face folders")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {version!r}, this tinyclip reads format {FORMAT_VERSION}")
+        raise ValueError(f"{config_path}: checkpoint format {version!r}, this tinyclip reads format {FORMAT_VERSION}")
     if "config" not in document:
         raise ValueError(f"{config_path}: no 'config' field")
     try:
@@ -228,10 +228,14 @@ def load(path, dtype=None, backend=None):
         mismatched += _not_float(tensors, own)
         problems = nn.key_problems(missing, unexpected, mismatched)
         if problems:
-            raise ValueError(f"checkpoint {path}: the weights do not fit the model of its {CONFIG_FILE}; nothing "
-                             f"was loaded\n  " + "\n  ".join(problems))
+            raise ValueError(f"checkpoint {path}: the weights in {_files_of(tensors)} do not fit the model of "
+                             f"{config_path}; nothing was loaded\n  " + "\n  ".join(problems))
         _fill(model, {name: (name, "copy") for name in own}, tensors)
     return model
+
+
+def _files_of(tensors):
+    return ", ".join(sorted({entry.path for entry in tensors.values()})) or "its weights file"
 
 
 def _model_state(model):
@@ -537,7 +541,7 @@ def from_pretrained(path, dtype=None, backend=None):
             if problems:
                 raise ValueError("\n  ".join(["the Hugging Face weights do not fit the model"] + problems))
         except ValueError as error:
-            raise ValueError(f"checkpoint {path}: {error}") from None
+            raise ValueError(f"checkpoint {path} ({_files_of(tensors)}): {error}") from None
         _fill(model, plan, tensors)
     return model
 
@@ -599,6 +603,9 @@ def _open_weights(folder):
         if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
             raise ValueError(f"{index}: 'weight_map' must be a JSON object of tensor name -> shard file name")
         shards = [os.path.join(folder, os.path.basename(shard)) for shard in sorted(set(weight_map.values()))]
+        absent = [shard for shard in shards if not os.path.lexists(shard)]
+        if absent:
+            raise ValueError(f"{index} names shards that are not in {folder}: {', '.join(absent)}")
     else:
         pickles = sorted(name for name in os.listdir(folder) if name.lower().endswith(PICKLE_SUFFIXES))
         if pickles:

@@ -77,10 +77,25 @@ def read_bytes(path, max_bytes, what="file"):
         size = os.fstat(file.fileno()).st_size
         if size > max_bytes:
             raise ValueError(f"{what} {path} has {size:,} bytes, more than the {max_bytes:,} a {what} may have")
-        data = file.read(max_bytes + 1)          # the file may have grown since fstat: never read past the cap
+        data = read_capped(file, max_bytes)      # the file may have grown since fstat: never read past the cap
     if len(data) > max_bytes:
         raise ValueError(f"{what} {path} has more than the {max_bytes:,} bytes a {what} may have")
     return data
+
+
+def read_capped(stream, max_bytes, chunk=1 << 20):
+    """At most ``max_bytes + 1`` bytes of ``stream``, read ``chunk`` at a time (so a short file costs little).
+
+    More than ``max_bytes`` bytes back means the stream holds more than the cap.
+    """
+    parts, total = [], 0
+    while total <= max_bytes:
+        part = stream.read(min(chunk, max_bytes + 1 - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
 
 
 def read_json(path, what="JSON file", max_bytes=MAX_JSON_BYTES, max_depth=MAX_JSON_DEPTH):
