@@ -226,12 +226,24 @@ def load(path, dtype=None, backend=None):
         mismatched = [f"{name}: checkpoint {tensors[name].shape} vs model {tuple(own[name].shape)}"
                       for name in own if name in tensors and tensors[name].shape != tuple(own[name].shape)]
         mismatched += _not_float(tensors, own)
-        problems = nn.key_problems(missing, unexpected, mismatched)
+        problems = _key_problems(missing, unexpected, mismatched)
         if problems:
             raise ValueError(f"checkpoint {path}: the weights in {_files_of(tensors)} do not fit the model of "
                              f"{config_path}; nothing was loaded\n  " + "\n  ".join(problems))
         _fill(model, {name: (name, "copy") for name in own}, tensors)
     return model
+
+
+def _key_problems(missing=(), unexpected=(), mismatched=(), shown=20):
+    """``nn.key_problems``'s lines, each naming at most ``shown`` keys: an untrusted file may hold millions."""
+    lines = []
+    for label, keys, separator in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                                   ("shape mismatches", mismatched, "; ")):
+        if keys:
+            named = separator.join(key if len(key) <= 200 else key[:200] + "..." for key in keys[:shown])
+            more = f"{separator}and {len(keys) - shown} more" if len(keys) > shown else ""
+            lines.append(f"{label} ({len(keys)}): {named}{more}")
+    return lines
 
 
 def _files_of(tensors):
@@ -501,7 +513,7 @@ def hf_plan(hf_shapes, model):
             continue
         plan[name] = (key, kind)
     unexpected = [key for key in hf_shapes if key not in used and not _HF_IGNORED.fullmatch(key)]
-    problems = nn.key_problems(sorted(set(missing)), sorted(unexpected), sorted(set(mismatched)))
+    problems = _key_problems(sorted(set(missing)), sorted(unexpected), sorted(set(mismatched)))
     if problems:
         raise ValueError("the Hugging Face weights do not fit the model built from their config\n  "
                          + "\n  ".join(problems))
