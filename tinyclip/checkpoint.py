@@ -39,7 +39,7 @@ import re
 import shutil
 import tempfile
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so that safetensors.numpy reads BF16 tensors)
+import ml_dtypes  # (importing it registers bfloat16 with NumPy, so that safetensors.numpy reads BF16 tensors)
 import numpy
 import safetensors
 import safetensors.numpy
@@ -272,8 +272,8 @@ def _fill(model, plan, tensors):
         target = own[name]
         entry = tensors[key]
         array = from_hf_array(_tensor(entry.handle, key, entry.path, target.dtype), kind, target.shape)
-        array = _backend.asarray(array, _backend.backend_of(target.data), target.dtype)
-        if not array.flags.c_contiguous or not array.flags.writeable:
+        array = _backend.asarray(array, _backend.backend_of(target.data), target.dtype)   # CuPy: a device copy
+        if isinstance(array, numpy.ndarray) and not (array.flags.c_contiguous and array.flags.writeable):
             array = array.copy()
         target.data = array
 
