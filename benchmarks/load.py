@@ -11,7 +11,8 @@ sits in the page cache for every round alike. Each round reports:
   (``tracemalloc``; NumPy reports its array buffers to it), beyond what was
   allocated before;
 - the growth of the process's peak resident set (``ru_maxrss``) over the load,
-  which also counts pages of a memory-mapped file while they are touched.
+  which also counts the pages of a memory-mapped file while they are touched
+  (page cache shared with the system, not memory the process allocated).
 
 The weights themselves are the floor for all three: 600 MB must be read and
 kept. ``--source`` points the child processes at another checkout of tinyclip
