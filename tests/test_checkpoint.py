@@ -159,11 +159,11 @@ def test_bad_configs_and_folders_are_named(tmp_path):
         checkpoint.read_safetensors(folder / "model.safetensors")
     header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
-    with pytest.raises(ValueError, match="malformed safetensors header entry for 'w'"):
+    with pytest.raises(ValueError, match="model.safetensors is not a safetensors file.*data_offsets"):
         checkpoint.read_safetensors(folder / "model.safetensors")
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
-    with pytest.raises(ValueError, match="tensor w holds 2 values"):
+    with pytest.raises(ValueError, match="model.safetensors is not a safetensors file"):
         checkpoint.read_safetensors(folder / "model.safetensors")
 
 
@@ -341,3 +341,87 @@ def test_parity_with_transformers(tmp_path, kind):
     numpy.testing.assert_allclose(model.encode_text(tokens).numpy(), outputs.text_embeds.numpy(),
                                   rtol=1e-4, atol=1e-5)
     numpy.testing.assert_allclose(numpy.exp(model.log_scale.numpy()), reference.logit_scale.exp().item(), rtol=1e-6)
+
+
+# ---- untrusted folders: checked before anything is built, loaded without drawing ------------------
+
+def test_bfloat16_weights_load_through_ml_dtypes_as_float32(tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    model = CLIP(FAMILIES["siglip"], seed=4)
+    state = {name: value.astype(ml_dtypes.bfloat16) for name, value in model.state_dict().items()}
+    folder = tmp_path / "ckpt"
+    checkpoint.save(model, folder)
+    checkpoint.write_safetensors(folder / "model.safetensors", state)
+    loaded = checkpoint.load(folder)
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == numpy.float32, name
+        numpy.testing.assert_array_equal(value, state[name].astype(numpy.float32), err_msg=name)
+
+
+def test_a_loaded_model_draws_nothing_and_allocates_the_weights_once(tmp_path, monkeypatch):
+    import tracemalloc
+    model = CLIP(preset("tiny", vision_width=64, text_width=64, vocab_size=8192, eos_id=8191), seed=5)
+    checkpoint.save(model, tmp_path / "ckpt")
+    weights = sum(value.nbytes for value in model.state_dict().values())
+    monkeypatch.setattr(backend.RNG, "normal", lambda *args, **kwargs: pytest.fail("a weight was drawn"))
+    tracemalloc.start()
+    start, _ = tracemalloc.get_traced_memory()
+    loaded = checkpoint.load(tmp_path / "ckpt")
+    peak = tracemalloc.get_traced_memory()[1] - start
+    tracemalloc.stop()
+    monkeypatch.undo()
+    assert_same_weights(model, loaded)
+    assert weights > 2**21 and weights <= peak < 1.5 * weights   # the weights and the modules, not two copies
+    for parameter in loaded.parameters():             # each parameter owns real, writable storage
+        assert parameter.data.flags.writeable and parameter.data.flags.c_contiguous
+        assert 0 not in parameter.data.strides or parameter.data.size <= 1
+
+
+def test_header_shapes_are_checked_before_the_model_is_built(tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    checkpoint.save(CLIP(FAMILIES["clip"]), folder)
+    document = json.loads((folder / "config.json").read_text())
+    document["config"]["text_layers"] = 400                 # valid, but not what the weights hold
+    (folder / "config.json").write_text(json.dumps(document))
+    built = []
+    real_clip = checkpoint.CLIP
+    monkeypatch.setattr(checkpoint, "CLIP", lambda *args, **kwargs: built.append(kwargs) or real_clip(*args, **kwargs))
+    with pytest.raises(ValueError, match=r"(?s)model.safetensors do not fit.*missing keys \(6384\): text.transfor"):
+        checkpoint.load(folder)
+    assert built == [{"dtype": numpy.float32, "backend": None, "values": False}]   # built without values only
+
+
+def test_sharded_folders_load_and_their_index_is_checked(tmp_path):
+    model = CLIP(FAMILIES["clip"], seed=6)
+    folder = tmp_path / "ckpt"
+    checkpoint.save(model, folder)
+    state = checkpoint.read_safetensors(folder / "model.safetensors")
+    names = sorted(state)
+    halves = {"model-1.safetensors": names[: len(names) // 2], "model-2.safetensors": names[len(names) // 2:]}
+    for shard, keys in halves.items():
+        checkpoint.write_safetensors(folder / shard, {key: state[key] for key in keys})
+    (folder / "model.safetensors").unlink()
+    weight_map = {key: shard for shard, keys in halves.items() for key in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_same_weights(model, checkpoint.load(folder))
+    checkpoint.write_safetensors(folder / "model-2.safetensors", {names[0]: state[names[0]]})
+    with pytest.raises(ValueError, match=f"model-2.safetensors: tensor '{names[0]}' is also in .*model-1"):
+        checkpoint.load(folder)
+
+
+def test_hugging_face_config_fields_are_checked_by_name():
+    for config, message in (({"model_type": "siglip", "vision_config": {"hidden_size": "16"}},
+                             r"vision_config.hidden_size '16' must be a positive integer"),
+                            ({"model_type": "siglip", "text_config": {"num_attention_heads": 0}},
+                             "text_config.num_attention_heads 0 must be a positive integer"),
+                            ({"model_type": "siglip", "vision_config": []}, "vision_config must be a JSON object"),
+                            ({"model_type": "clip", "projection_dim": 2**31},
+                             r"embed_dim 2147483648 is outside \[1, 16384\]"),
+                            ({"model_type": "siglip", "vision_config": {"vision_use_head": 1}},
+                             "vision_config.vision_use_head 1 must be true or false")):
+        with pytest.raises(ValueError, match=message):
+            checkpoint.config_from_hf(config)
+    siglip = checkpoint.config_from_hf({"model_type": "siglip"})   # SigLIP's initial scale and bias: one home
+    from tinyclip.models import config as config_module
+    assert (siglip.init_log_scale, siglip.init_bias) == (config_module.SIGLIP_INIT_LOG_SCALE,
+                                                         config_module.SIGLIP_INIT_BIAS)

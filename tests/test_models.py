@@ -214,3 +214,38 @@ def test_bad_images_and_tokens_say_what_was_expected():
     with pytest.raises(ValueError, match=r"1 <= length <= 8"):
         model.encode_text(numpy.zeros((2, 9), dtype=int))
     assert dataclasses.is_dataclass(config)
+
+
+def test_config_types_ranges_and_bounds_are_checked_when_made():
+    for overrides, message in (({"vision_width": "16"}, "vision_width '16' must be an integer"),
+                               ({"class_token": 1}, "class_token 1 must be true or false"),
+                               ({"vision_mlp_ratio": "4"}, "vision_mlp_ratio '4' must be a number"),
+                               ({"activation": 5}, "activation 5 must be a string"),
+                               ({"patch_size": 0}, r"patch_size 0 is outside \[1, 8192\]"),
+                               ({"vision_heads": 0}, r"vision_heads 0 is outside"),
+                               ({"vision_layers": 10**6}, r"vision_layers 1000000 is outside \[1, 512\]"),
+                               ({"embed_dim": 2**31}, r"embed_dim 2147483648 is outside \[1, 16384\]"),
+                               ({"ln_eps": 0.0}, r"ln_eps 0.0 is outside"),
+                               ({"init_log_scale": float("nan")}, "init_log_scale nan is not a finite number"),
+                               ({"init_bias": "x"}, "init_bias 'x' must be a number or None"),
+                               ({"vision_mlp_ratio": 0.01}, "gives an MLP of no width"),
+                               ({"conv_channels": "abc"}, "conv_channels 'abc' must be a list"),
+                               ({"text_pooling": "mean"}, "text_pooling 'mean' is not one of")):
+        with pytest.raises(ValueError, match=message):
+            preset("tiny", **overrides)
+    with pytest.raises(ValueError, match="a config is a JSON object"):
+        CLIPConfig.from_dict(["tiny"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_built_without_values_has_the_shapes_and_no_storage(family):
+    config = FAMILIES[family]
+    empty, full = CLIP(config, values=False), CLIP(config)
+    shapes = {name: (value.shape, value.dtype) for name, value in full.named_parameters()}
+    assert {name: (value.shape, value.dtype) for name, value in empty.named_parameters()} == shapes
+    assert [name for name, _ in empty.named_buffers()] == [name for name, _ in full.named_buffers()]
+    for _, value in list(empty.named_parameters()) + list(empty.named_buffers()):
+        assert not value.data.flags.writeable and value.data.size <= 1 or 0 in value.data.strides
+    large = CLIP(preset("ViT-L-14"), values=False)             # 428 million parameters, nothing allocated
+    assert sum(parameter.data.size for parameter in large.parameters()) > 4e8
+    assert sum(parameter.data.base.nbytes for parameter in large.parameters()) < 1e5

@@ -393,3 +393,32 @@ def test_same_ids_as_transformers_clip_tokenizer(tmp_path):
     mine = Tokenizer.from_bpe_file(str(tmp_path / "merges.txt"), num_merges=len(trained.merges))
     for text in captions[:300] + ["A Photo of THE Cat!!", "  café   naïve  ", "東京 🙂🙂 don't", "it's 2024, hi."]:
         assert reference(text)["input_ids"] == [mine.sot_id, *mine.encode(text), mine.eot_id], text
+
+
+def test_tokenizer_files_must_be_regular_capped_and_shallow(tmp_path):
+    import threading
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ValueError, Tokenizer.load, fifo)))
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():                                   # release the blocked reader, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(60)
+    assert outcome and "a FIFO" in str(outcome[0].value) and str(fifo) in str(outcome[0].value)
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="zero.json is a character device"):
+        Tokenizer.load(tmp_path / "zero.json")
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match="deep.json nests 200000 levels deep"):
+        Tokenizer.load(tmp_path / "deep.json")
+    with open(tmp_path / "huge.json", "wb") as file:
+        file.truncate(2**34)                                # 16 GiB, sparse: refused on its size, unread
+    with pytest.raises(ValueError, match="huge.json has 17,179,869,184 bytes"):
+        Tokenizer.load(tmp_path / "huge.json")
+    with gzip.open(tmp_path / "bomb.txt.gz", "wb", compresslevel=1) as file:
+        for _ in range(tokenizer_module.MAX_MERGES_BYTES // 2**20 + 1):
+            file.write(b"a b\n" * 2**18)
+    with pytest.raises(ValueError, match="bomb.txt.gz.* holds more than"):
+        Tokenizer.from_bpe_file(tmp_path / "bomb.txt.gz")

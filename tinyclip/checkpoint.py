@@ -12,106 +12,110 @@ config is translated field by field and every weight renamed through one
 table (``hf_name``), its shape checked; one error names every missing,
 unexpected or mis-shaped key.
 
-Safetensors (https://github.com/huggingface/safetensors) is read and written
-here directly: an 8-byte little-endian header length, a JSON header
-``{name: {dtype, shape, data_offsets}}``, then the raw little-endian bytes.
-That keeps the format free of dependencies and lets bfloat16 weights load on
-NumPy (as float32). Pickle formats (``pytorch_model.bin``, ``.pt``, ...)
-can run code when read, so they are refused, never unpickled.
+Safetensors files are read and written with the ``safetensors`` package
+(https://github.com/huggingface/safetensors): it validates the header (offsets
+in order, inside the file and covering it exactly, shapes and dtypes known)
+and memory-maps the file, so a tensor is read only when asked for. bfloat16
+weights load on NumPy through ``ml_dtypes``. Pickle formats
+(``pytorch_model.bin``, ``.pt``, ...) can run code when read, so they are
+refused, never unpickled.
+
+Every file of a folder is untrusted (``tinyclip.files``): only regular files
+are read, JSON is capped in size and nesting, the config is validated field by
+field (``CLIPConfig``), and the shapes in the weights' header are checked
+against the model the config describes before a single weight is read. The
+model that receives them is built without values (``CLIP(..., values=False)``),
+so loading allocates the weights once and draws nothing. Every error is a
+ValueError (FileNotFoundError for a missing file) that names the file and what
+is wrong with it.
 """
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
-import struct
 import tempfile
 
+import ml_dtypes  # (importing it registers bfloat16 with NumPy, so that safetensors.numpy reads BF16 tensors)
 import numpy
+import safetensors
+import safetensors.numpy
 
 from . import backend as _backend
+from . import files
 from . import nn
 from .models import CLIP, CLIPConfig
+from .models.config import PRESETS
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"   # sharded Hugging Face checkpoints
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_CONFIG_BYTES = 2**20      # a config.json or a shard index is a few KiB (a large index ~100 KiB)
 
 
 # ---------------------------------------------------------------------------------
 # safetensors
 # ---------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-                       "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}
-_NUMPY_TO_SAFETENSORS = {numpy.dtype(code).newbyteorder("<").str: name for name, code in _SAFETENSORS_DTYPES.items()}
+# the safetensors dtypes a parameter may be stored in, and the NumPy dtype it loads as by default
+_FLOAT_DTYPES = {"F64": numpy.float64, "F32": numpy.float32, "F16": numpy.float16, "BF16": numpy.float32}
 
 
 def write_safetensors(path, arrays, metadata=None):
-    """Write ``{name: array}`` (NumPy or CuPy; CuPy is copied to the host) as a safetensors file."""
-    header, blobs, offset = {}, [], 0
+    """Write ``{name: array}`` (NumPy or CuPy; CuPy is copied to the host) as a safetensors file, flushed to disk.
+
+    ``metadata`` values are written as strings. Raises ValueError naming an
+    array whose dtype safetensors cannot store.
+    """
+    host = {}
     for name in sorted(arrays):
-        array = numpy.asarray(_to_host(arrays[name]), order="C")   # (ascontiguousarray would make 0-d 1-d)
-        code = _NUMPY_TO_SAFETENSORS.get(array.dtype.newbyteorder("<").str)
-        if code is None:
-            raise ValueError(f"write_safetensors: {name} has dtype {array.dtype}, which safetensors cannot store")
-        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    if metadata:
-        header["__metadata__"] = {str(key): str(value) for key, value in metadata.items()}
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)           # the data starts 8-byte aligned, as the reference writer does
-    with open(path, "wb") as file:
-        file.write(struct.pack("<Q", len(encoded)))
-        file.write(encoded)
-        for blob in blobs:
-            file.write(blob)
-        file.flush()
+        host[name] = numpy.asarray(_to_host(arrays[name]), order="C")   # (ascontiguousarray would make 0-d 1-d)
+    metadata = {str(key): str(value) for key, value in metadata.items()} if metadata else None
+    try:
+        safetensors.numpy.save_file(host, os.fspath(path), metadata=metadata)
+    except safetensors.SafetensorError as error:
+        raise ValueError(f"write_safetensors {path}: {error}") from None
+    with open(path, "rb") as file:
         os.fsync(file.fileno())
 
 
 def read_safetensors(path):
-    """``{name: NumPy array}`` from a safetensors file; bfloat16 becomes float32 (exactly)."""
+    """``{name: NumPy array}`` of every tensor in a safetensors file; bfloat16 becomes float32 (exactly).
+
+    Raises FileNotFoundError when there is no file, ValueError naming the file
+    when it is not a regular file or the safetensors package refuses it.
+    """
+    with _open_safetensors(path) as file:
+        return {name: _tensor(file, name, path) for name in file.keys()}
+
+
+@contextlib.contextmanager
+def _open_safetensors(path):
+    """The package's memory-mapped reader of ``path`` (a regular file), its errors turned into ValueErrors."""
     path = os.fspath(path)
-    with open(path, "rb") as file:
-        data = file.read()
+    files.check_regular(path, "safetensors file")
     try:
-        (header_length,) = struct.unpack("<Q", data[:8])
-        if header_length > len(data) - 8:
-            raise ValueError(f"the header claims {header_length} bytes but the file has {len(data)}")
-        header = json.loads(data[8:8 + header_length])
-        if not isinstance(header, dict):
-            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-    except (struct.error, ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a safetensors file: {error}") from None
-    body = memoryview(data)[8 + header_length:]
-    arrays = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = (int(offset) for offset in entry["data_offsets"])
-            shape = tuple(int(side) for side in entry["shape"])
-            dtype = entry["dtype"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: malformed safetensors header entry for {name!r}: {entry!r}") from None
-        if dtype == "BF16":        # the top half of a float32: shift the bits back into place
-            raw = numpy.frombuffer(body[start:end], dtype="<u2").astype(numpy.uint32) << 16
-            array = raw.view(numpy.float32)
-        elif dtype in _SAFETENSORS_DTYPES:
-            array = numpy.frombuffer(body[start:end], dtype=_SAFETENSORS_DTYPES[dtype])
-        else:
-            raise ValueError(f"{path}: tensor {name} has dtype {dtype}, which tinyclip cannot read")
-        if array.size != int(numpy.prod(shape, dtype=numpy.int64)):
-            raise ValueError(f"{path}: tensor {name} holds {array.size} values, its shape {shape} needs "
-                             f"{int(numpy.prod(shape))}")
-        arrays[name] = array.reshape(shape).astype(array.dtype.newbyteorder("="), copy=True)
-    return arrays
+        handle = safetensors.safe_open(path, framework="numpy")
+    except (safetensors.SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a safetensors file the safetensors package accepts: {error}") from None
+    with handle:
+        yield handle
+
+
+def _tensor(handle, name, path, dtype=None):
+    """Tensor ``name`` from an open file as a NumPy array it owns, in ``dtype`` (bfloat16 -> float32 by default)."""
+    try:
+        array = handle.get_tensor(name)
+    except (safetensors.SafetensorError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: tensor {name!r} cannot be read: {error}") from None
+    if dtype is None and array.dtype == ml_dtypes.bfloat16:
+        dtype = numpy.float32
+    return array if dtype is None else array.astype(dtype, copy=False)
 
 
 def _to_host(array):
@@ -188,33 +192,90 @@ def _swap_in(staging, path):
 
 
 def load(path, dtype=None, backend=None):
-    """The CLIP saved at ``path`` by ``save``, weights bit for bit (in ``dtype`` if given, else as stored)."""
+    """The CLIP saved at ``path`` by ``save``, weights bit for bit (in ``dtype`` if given, else as stored).
+
+    The config is validated and the header's shapes checked against the model
+    it describes before any weight is read; the model is built without values
+    and each weight read straight into it. Raises FileNotFoundError for a
+    missing folder or file, ValueError naming the file and the fault for
+    anything malformed (see the module docstring).
+    """
     path = _checkpoint_folder(path)
-    document = _read_json(os.path.join(path, CONFIG_FILE))
+    config_path = os.path.join(path, CONFIG_FILE)
+    document = _read_json(config_path)
     version = document.get("tinyclip_format")
     if version is None:
-        raise ValueError(f"{path}/{CONFIG_FILE} is not a tinyclip checkpoint config (no 'tinyclip_format'); "
+        raise ValueError(f"{config_path} is not a tinyclip checkpoint config (no 'tinyclip_format'); "
                          f"use from_pretrained for Hugging Face folders")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {version}, this tinyclip reads format {FORMAT_VERSION}")
+        raise ValueError(f"{config_path}: checkpoint format {version!r}, this tinyclip reads format {FORMAT_VERSION}")
+    if "config" not in document:
+        raise ValueError(f"{config_path}: no 'config' field")
     try:
         config = CLIPConfig.from_dict(document["config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}/{CONFIG_FILE}: {error}") from None
-    state = _read_weights(path)
-    if dtype is None:
-        float_dtypes = {array.dtype for array in state.values() if array.dtype.kind == "f"}
-        dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
-    model = CLIP(config, dtype=dtype, backend=backend)
-    _load_into(model, state, path)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    with _open_weights(path) as tensors:
+        if dtype is None:
+            float_dtypes = {_FLOAT_DTYPES[entry.dtype] for entry in tensors.values() if entry.dtype in _FLOAT_DTYPES}
+            dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
+        model = CLIP(config, dtype=dtype, backend=backend, values=False)
+        own = _model_state(model)
+        missing = [name for name in own if name not in tensors]
+        unexpected = [name for name in tensors if name not in own]
+        mismatched = [f"{name}: checkpoint {tensors[name].shape} vs model {tuple(own[name].shape)}"
+                      for name in own if name in tensors and tensors[name].shape != tuple(own[name].shape)]
+        mismatched += _not_float(tensors, own)
+        problems = _key_problems(missing, unexpected, mismatched)
+        if problems:
+            raise ValueError(f"checkpoint {path}: the weights in {_files_of(tensors)} do not fit the model of "
+                             f"{config_path}; nothing was loaded\n  " + "\n  ".join(problems))
+        _fill(model, {name: (name, "copy") for name in own}, tensors)
     return model
 
 
-def _load_into(model, state, path):
-    try:
-        model.load_state_dict(state)
-    except ValueError as error:
-        raise ValueError(f"checkpoint {path}: {error}") from None
+def _key_problems(missing=(), unexpected=(), mismatched=(), shown=20):
+    """``nn.key_problems``'s lines, each naming at most ``shown`` keys: an untrusted file may hold millions."""
+    lines = []
+    for label, keys, separator in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                                   ("shape mismatches", mismatched, "; ")):
+        if keys:
+            named = separator.join(key if len(key) <= 200 else key[:200] + "..." for key in keys[:shown])
+            more = f"{separator}and {len(keys) - shown} more" if len(keys) > shown else ""
+            lines.append(f"{label} ({len(keys)}): {named}{more}")
+    return lines
+
+
+def _files_of(tensors):
+    return ", ".join(sorted({entry.path for entry in tensors.values()})) or "its weights file"
+
+
+def _model_state(model):
+    """Every parameter and buffer of ``model`` by its dotted name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _not_float(tensors, plan):
+    """A line for each tensor that ``plan``'s keys name and that is not stored as floating point."""
+    return [f"{key}: stored as {tensors[key].dtype}, a parameter needs a floating-point dtype"
+            for key in sorted(set(plan)) if key in tensors and tensors[key].dtype not in _FLOAT_DTYPES]
+
+
+def _fill(model, plan, tensors):
+    """Read each tensor ``plan`` names ({name: (key, kind)}) from ``tensors`` into the parameter, in its dtype.
+
+    The parameters are placeholders without values (``CLIP(..., values=False)``):
+    each gets the array read for it, so the weights are held once.
+    """
+    own = _model_state(model)
+    for name, (key, kind) in plan.items():
+        target = own[name]
+        entry = tensors[key]
+        array = from_hf_array(_tensor(entry.handle, key, entry.path, target.dtype), kind, target.shape)
+        array = _backend.asarray(array, _backend.backend_of(target.data), target.dtype)   # CuPy: a device copy
+        if isinstance(array, numpy.ndarray) and not (array.flags.c_contiguous and array.flags.writeable):
+            array = array.copy()
+        target.data = array
 
 
 # ---------------------------------------------------------------------------------
@@ -249,17 +310,63 @@ _HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tan
                    "gelu_new": "gelu_tanh", "relu": "relu"}
 
 
+# the tinyclip preset whose switches (class token, pooling, projections, initial scale and bias, ...) each
+# Hugging Face family shares; the shapes come from the config being translated
+_HF_PRESETS = {"clip": "ViT-B-32", "siglip": "siglip-base-patch16-224"}
+_HF_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                  "image_size", "patch_size", "vocab_size", "max_position_embeddings")
+
+
 def config_from_hf(hf_config):
-    """The CLIPConfig of a Hugging Face ``CLIPModel`` / ``SiglipModel`` config.json (a dict)."""
+    """The CLIPConfig of a Hugging Face ``CLIPModel`` / ``SiglipModel`` config.json (a dict).
+
+    Fields absent from the file take transformers' defaults; every field used
+    is checked for its type and range, and the result is a validated
+    CLIPConfig. The family's fixed switches come from tinyclip's preset of it
+    (``ViT-B-32`` for CLIP, ``siglip-base-patch16-224`` for SigLIP). Raises
+    ValueError naming every field that is wrong.
+    """
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"a Hugging Face config is a JSON object, got {type(hf_config).__name__}")
     family = hf_config.get("model_type")
-    if family not in _HF_DEFAULTS:
+    if not isinstance(family, str) or family not in _HF_DEFAULTS:
         raise ValueError(f"model_type {family!r} is not supported; tinyclip imports 'clip' and 'siglip' "
                          f"(the two-tower CLIPModel / SiglipModel)")
     defaults = _HF_DEFAULTS[family]
-    top = {**defaults["top"], **hf_config}
-    vision = {**defaults["vision_config"], **(hf_config.get("vision_config") or {})}
-    text = {**defaults["text_config"], **(hf_config.get("text_config") or {})}
     problems = []
+    sections = {}
+    for section in ("vision_config", "text_config"):
+        given = hf_config.get(section)
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"{section} must be a JSON object, got {type(given).__name__} {given!r:.60}")
+        sections[section] = {**defaults[section], **(given or {})}
+        for field in _HF_INT_FIELDS:
+            value = sections[section].get(field, 1)
+            if not _positive_int(value):
+                problems.append(f"{section}.{field} {value!r:.60} must be a positive integer")
+        eps = sections[section]["layer_norm_eps"]
+        if not _real(eps) or not eps > 0:
+            problems.append(f"{section}.layer_norm_eps {eps!r:.60} must be a positive number")
+        if not isinstance(sections[section]["hidden_act"], str):
+            problems.append(f"{section}.hidden_act {sections[section]['hidden_act']!r:.60} must be a string")
+    top = {**defaults["top"], **hf_config}
+    vision, text = sections["vision_config"], sections["text_config"]
+    eos_id = text["eos_token_id"]
+    if not _is_int(eos_id) and not (family == "siglip" and eos_id is None):
+        problems.append(f"text_config.eos_token_id {eos_id!r:.60} must be an integer")
+    if family == "clip":
+        if not _positive_int(top["projection_dim"]):
+            problems.append(f"projection_dim {top['projection_dim']!r:.60} must be a positive integer")
+        if not _real(top["logit_scale_init_value"]) or not math.isfinite(top["logit_scale_init_value"]):
+            problems.append(f"logit_scale_init_value {top['logit_scale_init_value']!r:.60} must be a finite number")
+    else:
+        if text["projection_size"] is not None and not _positive_int(text["projection_size"]):
+            problems.append(f"text_config.projection_size {text['projection_size']!r:.60} must be a positive "
+                            f"integer or null")
+        if not isinstance(vision["vision_use_head"], bool):
+            problems.append(f"vision_config.vision_use_head {vision['vision_use_head']!r:.60} must be true or false")
+    if problems:
+        raise ValueError("Hugging Face config: " + "; ".join(problems))
     activations = {_HF_ACTIVATIONS.get(vision["hidden_act"]), _HF_ACTIVATIONS.get(text["hidden_act"])}
     if None in activations or len(activations) != 1:
         problems.append(f"hidden_act vision {vision['hidden_act']!r} / text {text['hidden_act']!r}: tinyclip "
@@ -279,28 +386,39 @@ def config_from_hf(hf_config):
                             f"the MLP ratio {ratio} of width {settings['hidden_size']}")
     if problems:
         raise ValueError("Hugging Face config: " + "; ".join(problems))
-    vocab_size, eos_id = text["vocab_size"], text["eos_token_id"]
-    common = {"image_size": vision["image_size"], "patch_size": vision["patch_size"],
+    vocab_size = text["vocab_size"]
+    shapes = {"image_size": vision["image_size"], "patch_size": vision["patch_size"],
               "vision_width": vision["hidden_size"], "vision_layers": vision["num_hidden_layers"],
               "vision_heads": vision["num_attention_heads"], "vision_mlp_ratio": vision_ratio,
               "context_length": text["max_position_embeddings"], "vocab_size": vocab_size,
               "text_width": text["hidden_size"], "text_layers": text["num_hidden_layers"],
               "text_heads": text["num_attention_heads"], "text_mlp_ratio": text_ratio,
               "activation": activations.pop(), "ln_eps": vision["layer_norm_eps"]}
+    in_vocabulary = eos_id is not None and 0 <= eos_id < vocab_size
     if family == "clip":
         # transformers keeps OpenAI's argmax pooling for configs with the legacy eos_token_id 2
         pooling = "argmax" if eos_id == 2 else "eos"
-        return CLIPConfig(**common, class_token=True, vision_pre_norm=True, patch_bias=False,
-                          vision_pooling="cls", vision_projection=True, causal=True, text_pooling=pooling,
-                          eos_id=eos_id if pooling == "eos" else vocab_size - 1, text_projection_bias=False,
-                          embed_dim=top["projection_dim"], init_log_scale=float(top["logit_scale_init_value"]),
-                          init_bias=None)
-    embed_dim = text["projection_size"] or text["hidden_size"]
-    return CLIPConfig(**common, class_token=False, vision_pre_norm=False, patch_bias=True, vision_pooling="map",
-                      vision_projection=False, causal=False, text_pooling="last",
-                      eos_id=eos_id if 0 <= eos_id < vocab_size else vocab_size - 1,   # unused by "last"
-                      text_projection_bias=True, embed_dim=embed_dim, init_log_scale=float(numpy.log(10.0)),
-                      init_bias=-10.0)
+        shapes.update(text_pooling=pooling, eos_id=eos_id if pooling == "eos" else vocab_size - 1,
+                      embed_dim=top["projection_dim"], init_log_scale=float(top["logit_scale_init_value"]))
+    else:
+        shapes.update(embed_dim=text["projection_size"] or text["hidden_size"],
+                      eos_id=eos_id if in_vocabulary else vocab_size - 1)     # unused by SigLIP's "last" pooling
+    try:
+        return dataclasses.replace(PRESETS[_HF_PRESETS[family]], **shapes)
+    except ValueError as error:
+        raise ValueError(f"Hugging Face config translated to tinyclip's: {error}") from None
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value):
+    return _is_int(value) and value > 0
+
+
+def _real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _TOWERS = {"visual": "vision_model", "text": "text_model"}
@@ -369,56 +487,74 @@ def from_hf_array(array, kind, shape):
     if kind in ("q", "k", "v"):               # rows [0, W) are q, [W, 2W) k, [2W, 3W) v
         third = array.shape[0] // 3
         start = "qkv".index(kind) * third
-        return array[start:start + third]
+        return array[start:start + third].copy()       # a copy: a view would keep all three alive
     return array.reshape(shape)
+
+
+def hf_plan(hf_shapes, model):
+    """Where each of ``model``'s parameters comes from: ``{name: (Hugging Face key, kind)}`` (kinds of ``hf_layout``).
+
+    ``hf_shapes`` maps each Hugging Face key to its shape (a tuple). Raises
+    one ValueError that names every missing, unexpected and mis-shaped key.
+    """
+    config = model.config
+    plan, used, missing, mismatched = {}, set(), [], []
+    for name, parameter in model.named_parameters():
+        key = hf_name(name, config.family)
+        kind, expected = hf_layout(name, parameter.shape, config)
+        if key not in hf_shapes:
+            missing.append(key)
+            continue
+        used.add(key)
+        shape = tuple(hf_shapes[key])
+        fits = shape == expected or (kind == "scalar" and math.prod(shape) == 1 and len(shape) <= 1)
+        if not fits:
+            mismatched.append(f"{key}: checkpoint {shape} vs model {expected}")
+            continue
+        plan[name] = (key, kind)
+    unexpected = [key for key in hf_shapes if key not in used and not _HF_IGNORED.fullmatch(key)]
+    problems = _key_problems(sorted(set(missing)), sorted(unexpected), sorted(set(mismatched)))
+    if problems:
+        raise ValueError("the Hugging Face weights do not fit the model built from their config\n  "
+                         + "\n  ".join(problems))
+    return plan
 
 
 def state_from_hf(hf_state, model):
     """tinyclip's state dict for ``model`` from a Hugging Face state dict; one error names every misfit."""
-    config = model.config
-    state, used, missing, mismatched = {}, set(), [], []
-    for name, parameter in model.named_parameters():
-        key = hf_name(name, config.family)
-        kind, expected = hf_layout(name, parameter.shape, config)
-        if key not in hf_state:
-            missing.append(key)
-            continue
-        used.add(key)
-        array = hf_state[key]
-        fits = tuple(array.shape) == expected or (kind == "scalar" and array.size == 1 and array.ndim <= 1)
-        if not fits:
-            mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs model {expected}")
-            continue
-        state[name] = from_hf_array(array, kind, parameter.shape)
-    unexpected = [key for key in hf_state if key not in used and not _HF_IGNORED.fullmatch(key)]
-    problems = nn.key_problems(sorted(set(missing)), sorted(unexpected), sorted(set(mismatched)))
-    if problems:
-        raise ValueError("the Hugging Face weights do not fit the model built from their config\n  "
-                         + "\n  ".join(problems))
-    return state
+    plan = hf_plan({key: tuple(array.shape) for key, array in hf_state.items()}, model)
+    own = dict(model.named_parameters())
+    return {name: from_hf_array(hf_state[key], kind, own[name].shape) for name, (key, kind) in plan.items()}
 
 
 def from_pretrained(path, dtype=None, backend=None):
     """A CLIP from a folder: a Hugging Face CLIP / SigLIP checkpoint, or one written by ``save``.
 
     Hugging Face weights are converted to ``dtype`` (default: the backend's
-    default float type, float32) whatever they were stored in.
+    default float type, float32) whatever they were stored in. The config is
+    translated and validated and every shape checked before any weight is
+    read (see ``load``). Raises FileNotFoundError for a missing folder or
+    file, ValueError naming the file and the fault for anything malformed.
     """
     path = _checkpoint_folder(path)
-    hf_config = _read_json(os.path.join(path, CONFIG_FILE))
+    config_path = os.path.join(path, CONFIG_FILE)
+    hf_config = _read_json(config_path)
     if "tinyclip_format" in hf_config:
         return load(path, dtype=dtype, backend=backend)
     try:
         config = config_from_hf(hf_config)
     except ValueError as error:
-        raise ValueError(f"{path}/{CONFIG_FILE}: {error}") from None
-    hf_state = _read_weights(path)
-    model = CLIP(config, dtype=dtype, backend=backend)
-    try:
-        state = state_from_hf(hf_state, model)
-    except ValueError as error:
-        raise ValueError(f"checkpoint {path}: {error}") from None
-    _load_into(model, state, path)
+        raise ValueError(f"{config_path}: {error}") from None
+    with _open_weights(path) as tensors:
+        model = CLIP(config, dtype=dtype, backend=backend, values=False)
+        try:
+            plan = hf_plan({key: entry.shape for key, entry in tensors.items()}, model)
+            problems = _not_float(tensors, [key for key, _ in plan.values()])
+            if problems:
+                raise ValueError("\n  ".join(["the Hugging Face weights do not fit the model"] + problems))
+        except ValueError as error:
+            raise ValueError(f"checkpoint {path} ({_files_of(tensors)}): {error}") from None
+        _fill(model, plan, tensors)
     return model
 
 
@@ -446,30 +582,54 @@ def _checkpoint_folder(path):
 
 
 def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as file:
-            document = json.load(file)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint config {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    """The JSON object in ``path`` (a config or an index), read as an untrusted file (``tinyclip.files``)."""
+    document = files.read_json(path, what="checkpoint config", max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(document, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(document).__name__}")
     return document
 
 
-def _read_weights(folder):
-    """Every tensor of the folder's model.safetensors (or of the shards its index names)."""
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One tensor of an open weights file: where it is, its safetensors dtype and its shape; nothing read yet."""
+    handle: object
+    path: str
+    dtype: str
+    shape: tuple
+
+
+@contextlib.contextmanager
+def _open_weights(folder):
+    """``{name: _Entry}`` for every tensor of the folder's model.safetensors (or of the shards its index names).
+
+    Only the headers are read (the files stay memory-mapped and open while the
+    block runs). Raises FileNotFoundError when there are no weights, ValueError
+    naming the file for a malformed one, an index that is not one, a tensor in
+    two shards, or pickles only.
+    """
     single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
-    if os.path.isfile(single):
-        return read_safetensors(single)
-    if os.path.isfile(index):
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        state = {}
+    if os.path.lexists(single):
+        shards = [single]
+    elif os.path.lexists(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must be a JSON object of tensor name -> shard file name")
+        shards = [os.path.join(folder, os.path.basename(shard)) for shard in sorted(set(weight_map.values()))]
+        absent = [shard for shard in shards if not os.path.lexists(shard)]
+        if absent:
+            raise ValueError(f"{index} names shards that are not in {folder}: {', '.join(absent)}")
+    else:
+        pickles = sorted(name for name in os.listdir(folder) if name.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            _refuse_pickle(os.path.join(folder, pickles[0]))
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}")
+    with contextlib.ExitStack() as stack:
+        tensors = {}
         for shard in shards:
-            state.update(read_safetensors(os.path.join(folder, os.path.basename(shard))))
-        return state
-    pickles = sorted(name for name in os.listdir(folder) if name.lower().endswith(PICKLE_SUFFIXES))
-    if pickles:
-        _refuse_pickle(os.path.join(folder, pickles[0]))
-    raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}")
+            handle = stack.enter_context(_open_safetensors(shard))
+            for name in handle.keys():
+                if name in tensors:
+                    raise ValueError(f"{shard}: tensor {name!r} is also in {tensors[name].path}")
+                part = handle.get_slice(name)
+                tensors[name] = _Entry(handle, shard, part.get_dtype(), tuple(part.get_shape()))
+        yield tensors

@@ -18,7 +18,8 @@ Every constructor takes ``dtype`` (default ``backend.default_dtype()``),
 ``backend`` ('numpy' or 'cupy'; default the rng's, else the default backend)
 and either an ``rng`` (a ``backend.RNG``) or a ``seed``. Pass one rng through
 a whole model so that its layers draw different weights: two layers built
-without either both start from seed 0 and so get identical weights.
+without either both start from seed 0 and so get identical weights. An
+``rng`` that is a ``NoValues`` builds a layer without values (see there).
 """
 
 import collections
@@ -231,6 +232,33 @@ class ModuleList(Module):
 # Initialisation
 # ---------------------------------------------------------------------------------
 
+class NoValues:
+    """Pass as ``rng`` to build a layer (or a whole model) that is about to receive its weights from a file.
+
+    Every parameter gets its shape and dtype but no storage: its array is a
+    read-only zero-stride view of one element (``broadcast_to``), so building
+    allocates nothing whatever the shapes, and draws and writes nothing.
+    Such a layer cannot run, and ``load_state_dict`` cannot copy into it,
+    until each parameter's and buffer's ``data`` is replaced by a real array,
+    which is what ``tinyclip.checkpoint`` does after checking every shape
+    against the file. It stands in for ``backend.RNG``: ``normal`` and
+    ``uniform`` take the same arguments.
+    """
+
+    def __init__(self, backend=None):
+        self.backend = backend if backend is not None else _backend.default_backend()
+        self.xp = _backend.backend_module(self.backend)
+
+    def placeholder(self, shape, dtype=None):
+        dtype = self.xp.dtype(_backend.default_dtype() if dtype is None else dtype)
+        return self.xp.broadcast_to(self.xp.empty((), dtype=dtype), shape)
+
+    def normal(self, shape, std=1.0, mean=0.0, dtype=None):
+        return self.placeholder(shape, dtype)
+
+    uniform = normal
+
+
 class _Init:
     """Where a module's parameters go (dtype, backend) and where their random values come from."""
 
@@ -254,8 +282,14 @@ class _Init:
         draw = self.rng.normal(shape, std=std, dtype=self.dtype)
         return Parameter(_backend.asarray(draw, self.backend, self.dtype))
 
+    def filled(self, shape, value):
+        """An array of ``value`` (a placeholder without values when the rng is a ``NoValues``)."""
+        if isinstance(self.rng, NoValues):
+            return self.rng.placeholder(shape, self.dtype)
+        return self.xp.full(shape, value, dtype=self.dtype)
+
     def constant(self, shape, value):
-        return Parameter(self.xp.full(shape, value, dtype=self.dtype))
+        return Parameter(self.filled(shape, value))
 
 
 # ---------------------------------------------------------------------------------
@@ -345,8 +379,8 @@ class BatchNorm(Module):
         self.channels, self.eps, self.momentum = channels, eps, momentum
         self.weight = init.constant((channels,), 1.0)
         self.bias = init.constant((channels,), 0.0)
-        self.running_mean = Buffer(init.xp.zeros((channels,), dtype=init.dtype))
-        self.running_var = Buffer(init.xp.ones((channels,), dtype=init.dtype))
+        self.running_mean = Buffer(init.filled((channels,), 0.0))
+        self.running_var = Buffer(init.filled((channels,), 1.0))
         self.comm = None                # a communicator: normalise over the global batch of all ranks
 
     def forward(self, x):

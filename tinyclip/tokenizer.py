@@ -31,10 +31,13 @@ import itertools
 import json
 import os
 import tempfile
+import zlib
 from collections import Counter, defaultdict
 
 import numpy
 import regex
+
+from . import files
 
 try:
     import ftfy
@@ -45,6 +48,8 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 CLIP_NUM_MERGES = 49152 - 256 - 2        # the merges CLIP uses from bpe_simple_vocab_16e6.txt.gz
 FORMAT, FORMAT_VERSION = "tinyclip-bpe", 1
+MAX_MERGES_BYTES = 16 * 2**20            # a merges file's text (CLIP's is 1.4 MB); files from outside are capped
+MAX_TOKENIZER_BYTES = 16 * 2**20         # a saved tokenizer (CLIP-sized: about 1.5 MB of JSON)
 CACHE_LIMIT = 100_000                    # pre-tokens remembered before the cache starts over
 
 # case-insensitive as CLIP's; one side effect, kept for exactness: U+0345 (a combining mark that case-folds
@@ -153,14 +158,22 @@ class Tokenizer:
         holds the same list uncompressed.
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"BPE merges file not found: {path!r} (CLIP's is bpe_simple_vocab_16e6.txt.gz; "
-                                    f"tinyclip never downloads it)")
         try:
-            opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as stream:
-                lines = stream.read().split("\n")
-        except (OSError, EOFError, UnicodeDecodeError) as error:
+            with files.open_regular(path, "BPE merges file") as raw:
+                stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+                data = files.read_capped(stream, MAX_MERGES_BYTES)   # a gzip bomb is not inflated past the cap
+        except FileNotFoundError:
+            raise FileNotFoundError(f"BPE merges file not found: {path!r} (CLIP's is bpe_simple_vocab_16e6.txt.gz; "
+                                    f"tinyclip never downloads it)") from None
+        except (OSError, EOFError, zlib.error) as error:
+            raise ValueError(f"cannot read BPE merges file {path!r}: expected UTF-8 text, gzipped for .gz "
+                             f"({error})") from None
+        if len(data) > MAX_MERGES_BYTES:
+            raise ValueError(f"BPE merges file {path!r} holds more than {MAX_MERGES_BYTES:,} bytes of text; "
+                             f"CLIP's has 1.4 MB")
+        try:
+            lines = data.decode("utf-8").split("\n")
+        except UnicodeDecodeError as error:
             raise ValueError(f"cannot read BPE merges file {path!r}: expected UTF-8 text, gzipped for .gz "
                              f"({error})") from None
         merges = []
@@ -255,11 +268,10 @@ class Tokenizer:
         """A tokenizer written by ``save``."""
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as stream:
-                document = json.load(stream)
+            document = files.read_json(path, what="tokenizer file", max_bytes=MAX_TOKENIZER_BYTES)
         except FileNotFoundError:
             raise FileNotFoundError(f"tokenizer file not found: {path!r}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (OSError, ValueError) as error:
             raise ValueError(f"cannot read tokenizer file {path!r}: expected tinyclip's JSON ({error})") from None
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not a tinyclip tokenizer file (no \"format\": {FORMAT!r})")

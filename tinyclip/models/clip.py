@@ -26,20 +26,33 @@ from .vision import ConvTower, VisionTower
 class CLIP(nn.Module):
     """``model(images, tokens) -> (image_emb, text_emb, log_scale, bias)``; bias is None for CLIP."""
 
-    def __init__(self, config, dtype=None, backend=None, seed=0):
+    def __init__(self, config, dtype=None, backend=None, seed=0, values=True):
+        """The model of ``config``, its parameters in ``dtype`` on ``backend``, drawn from ``seed``.
+
+        ``values=False`` builds it without values (``nn.NoValues``): every
+        parameter has its shape and dtype, nothing is drawn or allocated, and
+        the model cannot run until each parameter's ``data`` is replaced, as
+        ``tinyclip.checkpoint.load`` does with the weights of a file.
+        Raises TypeError when ``config`` is not a CLIPConfig.
+        """
         super().__init__()
         if not isinstance(config, CLIPConfig):
             raise TypeError(f"CLIP needs a CLIPConfig (see tinyclip.models.preset), got {type(config).__name__}")
         self.config = config
-        rng = _backend.RNG(seed, backend)
-        init = {"dtype": _backend.default_dtype() if dtype is None else dtype, "backend": rng.backend, "rng": rng}
+        rng = _backend.RNG(seed, backend) if values else nn.NoValues(backend)
+        dtype = _backend.default_dtype() if dtype is None else dtype
+        init = {"dtype": dtype, "backend": rng.backend, "rng": rng}
         self.visual = (ConvTower if config.vision_type == "cnn" else VisionTower)(config, **init)
         self.text = TextTower(config, **init)
         xp = rng.xp
-        self.log_scale = nn.Parameter(xp.full((), config.init_log_scale, dtype=init["dtype"]))
-        self.bias = None if config.init_bias is None else nn.Parameter(
-            xp.full((), config.init_bias, dtype=init["dtype"]))
-        _init_like_clip(self, rng)
+
+        def scalar(value):
+            return nn.Parameter(xp.full((), value, dtype=dtype) if values else rng.placeholder((), dtype))
+
+        self.log_scale = scalar(config.init_log_scale)
+        self.bias = None if config.init_bias is None else scalar(config.init_bias)
+        if values:
+            _init_like_clip(self, rng)
 
     def encode_image(self, images, normalize=True):
         """Images (B, H, W, 3) float → (B, embed_dim), unit length when ``normalize``."""

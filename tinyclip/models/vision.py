@@ -132,7 +132,7 @@ class ConvStage(nn.Module):
     def __init__(self, channels_in, channels_out, activation, **init):
         super().__init__()
         self.conv = nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1, bias=False, **init)
-        self.norm = nn.BatchNorm(channels_out, dtype=init["dtype"], backend=init["backend"])
+        self.norm = nn.BatchNorm(channels_out, **init)
         self.act = nn.ACTIVATIONS[activation]
 
     def forward(self, x):
