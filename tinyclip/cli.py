@@ -11,6 +11,7 @@ code can call it.
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -63,24 +64,23 @@ def run_info(args):
     return status
 
 
-TOKENIZER_FILES = ("tokenizer.tinyclip.json", "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
-
-
 class CommandError(Exception):
     """A problem with the command's inputs: printed as one line, exit code 2."""
 
 
 def _load_tokenizer(model_dir, bpe):
-    """The tokenizer given by --bpe, or the first of TOKENIZER_FILES in the model's folder."""
-    from .tokenizer import Tokenizer
-    candidates = [bpe] if bpe else [os.path.join(model_dir, name) for name in TOKENIZER_FILES]
-    for path in candidates:
-        if os.path.isfile(path):
-            return Tokenizer.load(path) if path.endswith(".json") else Tokenizer.from_bpe_file(path)
+    """The tokenizer given by --bpe, or the one saved in the model's folder (tokenizer.find_tokenizer)."""
+    from .tokenizer import TOKENIZER_FILES, find_tokenizer, load_tokenizer
     if bpe:
-        raise CommandError(f"--bpe {bpe}: no such file")
-    raise CommandError(f"no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)}): give --bpe PATH, "
-                       "CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer saved by tinyclip")
+        if not os.path.isfile(bpe):
+            raise CommandError(f"--bpe {bpe}: no such file")
+        return load_tokenizer(bpe)
+    tokenizer = find_tokenizer(model_dir)
+    if tokenizer is None:
+        raise CommandError(f"no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)}): give --bpe "
+                           "PATH, CLIP's bpe_simple_vocab_16e6.txt.gz, SigLIP's spiece.model or a tokenizer saved "
+                           "by tinyclip")
+    return tokenizer
 
 
 def _prompt_template(template):
@@ -95,7 +95,7 @@ def _prompt_template(template):
 def _load_model_and_images(args):
     from . import checkpoint
     from .data import preprocess_batch
-    model = checkpoint.from_pretrained(args.model)
+    model = checkpoint.from_pretrained(args.model, image_size=args.image_size)
     model.eval()
     images = preprocess_batch(args.images, model.config.image_size, model.config.image_normalization) if args.images else None
     return model, images
@@ -122,6 +122,13 @@ def run_zeroshot(args):
         scores /= scores.sum(axis=1, keepdims=True)
     else:                                # SigLIP: each label's own probability of matching
         scores = 1 / (1 + numpy.exp(-logits))
+    method = "softmax over the labels" if model.config.family == "clip" else "sigmoid per label"
+    if args.json:   # every label's full-precision score, for scripts
+        print(json.dumps({"scores": method.split()[0], "labels": list(args.labels),
+                          "images": {path: dict(zip(args.labels, map(float, row)))
+                                     for path, row in zip(args.images, scores)}}, indent=2))
+        return 0
+    print(f"scores: {method} ({model.config.family})", file=sys.stderr)
     top = min(args.top, len(args.labels))
     for path, row in zip(args.images, scores):
         ranked = numpy.argsort(-row)[:top]
@@ -143,7 +150,11 @@ def run_embed(args):
             tokens = _load_tokenizer(args.model, args.bpe)(args.texts, context_length=model.config.context_length)
             arrays["text_emb"] = model.encode_text(tokens).numpy()
     numpy.savez(args.out, **arrays)
-    print(f"wrote {', '.join(f'{name} {array.shape}' for name, array in arrays.items())} to {args.out}")
+    if args.json:
+        print(json.dumps({"out": os.path.abspath(args.out),
+                          "arrays": {name: list(array.shape) for name, array in arrays.items()}}))
+    else:
+        print(f"wrote {', '.join(f'{name} {array.shape}' for name, array in arrays.items())} to {args.out}")
     return 0
 
 
@@ -165,7 +176,6 @@ def run_train(args):
 
 def run_eval(args):
     """Evaluate a saved model on the held-out shapes sets and print the metrics as JSON."""
-    import json
     from . import evaluate, train
     from .checkpoint import from_pretrained
     model = from_pretrained(args.model)
@@ -215,6 +225,14 @@ def _add_train_arguments(parser):
     add("--no-plots", dest="plots", action="store_false", help="skip loss.png and similarity.png")
 
 
+def _add_output_arguments(parser, json_help):
+    """--json and --image-size, shared by zeroshot and embed."""
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="run a ViT at N x N pixels: its position embeddings are resized bicubically to "
+                             "the new patch grid (default: the model's own size)")
+
+
 def build_parser():
     from .evaluate import DEFAULT_TEMPLATES
     parser = argparse.ArgumentParser(
@@ -239,6 +257,7 @@ def build_parser():
                                f"(default: {' '.join(map(repr, DEFAULT_TEMPLATES))})")
     zeroshot.add_argument("--top", type=int, default=5, help="labels to show per image")
     zeroshot.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    _add_output_arguments(zeroshot, "print every label's full-precision score per image as JSON")
     zeroshot.set_defaults(run=run_zeroshot)
 
     embed = commands.add_parser("embed", help="write normalised embeddings to an .npz file",
@@ -249,6 +268,7 @@ def build_parser():
     embed.add_argument("--texts", nargs="*", default=[], help="texts")
     embed.add_argument("--out", required=True, help="the .npz file to write")
     embed.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    _add_output_arguments(embed, "print the written file's path and the arrays' shapes as JSON")
     embed.set_defaults(run=run_embed)
 
     train = commands.add_parser("train", help="train a CLIP/SigLIP model (default: the shapes preset on shapes)",
