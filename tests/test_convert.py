@@ -120,3 +120,130 @@ def test_embed_takes_an_image_size_and_prints_json(tmp_path, capsys):
     assert main(["embed", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "red.png"),
                  "--out", str(out), "--image-size", "30"]) == 2
     assert "not a multiple of patch_size" in capsys.readouterr().err
+
+
+# ---- open_clip checkpoints --------------------------------------------------------------------------
+
+OPEN_CLIP_VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8, "mlp_ratio": 2.0}
+OPEN_CLIP_TEXT = {"context_length": 12, "vocab_size": 99, "width": 32, "heads": 4, "layers": 2, "mlp_ratio": 2.0}
+OPEN_CLIP_MODELS = {
+    # OpenAI-style CLIP: QuickGELU, causal text pooled at argmax(ids)
+    "clip": {"embed_dim": 24, "quick_gelu": True, "vision_cfg": OPEN_CLIP_VISION, "text_cfg": OPEN_CLIP_TEXT},
+    # the SigLIP loss on open_clip's own towers: bias, bidirectional text at its last position with a biased
+    # projection, exact GELU, eps 1e-6, no ln_pre, SigLIP's pixel normalisation, CustomTextCLIP's layout
+    "siglip": {"embed_dim": 24, "init_logit_bias": -10.0, "init_logit_scale": 2.3, "custom_text": True,
+               "vision_cfg": {**OPEN_CLIP_VISION, "no_ln_pre": True, "norm_kwargs": {"eps": 1e-6}},
+               "text_cfg": {**OPEN_CLIP_TEXT, "no_causal_mask": True, "pool_type": "last", "proj_bias": True,
+                            "norm_kwargs": {"eps": 1e-6}}},
+    # an end-of-text id pooled by value
+    "eos": {"embed_dim": 24, "vision_cfg": {**OPEN_CLIP_VISION, "final_ln_after_pool": True},
+            "text_cfg": {**OPEN_CLIP_TEXT, "pool_type": "eos", "eos_id": 7}},
+}
+
+
+def write_open_clip_folder(folder, kind):
+    """A random open_clip model of ``kind`` saved as open_clip publishes it; returns the torch model."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    model_cfg = OPEN_CLIP_MODELS[kind]
+    build = open_clip.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.CLIP
+    model = build(**{key: value for key, value in model_cfg.items() if key != "custom_text"}).eval()
+    with torch.no_grad():              # open_clip starts some weights at zero or one: make every one count
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    folder.mkdir()
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if kind == "siglip" else ((0.48145466, 0.4578275, 0.40821073),
+                                                                   (0.26862954, 0.26130258, 0.27577711))
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": mean, "std": std}}))
+    safetensors_torch.save_file({key: value.contiguous() for key, value in model.state_dict().items()},
+                                str(folder / "open_clip_model.safetensors"))
+    return model
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("kind", sorted(OPEN_CLIP_MODELS))
+def test_open_clip_checkpoint_gives_open_clips_embeddings(tmp_path, kind):
+    import torch
+
+    from tinyclip import hub
+    reference = write_open_clip_folder(tmp_path / "oc", kind)
+    model = hub.load_model(tmp_path / "oc")
+    assert model.config.family == ("siglip" if kind == "siglip" else "clip")
+    assert model.config.image_normalization == ("siglip" if kind == "siglip" else "clip")
+    rng = numpy.random.default_rng(0)
+    images = rng.normal(size=(3, 32, 32, 3)).astype(numpy.float32)
+    tokens = rng.integers(1, 90, size=(3, 12))
+    tokens[:, 8] = 98 if kind == "clip" else 7                  # the end of text, then padding
+    tokens[:, 9:] = 0
+    with torch.no_grad():
+        image_emb = reference.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), normalize=True)
+        text_emb = reference.encode_text(torch.from_numpy(tokens), normalize=True)
+    numpy.testing.assert_allclose(model.encode_image(images).numpy(), image_emb.numpy(), rtol=1e-4, atol=1e-5)
+    numpy.testing.assert_allclose(model.encode_text(tokens).numpy(), text_emb.numpy(), rtol=1e-4, atol=1e-5)
+    numpy.testing.assert_allclose(model.log_scale.numpy(), reference.logit_scale.item(), rtol=1e-6)
+    if kind == "siglip":
+        numpy.testing.assert_allclose(model.bias.numpy(), reference.logit_bias.item(), rtol=1e-6)
+
+
+def write_open_clip_config(folder, model_cfg, preprocess_cfg=None):
+    folder.mkdir(exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                              "preprocess_cfg": preprocess_cfg or {}}))
+    return folder
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vision_cfg": {"timm_model_name": "vit_base_patch16_siglip_224"}}, "timm model"),
+    ({"text_cfg": {"hf_model_name": "roberta-base"}}, "Hugging Face model"),
+    ({"vision_cfg": {"layers": [3, 4, 6, 3]}}, "ModifiedResNet"),
+    ({"vision_cfg": {**OPEN_CLIP_VISION, "pool_type": "avg", "ls_init_value": 1e-4}},
+     "vision_cfg.ls_init_value is 0.0001.*vision_cfg.pool_type is 'avg'"),
+    ({"vision_cfg": {**OPEN_CLIP_VISION, "width": "wide"}}, "vision_cfg.width must be a positive integer"),
+    ({"text_cfg": {**OPEN_CLIP_TEXT, "norm_kwargs": {"eps": 1e-6}}}, "eps differs between towers"),
+    ({"wat": 1}, "model_cfg.wat is not an open_clip CLIP field"),
+])
+def test_open_clip_configs_tinyclip_cannot_express_are_refused_with_the_reason(tmp_path, change, message):
+    from tinyclip import hub
+    model_cfg = {"embed_dim": 24, "vision_cfg": OPEN_CLIP_VISION, "text_cfg": OPEN_CLIP_TEXT, **change}
+    folder = write_open_clip_config(tmp_path / "oc", model_cfg)
+    with pytest.raises(ValueError, match=message) as raised:
+        hub.load_model(folder)
+    assert "open_clip_config.json" in str(raised.value)
+
+
+def test_open_clip_pickles_are_refused_and_missing_weights_named(tmp_path):
+    from tinyclip import hub
+    folder = write_open_clip_config(tmp_path / "oc", {"embed_dim": 24, "vision_cfg": OPEN_CLIP_VISION,
+                                                      "text_cfg": OPEN_CLIP_TEXT})
+    with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
+        hub.load_model(folder)
+    (folder / "open_clip_pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    with pytest.raises(ValueError, match="never unpickles"):
+        hub.load_model(folder)
+    with pytest.raises(ValueError, match="never unpickles"):
+        hub.load_model(folder / "open_clip_pytorch_model.bin")
+    (folder / "open_clip_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="open_clip_model.safetensors"):
+        hub.load_model(folder)
+    write_open_clip_config(folder, {"embed_dim": 24, "vision_cfg": OPEN_CLIP_VISION, "text_cfg": OPEN_CLIP_TEXT},
+                           {"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]})
+    with pytest.raises(ValueError, match="mean"):
+        hub.load_model(folder)
+
+
+def test_open_clip_weights_that_do_not_fit_are_all_named(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from tinyclip import hub
+    model_cfg = {"embed_dim": 8, "vision_cfg": {**OPEN_CLIP_VISION, "layers": 1},
+                 "text_cfg": {**OPEN_CLIP_TEXT, "layers": 1}}
+    folder = write_open_clip_config(tmp_path / "oc", model_cfg)
+    safetensors_numpy.save_file({"visual.conv1.weight": numpy.zeros((32, 3, 4, 4), numpy.float32),
+                                 "extra": numpy.zeros(2, numpy.float32)}, str(folder / "open_clip_model.safetensors"))
+    with pytest.raises(ValueError) as raised:
+        hub.load_model(folder)
+    text = str(raised.value)
+    assert "visual.conv1.weight: checkpoint (32, 3, 4, 4) vs model (32, 3, 8, 8)" in text
+    assert "unexpected keys (1): extra" in text and "missing keys" in text and "logit_scale" in text

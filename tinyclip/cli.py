@@ -93,9 +93,9 @@ def _prompt_template(template):
 
 
 def _load_model_and_images(args):
-    from . import checkpoint
+    from . import hub
     from .data import preprocess_batch
-    model = checkpoint.from_pretrained(args.model, image_size=args.image_size)
+    model = hub.load_model(args.model, image_size=args.image_size)
     model.eval()
     images = preprocess_batch(args.images, model.config.image_size, model.config.image_normalization) if args.images else None
     return model, images
@@ -177,8 +177,8 @@ def run_train(args):
 def run_eval(args):
     """Evaluate a saved model on the held-out shapes sets and print the metrics as JSON."""
     from . import evaluate, train
-    from .checkpoint import from_pretrained
-    model = from_pretrained(args.model)
+    from .hub import load_model
+    model = load_model(args.model)
     tokenizer = _load_tokenizer(args.model, args.bpe)
     config = train.TrainConfig(eval_per_class=args.eval_per_class, eval_pairs=args.eval_pairs)
     metrics = evaluate.evaluate(model, tokenizer, **train.evaluation_sets(config, model.config.image_size))
@@ -249,7 +249,8 @@ def build_parser():
                                    description="Zero-shot classification: each label is written into every "
                                                "template, its prompts' embeddings are averaged into one "
                                                "label embedding, and each image is scored against every label.")
-    zeroshot.add_argument("--model", required=True, help="a tinyclip checkpoint or Hugging Face CLIP/SigLIP folder")
+    zeroshot.add_argument("--model", required=True,
+                          help="a tinyclip, Hugging Face CLIP/SigLIP or open_clip model folder")
     zeroshot.add_argument("--images", nargs="+", required=True, help="image files")
     zeroshot.add_argument("--labels", nargs="+", required=True, help="class names")
     zeroshot.add_argument("--template", action="append", type=_prompt_template, metavar="TEMPLATE",
@@ -263,7 +264,8 @@ def build_parser():
     embed = commands.add_parser("embed", help="write normalised embeddings to an .npz file",
                                 description="Encode images and/or texts and save the unit-length "
                                             "embeddings (image_emb, text_emb) with numpy.savez.")
-    embed.add_argument("--model", required=True, help="a tinyclip checkpoint or Hugging Face CLIP/SigLIP folder")
+    embed.add_argument("--model", required=True,
+                       help="a tinyclip, Hugging Face CLIP/SigLIP or open_clip model folder")
     embed.add_argument("--images", nargs="*", default=[], help="image files")
     embed.add_argument("--texts", nargs="*", default=[], help="texts")
     embed.add_argument("--out", required=True, help="the .npz file to write")
