@@ -437,7 +437,10 @@ class SiglipTokenizer:
         return self.processor.decode(kept)
 
     def __call__(self, texts, context_length=64):
-        """Texts → (len(texts), context_length) int64: ids, ``</s>``, ``</s>`` padding; too long keeps ``</s>`` last."""
+        """Texts → (len(texts), context_length) int64: ids, ``</s>``, then ``</s>`` as padding.
+
+        A text too long keeps its first ``context_length - 1`` ids and the ``</s>``.
+        """
         texts = checked_texts(texts)
         if isinstance(context_length, bool) or not isinstance(context_length, (int, numpy.integer)) \
                 or context_length < 1:
