@@ -20,6 +20,7 @@ from tinyclip.models.vision import bicubic_matrix, resize_position_embedding
 
 from . import strict_backend
 from .test_checkpoint import hf_tiny
+from .test_siglip_tokenizer import hf_siglip_tokenizer, spiece_file  # noqa: F401  (spiece_file is a fixture)
 
 
 # ---- position embeddings at another resolution ----------------------------------------------------
@@ -247,3 +248,103 @@ def test_open_clip_weights_that_do_not_fit_are_all_named(tmp_path):
     text = str(raised.value)
     assert "visual.conv1.weight: checkpoint (32, 3, 4, 4) vs model (32, 3, 8, 8)" in text
     assert "unexpected keys (1): extra" in text and "missing keys" in text and "logit_scale" in text
+
+
+# ---- export to Hugging Face -------------------------------------------------------------------------
+
+CAPTIONS = ["a photo of a cat.", "Two dogs on the grass", "a red circle and a blue square"]
+
+
+@pytest.fixture
+def clip_folder(tmp_path):
+    """A tinyclip CLIP-architecture model with random weights and a BPE tokenizer trained on CAPTIONS."""
+    from tinyclip.tokenizer import Tokenizer
+    tokenizer = Tokenizer.train(CAPTIONS * 3, vocab_size=540)
+    config = preset("tiny", vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eot_id, context_length=16,
+                    image_size=32)
+    model = CLIP(config, seed=3)
+    checkpoint.save(model, tmp_path / "clip")
+    tokenizer.save(str(tmp_path / "clip" / "tokenizer.tinyclip.json"))
+    return tmp_path / "clip"
+
+
+def test_export_round_trips_through_from_pretrained(clip_folder, tmp_path, capsys):
+    assert main(["export", "--model", str(clip_folder), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert "CLIPModel" in capsys.readouterr().out
+    names = sorted(path.name for path in (tmp_path / "hf").iterdir())
+    assert names == ["config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
+                     "tokenizer_config.json", "vocab.json"]
+    original, exported = checkpoint.load(clip_folder), checkpoint.from_pretrained(tmp_path / "hf")
+    assert exported.config == original.config
+    for (name, first), (_, second) in zip(original.state_dict().items(), exported.state_dict().items()):
+        numpy.testing.assert_array_equal(first, second, err_msg=name)
+
+
+def test_export_refuses_what_transformers_cannot_express(tmp_path, capsys):
+    from tinyclip.tokenizer import Tokenizer
+    tokenizer = Tokenizer.train(CAPTIONS, vocab_size=520)
+    for name, config in (("cnn", preset("shapes", vocab_size=520, eos_id=519)),
+                         ("gap", preset("tiny", vocab_size=520, eos_id=519, vision_pooling="gap"))):
+        checkpoint.save(CLIP(config), tmp_path / name)
+        tokenizer.save(str(tmp_path / name / "tokenizer.tinyclip.json"))
+        assert main(["export", "--model", str(tmp_path / name), "--out", str(tmp_path / f"{name}-hf")]) == 2
+        assert not (tmp_path / f"{name}-hf").exists()
+    errors = capsys.readouterr().err
+    assert "'cnn' tower: transformers' CLIPModel and SiglipModel have only Vision Transformer" in errors
+    assert "vision_pooling='gap' (needs 'cls')" in errors
+
+
+@pytest.mark.parity
+def test_exported_clip_loads_in_transformers_with_the_same_embeddings_and_ids(clip_folder, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tinyclip import hub
+    from tinyclip.tokenizer import find_tokenizer
+    assert main(["export", "--model", str(clip_folder), "--out", str(tmp_path / "hf")]) == 0
+    reference = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    model, tokenizer = hub.load_model(clip_folder), find_tokenizer(clip_folder)
+    ours = tokenizer(CAPTIONS, context_length=16)
+    theirs = processor.tokenizer(CAPTIONS, padding="max_length", max_length=16, truncation=True).input_ids
+    for row, ids in zip(ours, theirs):
+        end = list(row).index(tokenizer.eot_id) + 1
+        assert ids[:end] == list(row[:end])               # then transformers pads with <|endoftext|>, we with 0
+    images = numpy.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(numpy.float32)
+    with torch.no_grad():
+        outputs = reference(input_ids=torch.tensor(theirs),
+                            pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    numpy.testing.assert_allclose(model.encode_image(images).numpy(), outputs.image_embeds.numpy(),
+                                  rtol=1e-4, atol=1e-5)
+    numpy.testing.assert_allclose(model.encode_text(ours).numpy(), outputs.text_embeds.numpy(), rtol=1e-4, atol=1e-5)
+    assert processor.image_processor.crop_size == {"height": 32, "width": 32}
+
+
+@pytest.mark.parity
+def test_exported_siglip_loads_in_transformers_with_the_same_embeddings_and_ids(spiece_file, tmp_path, capsys,
+                                                                               monkeypatch):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tinyclip.tokenizer import SiglipTokenizer
+    hf_siglip_tokenizer(spiece_file, monkeypatch)          # lets SiglipTokenizer load without protobuf
+    torch.manual_seed(0)
+    tokenizer = SiglipTokenizer.from_file(spiece_file)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8}
+    text = {"vocab_size": tokenizer.vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 16}
+    original = transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision, text_config=text)).eval()
+    original.save_pretrained(tmp_path / "siglip")
+    (tmp_path / "siglip" / "spiece.model").write_bytes(spiece_file.read_bytes())
+    assert main(["export", "--model", str(tmp_path / "siglip"), "--out", str(tmp_path / "hf")]) == 0
+    assert "SiglipModel" in capsys.readouterr().out
+    exported = transformers.SiglipModel.from_pretrained(tmp_path / "hf").eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    ids = processor.tokenizer(CAPTIONS, padding="max_length", max_length=16, truncation=True).input_ids
+    assert ids == tokenizer(CAPTIONS, context_length=16).tolist()
+    pixel_values = torch.from_numpy(numpy.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(numpy.float32))
+    with torch.no_grad():
+        expected = original(input_ids=torch.tensor(ids), pixel_values=pixel_values)
+        got = exported(input_ids=torch.tensor(ids), pixel_values=pixel_values)
+    for name in ("image_embeds", "text_embeds", "logits_per_image"):
+        numpy.testing.assert_allclose(getattr(got, name).numpy(), getattr(expected, name).numpy(),
+                                      rtol=1e-5, atol=1e-6, err_msg=name)

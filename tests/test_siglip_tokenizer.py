@@ -54,7 +54,7 @@ def spiece_file(tmp_path_factory):
     return path
 
 
-def hf_siglip_tokenizer(path):
+def hf_siglip_tokenizer(path, monkeypatch):
     """transformers' SiglipTokenizer on ``path``.
 
     Its constructor insists on protobuf, which transformers uses only with
@@ -67,7 +67,7 @@ def hf_siglip_tokenizer(path):
     try:
         import google.protobuf  # noqa: F401
     except ImportError:
-        tokenization_siglip.requires_backends = lambda *args, **kwargs: None
+        monkeypatch.setattr(tokenization_siglip, "requires_backends", lambda *args, **kwargs: None)
     return tokenization_siglip.SiglipTokenizer(str(path))
 
 
@@ -123,8 +123,8 @@ def test_save_and_find_in_a_model_folder(spiece_file, tmp_path):
 
 @pytest.mark.parity
 @pytest.mark.parametrize("context_length", [64, 8])
-def test_ids_equal_transformers(spiece_file, context_length):
-    reference = hf_siglip_tokenizer(spiece_file)
+def test_ids_equal_transformers(spiece_file, context_length, monkeypatch):
+    reference = hf_siglip_tokenizer(spiece_file, monkeypatch)
     ours = SiglipTokenizer.from_file(spiece_file)
     expected = reference(CAPTIONS, padding="max_length", truncation=True, max_length=context_length).input_ids
     assert ours(CAPTIONS, context_length=context_length).tolist() == expected
@@ -146,11 +146,11 @@ def write_images(folder, size, count=2):
 
 
 @pytest.mark.parity
-def test_zeroshot_on_a_hugging_face_siglip_folder_equals_transformers(spiece_file, tmp_path, capsys):
+def test_zeroshot_on_a_hugging_face_siglip_folder_equals_transformers(spiece_file, tmp_path, capsys, monkeypatch):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from PIL import Image
-    hf_tokenizer = hf_siglip_tokenizer(spiece_file)
+    hf_tokenizer = hf_siglip_tokenizer(spiece_file, monkeypatch)
     torch.manual_seed(0)
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "image_size": 32, "patch_size": 8}

@@ -5,8 +5,8 @@ installation and the devices it can see; ``zeroshot`` classifies images
 against label prompts with a saved or Hugging Face model; ``embed`` writes
 normalised image and text embeddings to an .npz file; ``train`` runs
 ``tinyclip.train`` (a flag for each main TrainConfig field); ``eval`` scores a
-saved model on the held-out shapes sets. ``main``
-returns an exit code instead of exiting, so that tests and other Python
+saved model on the held-out shapes sets; ``export`` writes a model as a
+Hugging Face folder (``tinyclip.hub``). ``main`` returns an exit code instead of exiting, so that tests and other Python
 code can call it.
 """
 
@@ -158,6 +158,17 @@ def run_embed(args):
     return 0
 
 
+def run_export(args):
+    """Write a model and its tokenizer in another library's layout (``--format hf``: transformers)."""
+    from . import hub
+    model = hub.load_model(args.model)
+    tokenizer = _load_tokenizer(args.model, args.bpe)
+    for note in hub.export_hf(model, tokenizer, args.out):
+        print(note)
+    print(f"wrote {args.out}: config.json, model.safetensors, preprocessor_config.json and the tokenizer's files")
+    return 0
+
+
 def run_train(args):
     """Train a model (train.TrainConfig from the flags); exit code 1 when the loss diverged."""
     from . import train
@@ -272,6 +283,17 @@ def build_parser():
     embed.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
     _add_output_arguments(embed, "print the written file's path and the arrays' shapes as JSON")
     embed.set_defaults(run=run_embed)
+
+    export = commands.add_parser("export", help="write a model as a Hugging Face CLIPModel/SiglipModel folder",
+                                 description="Write the model with its tokenizer and image-processor settings in "
+                                             "a layout another library loads; transformers' CLIPModel / "
+                                             "SiglipModel.from_pretrained and AutoProcessor read --format hf.")
+    export.add_argument("--model", required=True,
+                        help="a tinyclip, Hugging Face CLIP/SigLIP or open_clip model folder")
+    export.add_argument("--format", choices=("hf",), default="hf", help="the layout to write (hf: transformers)")
+    export.add_argument("--out", required=True, help="the folder to write (replaced whole, atomically)")
+    export.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    export.set_defaults(run=run_export)
 
     train = commands.add_parser("train", help="train a CLIP/SigLIP model (default: the shapes preset on shapes)",
                                 description="Train with the SigLIP or CLIP loss; under mpiexec, data-parallel. "

@@ -20,7 +20,6 @@ Weights are read and written with the ``safetensors`` package; pickled files
 (``open_clip_pytorch_model.bin``, ``.pt``) are refused, never unpickled.
 """
 
-import dataclasses
 import json
 import os
 
@@ -330,3 +329,170 @@ def _read_json(path):
     if not isinstance(document, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(document).__name__}")
     return document
+
+
+# ---------------------------------------------------------------------------------
+# Hugging Face out
+# ---------------------------------------------------------------------------------
+
+# the CLIPConfig switches that make a model one of transformers' two architectures (checkpoint.config_from_hf
+# reads them back): a tinyclip model is exported as the one whose switches it has
+HF_ARCHITECTURES = {
+    "clip": {"class_token": True, "vision_pre_norm": True, "patch_bias": False, "vision_pooling": "cls",
+             "vision_projection": True, "causal": True, "text_projection_bias": False},
+    "siglip": {"class_token": False, "vision_pre_norm": False, "patch_bias": True, "vision_pooling": "map",
+               "vision_projection": False, "causal": False, "text_pooling": "last", "text_projection_bias": True},
+}
+_HF_ACTIVATION_NAMES = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
+                        "relu": "relu"}
+
+
+def hf_architecture(config):
+    """'clip' (transformers' CLIPModel) or 'siglip' (SiglipModel) for ``config``; a ValueError says why neither."""
+    if config.vision_type != "vit":
+        raise ValueError(f"the image tower is a {config.vision_type!r} tower: transformers' CLIPModel and "
+                         f"SiglipModel have only Vision Transformer image towers, so it cannot be exported")
+    misfits = {}
+    for architecture, switches in HF_ARCHITECTURES.items():
+        misfits[architecture] = [f"{name}={getattr(config, name)!r} (needs {value!r})"
+                                 for name, value in switches.items() if getattr(config, name) != value]
+        if architecture == "clip" and config.text_pooling not in ("argmax", "eos"):
+            misfits[architecture].append(f"text_pooling={config.text_pooling!r} (needs 'argmax' or 'eos')")
+        if not misfits[architecture]:
+            return architecture
+    raise ValueError("this model fits neither of transformers' architectures: as CLIPModel "
+                     + ", ".join(misfits["clip"]) + "; as SiglipModel " + ", ".join(misfits["siglip"]))
+
+
+def hf_config(config, architecture, tokenizer):
+    """The Hugging Face config.json document for ``config`` exported as ``architecture``."""
+    activation = _HF_ACTIVATION_NAMES[config.activation]
+    vision = {"hidden_size": config.vision_width, "intermediate_size": _mlp_width(config, "vision"),
+              "num_hidden_layers": config.vision_layers, "num_attention_heads": config.vision_heads,
+              "num_channels": 3, "image_size": config.image_size, "patch_size": config.patch_size,
+              "hidden_act": activation, "layer_norm_eps": config.ln_eps}
+    text = {"vocab_size": config.vocab_size, "hidden_size": config.text_width,
+            "intermediate_size": _mlp_width(config, "text"), "num_hidden_layers": config.text_layers,
+            "num_attention_heads": config.text_heads, "max_position_embeddings": config.context_length,
+            "hidden_act": activation, "layer_norm_eps": config.ln_eps}
+    if architecture == "clip":
+        # transformers pools at argmax(ids) only for the legacy eos_token_id 2 (checkpoint.config_from_hf)
+        eos = 2 if config.text_pooling == "argmax" else config.eos_id
+        text.update(eos_token_id=eos, bos_token_id=getattr(tokenizer, "sot_id", 0), pad_token_id=tokenizer.eot_id,
+                    projection_dim=config.embed_dim)
+        vision.update(projection_dim=config.embed_dim)
+        return {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": config.embed_dim,
+                "logit_scale_init_value": config.init_log_scale, "text_config": text, "vision_config": vision}
+    text.update(projection_size=config.embed_dim, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.eot_id)
+    vision.update(vision_use_head=True)
+    return {"model_type": "siglip", "architectures": ["SiglipModel"], "text_config": text, "vision_config": vision}
+
+
+def _mlp_width(config, tower):
+    width, ratio = (config.vision_width, config.vision_mlp_ratio) if tower == "vision" else \
+        (config.text_width, config.text_mlp_ratio)
+    return int(width * ratio)
+
+
+def hf_state(model, architecture):
+    """``{Hugging Face key: NumPy array}`` of ``model`` in the layout of ``architecture`` (checkpoint.hf_name)."""
+    config = model.config
+    state, packed = {}, {}
+    for name, parameter in model.named_parameters():
+        if name == "bias" and architecture == "clip":
+            continue                                    # CLIPModel has no logit_bias (export_hf reports it)
+        array = _backend.to_numpy(parameter.data)
+        key = checkpoint.hf_name(name, architecture)
+        kind, shape = checkpoint.hf_layout(name, parameter.shape, config)
+        if kind == "scalar":
+            shape = (1,) if architecture == "siglip" else ()     # SiglipModel keeps its scalars as (1,)
+        elif kind == "patch":                              # (W, P·P·3) -> (W, P, P, 3) -> (W, 3, P, P)
+            patch = config.patch_size
+            array = array.reshape(array.shape[0], patch, patch, 3).transpose(0, 3, 1, 2)
+        elif kind in ("q", "k", "v"):                    # packed back into one in_proj, rows q then k then v
+            packed.setdefault(key, {})[kind] = array
+            continue
+        state[key] = numpy.ascontiguousarray(array).reshape(shape)
+    for key, parts in packed.items():
+        state[key] = numpy.concatenate([parts["q"], parts["k"], parts["v"]])
+    if architecture == "siglip" and model.bias is None:
+        state["logit_bias"] = numpy.zeros(1, dtype=_backend.to_numpy(model.log_scale.data).dtype)
+    return state
+
+
+def hf_tokenizer_files(tokenizer, architecture, context_length):
+    """``{file name: bytes}``: the tokenizer in the files transformers' tokenizers read."""
+    if isinstance(tokenizer, SiglipTokenizer):
+        settings = {"tokenizer_class": "SiglipTokenizer", "model_max_length": context_length,
+                    "do_lower_case": tokenizer.lowercase, "eos_token": "</s>", "pad_token": "</s>",
+                    "unk_token": tokenizer.unk_piece}
+        return {SPIECE_FILE: tokenizer.model_proto, "tokenizer_config.json": _json_bytes(settings)}
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(f"cannot export a {type(tokenizer).__name__}; tinyclip exports its BPE Tokenizer and "
+                         f"SigLIP's SentencePiece one")
+    if architecture == "siglip":
+        raise ValueError("a SiglipModel reads the text at its last position, so its padding must be exactly "
+                         "tinyclip's (id 0 after the end token), which transformers' CLIP tokenizer cannot "
+                         "reproduce (it pads with a token); export SigLIP-architecture models with a "
+                         "SentencePiece tokenizer")
+    vocab = {symbol: index for index, symbol in tokenizer.decoder.items()}
+    merges = "#version: 0.2\n" + "".join(f"{first} {second}\n" for first, second in tokenizer.merges)
+    # OpenAI's CLIP settings: <|endoftext|> stands in for unknown symbols and pads (after the end of text, which
+    # the causal text tower never looks past)
+    settings = {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    return {"vocab.json": _json_bytes(vocab), "merges.txt": merges.encode("utf-8"),
+            "tokenizer_config.json": _json_bytes(settings)}
+
+
+def hf_preprocessor_config(config, architecture):
+    """preprocessor_config.json: transformers' image processor with the model's size and pixel normalisation."""
+    mean, std = OPEN_CLIP_NORMALIZATIONS[config.image_normalization]
+    common = {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean),
+              "image_std": list(std), "resample": 3, "do_resize": True}
+    if architecture == "clip":   # shorter side to the size, then the central square, as tinyclip's "clip" does
+        return {"image_processor_type": "CLIPImageProcessor", **common, "size": {"shortest_edge": config.image_size},
+                "do_center_crop": True, "crop_size": {"height": config.image_size, "width": config.image_size},
+                "do_convert_rgb": True}
+    return {"image_processor_type": "SiglipImageProcessor", **common,
+            "size": {"height": config.image_size, "width": config.image_size}}
+
+
+def export_hf(model, tokenizer, out):
+    """Write ``model`` and ``tokenizer`` as a Hugging Face folder at ``out``, atomically; returns notes to print.
+
+    The folder holds config.json, model.safetensors, the tokenizer's files and
+    preprocessor_config.json: transformers' ``CLIPModel`` / ``SiglipModel``
+    (``hf_architecture`` picks one) and ``AutoProcessor`` load it. Raises
+    ValueError, with the reason, for a model neither architecture expresses.
+    """
+    import safetensors.numpy
+    config = model.config
+    architecture = hf_architecture(config)
+    if int(config.vision_width * config.vision_mlp_ratio) != config.vision_width * config.vision_mlp_ratio or \
+            int(config.text_width * config.text_mlp_ratio) != config.text_width * config.text_mlp_ratio:
+        raise ValueError("an MLP ratio does not give a whole hidden width; transformers stores intermediate_size")
+    files = hf_tokenizer_files(tokenizer, architecture, config.context_length)
+    notes = [f"exported as transformers' {'CLIPModel' if architecture == 'clip' else 'SiglipModel'}"]
+    document = hf_config(config, architecture, tokenizer)
+    if architecture == "clip" and model.bias is not None:
+        bias = float(_backend.to_numpy(model.bias.data))
+        document["tinyclip_logit_bias"] = bias
+        notes.append(f"CLIPModel has no logit bias: the SigLIP-loss bias {bias:.6g} is kept in config.json as "
+                     f"tinyclip_logit_bias, and transformers' logits_per_image lack it")
+    if architecture == "siglip" and model.bias is None:
+        notes.append("SiglipModel needs a logit bias: written as 0, so its logits equal this model's")
+    with checkpoint.staged_folder(out) as staging:
+        checkpoint.write_json(os.path.join(staging, "config.json"), document)
+        checkpoint.write_json(os.path.join(staging, "preprocessor_config.json"),
+                              hf_preprocessor_config(config, architecture))
+        safetensors.numpy.save_file(hf_state(model, architecture), os.path.join(staging, "model.safetensors"),
+                                    metadata={"format": "pt"})
+        for name, data in files.items():
+            with open(os.path.join(staging, name), "wb") as file:
+                file.write(data)
+    return notes
+
+
+def _json_bytes(document):
+    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
