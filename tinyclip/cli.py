@@ -203,7 +203,8 @@ def _add_train_arguments(parser):
     add = parser.add_argument
     add("--preset", default=defaults.preset, help="model preset (tinyclip.models.PRESETS)")
     add("--image-size", type=int, help="image side in pixels (default: the preset's)")
-    add("--loss", choices=("siglip", "clip"), default=defaults.loss, help="sigmoid (SigLIP) or softmax (CLIP) loss")
+    add("--loss", choices=("siglip", "clip"), default=defaults.loss,
+        help="sigmoid (SigLIP) or softmax (CLIP) loss (default: the --init model's family, else siglip)")
     add("--clip-method", choices=("ring", "gather"), default=defaults.clip_method,
         help="how the CLIP loss runs over MPI ranks")
     add("--steps", type=int, default=defaults.steps, help="optimiser steps")
@@ -218,7 +219,12 @@ def _add_train_arguments(parser):
     add("--dtype", default=defaults.dtype, help="parameter dtype")
     add("--image-tower", metavar="MODEL", help="start the image tower from this model folder (tinyclip's or a "
                                                 "Hugging Face CLIP/SigLIP one); its tower's settings replace the preset's")
-    add("--lock-image", action="store_true", help="LiT: keep the --image-tower fixed and train only the text side")
+    add("--lock-image", action="store_true",
+        help="LiT: keep the --image-tower (or --init) image tower fixed and train only the text side")
+    # fine-tuning a whole pretrained model
+    add("--init", metavar="MODEL", help="start both towers, the scale and the bias from this model folder (tinyclip, "
+                                        "Hugging Face CLIP/SigLIP or open_clip) and use its tokenizer")
+    add("--lock-text", action="store_true", help="keep the --init model's text tower (projection included) fixed")
     add("--data", help="a CSV/TSV of image paths and captions, or a folder of images with .txt captions "
                        "(default: the built-in shapes)")
     add("--image-column", default=defaults.image_column, help="CSV/TSV column with image paths")

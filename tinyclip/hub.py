@@ -496,3 +496,23 @@ def export_hf(model, tokenizer, out):
 
 def _json_bytes(document):
     return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def model_family(path):
+    """'clip' or 'siglip' (the loss it was trained with) of the model folder ``path``, from its config alone.
+
+    Reads no weights, so that a training configuration can settle its loss
+    before anything is loaded. Raises ValueError naming the file at fault.
+    """
+    path = os.fspath(path)
+    open_clip_config = os.path.join(path, OPEN_CLIP_CONFIG)
+    config_path = open_clip_config if os.path.isfile(open_clip_config) else os.path.join(path, "config.json")
+    document = _read_json(config_path)
+    try:
+        if config_path == open_clip_config:
+            return config_from_open_clip(document).family
+        if "tinyclip_format" in document:
+            return CLIPConfig.from_dict(document.get("config") or {}).family
+        return checkpoint.config_from_hf(document).family
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: {error}") from None
