@@ -527,15 +527,53 @@ def state_from_hf(hf_state, model):
     return {name: from_hf_array(hf_state[key], kind, own[name].shape) for name, (key, kind) in plan.items()}
 
 
-def from_pretrained(path, dtype=None, backend=None):
+def from_pretrained(path, dtype=None, backend=None, image_size=None):
     """A CLIP from a folder: a Hugging Face CLIP / SigLIP checkpoint, or one written by ``save``.
 
     Hugging Face weights are converted to ``dtype`` (default: the backend's
     default float type, float32) whatever they were stored in. The config is
     translated and validated and every shape checked before any weight is
-    read (see ``load``). Raises FileNotFoundError for a missing folder or
-    file, ValueError naming the file and the fault for anything malformed.
+    read (see ``load``). With ``image_size`` a ViT is rebuilt for that input
+    side (``at_image_size``). Raises FileNotFoundError for a missing folder
+    or file, ValueError naming the file and the fault for anything malformed.
     """
+    model = _from_folder(path, dtype, backend)
+    if image_size is not None and image_size != model.config.image_size:
+        try:
+            model = at_image_size(model, image_size)
+        except ValueError as error:
+            raise ValueError(f"checkpoint {os.fspath(path)}: {error}") from None
+    return model
+
+
+def at_image_size(model, image_size):
+    """The same CLIP for images of side ``image_size``: its position embeddings resized to the new patch grid.
+
+    The class token's embedding is kept and the patch grid's is resized
+    bicubically (``models.vision.resize_position_embedding``, transformers'
+    ``interpolate_pos_encoding``); every other weight is copied. Raises
+    ValueError for a CNN tower (it has no position embeddings and takes any
+    size already) or a side that is not a positive multiple of the patch size.
+    """
+    from .models.vision import resize_position_embedding
+    config = model.config
+    if config.vision_type != "vit":
+        raise ValueError(f"image_size {image_size}: only a ViT image tower has position embeddings to resize; "
+                         f"this model's tower is {config.vision_type!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < config.patch_size:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {config.patch_size}, "
+                         f"got {image_size!r}")
+    resized = CLIP(dataclasses.replace(config, image_size=image_size), dtype=model.log_scale.data.dtype,
+                   backend=_backend.backend_of(model.log_scale.data))
+    state = dict(model.state_dict())
+    state["visual.position_embedding"] = resize_position_embedding(
+        state["visual.position_embedding"], config.image_size // config.patch_size,
+        image_size // config.patch_size, config.class_token)
+    resized.load_state_dict(state)
+    return resized
+
+
+def _from_folder(path, dtype, backend):
     path = _checkpoint_folder(path)
     config_path = os.path.join(path, CONFIG_FILE)
     hf_config = _read_json(config_path)

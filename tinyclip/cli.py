@@ -5,12 +5,13 @@ installation and the devices it can see; ``zeroshot`` classifies images
 against label prompts with a saved or Hugging Face model; ``embed`` writes
 normalised image and text embeddings to an .npz file; ``train`` runs
 ``tinyclip.train`` (a flag for each main TrainConfig field); ``eval`` scores a
-saved model on the held-out shapes sets. ``main``
-returns an exit code instead of exiting, so that tests and other Python
+saved model on the held-out shapes sets; ``export`` writes a model as a
+Hugging Face folder (``tinyclip.hub``). ``main`` returns an exit code instead of exiting, so that tests and other Python
 code can call it.
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -63,24 +64,23 @@ def run_info(args):
     return status
 
 
-TOKENIZER_FILES = ("tokenizer.tinyclip.json", "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
-
-
 class CommandError(Exception):
     """A problem with the command's inputs: printed as one line, exit code 2."""
 
 
 def _load_tokenizer(model_dir, bpe):
-    """The tokenizer given by --bpe, or the first of TOKENIZER_FILES in the model's folder."""
-    from .tokenizer import Tokenizer
-    candidates = [bpe] if bpe else [os.path.join(model_dir, name) for name in TOKENIZER_FILES]
-    for path in candidates:
-        if os.path.isfile(path):
-            return Tokenizer.load(path) if path.endswith(".json") else Tokenizer.from_bpe_file(path)
+    """The tokenizer given by --bpe, or the one saved in the model's folder (tokenizer.find_tokenizer)."""
+    from .tokenizer import TOKENIZER_FILES, find_tokenizer, load_tokenizer
     if bpe:
-        raise CommandError(f"--bpe {bpe}: no such file")
-    raise CommandError(f"no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)}): give --bpe PATH, "
-                       "CLIP's bpe_simple_vocab_16e6.txt.gz or a tokenizer saved by tinyclip")
+        if not os.path.isfile(bpe):
+            raise CommandError(f"--bpe {bpe}: no such file")
+        return load_tokenizer(bpe)
+    tokenizer = find_tokenizer(model_dir)
+    if tokenizer is None:
+        raise CommandError(f"no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)}): give --bpe "
+                           "PATH, CLIP's bpe_simple_vocab_16e6.txt.gz, SigLIP's spiece.model or a tokenizer saved "
+                           "by tinyclip")
+    return tokenizer
 
 
 def _prompt_template(template):
@@ -93,9 +93,9 @@ def _prompt_template(template):
 
 
 def _load_model_and_images(args):
-    from . import checkpoint
+    from . import hub
     from .data import preprocess_batch
-    model = checkpoint.from_pretrained(args.model)
+    model = hub.load_model(args.model, image_size=args.image_size)
     model.eval()
     images = preprocess_batch(args.images, model.config.image_size, model.config.image_normalization) if args.images else None
     return model, images
@@ -122,6 +122,13 @@ def run_zeroshot(args):
         scores /= scores.sum(axis=1, keepdims=True)
     else:                                # SigLIP: each label's own probability of matching
         scores = 1 / (1 + numpy.exp(-logits))
+    method = "softmax over the labels" if model.config.family == "clip" else "sigmoid per label"
+    if args.json:   # every label's full-precision score, for scripts
+        print(json.dumps({"scores": method.split()[0], "labels": list(args.labels),
+                          "images": {path: dict(zip(args.labels, map(float, row)))
+                                     for path, row in zip(args.images, scores)}}, indent=2))
+        return 0
+    print(f"scores: {method} ({model.config.family})", file=sys.stderr)
     top = min(args.top, len(args.labels))
     for path, row in zip(args.images, scores):
         ranked = numpy.argsort(-row)[:top]
@@ -143,7 +150,22 @@ def run_embed(args):
             tokens = _load_tokenizer(args.model, args.bpe)(args.texts, context_length=model.config.context_length)
             arrays["text_emb"] = model.encode_text(tokens).numpy()
     numpy.savez(args.out, **arrays)
-    print(f"wrote {', '.join(f'{name} {array.shape}' for name, array in arrays.items())} to {args.out}")
+    if args.json:
+        print(json.dumps({"out": os.path.abspath(args.out),
+                          "arrays": {name: list(array.shape) for name, array in arrays.items()}}))
+    else:
+        print(f"wrote {', '.join(f'{name} {array.shape}' for name, array in arrays.items())} to {args.out}")
+    return 0
+
+
+def run_export(args):
+    """Write a model and its tokenizer in another library's layout (``--format hf``: transformers)."""
+    from . import hub
+    model = hub.load_model(args.model)
+    tokenizer = _load_tokenizer(args.model, args.bpe)
+    for note in hub.export_hf(model, tokenizer, args.out):
+        print(note)
+    print(f"wrote {args.out}: config.json, model.safetensors, preprocessor_config.json and the tokenizer's files")
     return 0
 
 
@@ -165,10 +187,9 @@ def run_train(args):
 
 def run_eval(args):
     """Evaluate a saved model on the held-out shapes sets and print the metrics as JSON."""
-    import json
     from . import evaluate, train
-    from .checkpoint import from_pretrained
-    model = from_pretrained(args.model)
+    from .hub import load_model
+    model = load_model(args.model)
     tokenizer = _load_tokenizer(args.model, args.bpe)
     config = train.TrainConfig(eval_per_class=args.eval_per_class, eval_pairs=args.eval_pairs)
     metrics = evaluate.evaluate(model, tokenizer, **train.evaluation_sets(config, model.config.image_size))
@@ -182,7 +203,8 @@ def _add_train_arguments(parser):
     add = parser.add_argument
     add("--preset", default=defaults.preset, help="model preset (tinyclip.models.PRESETS)")
     add("--image-size", type=int, help="image side in pixels (default: the preset's)")
-    add("--loss", choices=("siglip", "clip"), default=defaults.loss, help="sigmoid (SigLIP) or softmax (CLIP) loss")
+    add("--loss", choices=("siglip", "clip"), default=defaults.loss,
+        help="sigmoid (SigLIP) or softmax (CLIP) loss (default: the --init model's family, else siglip)")
     add("--clip-method", choices=("ring", "gather"), default=defaults.clip_method,
         help="how the CLIP loss runs over MPI ranks")
     add("--steps", type=int, default=defaults.steps, help="optimiser steps")
@@ -197,7 +219,12 @@ def _add_train_arguments(parser):
     add("--dtype", default=defaults.dtype, help="parameter dtype")
     add("--image-tower", metavar="MODEL", help="start the image tower from this model folder (tinyclip's or a "
                                                 "Hugging Face CLIP/SigLIP one); its tower's settings replace the preset's")
-    add("--lock-image", action="store_true", help="LiT: keep the --image-tower fixed and train only the text side")
+    add("--lock-image", action="store_true",
+        help="LiT: keep the --image-tower (or --init) image tower fixed and train only the text side")
+    # fine-tuning a whole pretrained model
+    add("--init", metavar="MODEL", help="start both towers, the scale and the bias from this model folder (tinyclip, "
+                                        "Hugging Face CLIP/SigLIP or open_clip) and use its tokenizer")
+    add("--lock-text", action="store_true", help="keep the --init model's text tower (projection included) fixed")
     add("--data", help="a CSV/TSV of image paths and captions, or a folder of images with .txt captions "
                        "(default: the built-in shapes)")
     add("--image-column", default=defaults.image_column, help="CSV/TSV column with image paths")
@@ -213,6 +240,14 @@ def _add_train_arguments(parser):
     add("--eval-per-class", type=int, default=defaults.eval_per_class, help="zero-shot images per class")
     add("--eval-pairs", type=int, default=defaults.eval_pairs, help="retrieval pairs and relation-probe images")
     add("--no-plots", dest="plots", action="store_false", help="skip loss.png and similarity.png")
+
+
+def _add_output_arguments(parser, json_help):
+    """--json and --image-size, shared by zeroshot and embed."""
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="run a ViT at N x N pixels: its position embeddings are resized bicubically to "
+                             "the new patch grid (default: the model's own size)")
 
 
 def build_parser():
@@ -231,7 +266,8 @@ def build_parser():
                                    description="Zero-shot classification: each label is written into every "
                                                "template, its prompts' embeddings are averaged into one "
                                                "label embedding, and each image is scored against every label.")
-    zeroshot.add_argument("--model", required=True, help="a tinyclip checkpoint or Hugging Face CLIP/SigLIP folder")
+    zeroshot.add_argument("--model", required=True,
+                          help="a tinyclip, Hugging Face CLIP/SigLIP or open_clip model folder")
     zeroshot.add_argument("--images", nargs="+", required=True, help="image files")
     zeroshot.add_argument("--labels", nargs="+", required=True, help="class names")
     zeroshot.add_argument("--template", action="append", type=_prompt_template, metavar="TEMPLATE",
@@ -239,17 +275,31 @@ def build_parser():
                                f"(default: {' '.join(map(repr, DEFAULT_TEMPLATES))})")
     zeroshot.add_argument("--top", type=int, default=5, help="labels to show per image")
     zeroshot.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    _add_output_arguments(zeroshot, "print every label's full-precision score per image as JSON")
     zeroshot.set_defaults(run=run_zeroshot)
 
     embed = commands.add_parser("embed", help="write normalised embeddings to an .npz file",
                                 description="Encode images and/or texts and save the unit-length "
                                             "embeddings (image_emb, text_emb) with numpy.savez.")
-    embed.add_argument("--model", required=True, help="a tinyclip checkpoint or Hugging Face CLIP/SigLIP folder")
+    embed.add_argument("--model", required=True,
+                       help="a tinyclip, Hugging Face CLIP/SigLIP or open_clip model folder")
     embed.add_argument("--images", nargs="*", default=[], help="image files")
     embed.add_argument("--texts", nargs="*", default=[], help="texts")
     embed.add_argument("--out", required=True, help="the .npz file to write")
     embed.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    _add_output_arguments(embed, "print the written file's path and the arrays' shapes as JSON")
     embed.set_defaults(run=run_embed)
+
+    export = commands.add_parser("export", help="write a model as a Hugging Face CLIPModel/SiglipModel folder",
+                                 description="Write the model with its tokenizer and image-processor settings in "
+                                             "a layout another library loads; transformers' CLIPModel / "
+                                             "SiglipModel.from_pretrained and AutoProcessor read --format hf.")
+    export.add_argument("--model", required=True,
+                        help="a tinyclip, Hugging Face CLIP/SigLIP or open_clip model folder")
+    export.add_argument("--format", choices=("hf",), default="hf", help="the layout to write (hf: transformers)")
+    export.add_argument("--out", required=True, help="the folder to write (replaced whole, atomically)")
+    export.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
+    export.set_defaults(run=run_export)
 
     train = commands.add_parser("train", help="train a CLIP/SigLIP model (default: the shapes preset on shapes)",
                                 description="Train with the SigLIP or CLIP loss; under mpiexec, data-parallel. "

@@ -30,6 +30,7 @@ import html
 import itertools
 import json
 import os
+import string
 import tempfile
 import zlib
 from collections import Counter, defaultdict
@@ -43,6 +44,11 @@ try:
     import ftfy
 except ImportError:   # ftfy repairs mojibake, curly quotes, ligatures, NFC; text needing none tokenises the same
     ftfy = None
+
+try:
+    import sentencepiece
+except ImportError:   # only SigLIP's tokenizer needs it; SiglipTokenizer.from_file says how to install it
+    sentencepiece = None
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -347,3 +353,174 @@ class Tokenizer:
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"
 
+
+
+# ---------------------------------------------------------------------------------
+# SigLIP's SentencePiece tokenizer
+# ---------------------------------------------------------------------------------
+
+SPIECE_FILE = "spiece.model"            # the name SigLIP checkpoints (and transformers) give the model file
+SPIECE_UNDERLINE = "\u2581"             # "▁", SentencePiece's word-start mark
+SIGLIP_EOS = "</s>"                     # transformers' SiglipTokenizer: end of text, also the padding token
+ASCII_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize_text(text, lowercase=True):
+    """SigLIP's text canonicalisation: lowercased, ASCII punctuation removed, whitespace collapsed, stripped.
+
+    big_vision's ``_canonicalize`` and transformers' ``SiglipTokenizer.canonicalize_text``:
+    only the 32 characters of ``string.punctuation`` go ("café, l'été!" → "café lété"); other
+    symbols and every non-ASCII character stay for SentencePiece's own NFKC normalisation.
+    """
+    if lowercase:
+        text = text.lower()
+    text = WHITESPACE.sub(" ", text.translate(ASCII_PUNCTUATION))
+    return text.strip()
+
+
+class SiglipTokenizer:
+    """Text → SigLIP token ids with a SentencePiece model: ``tok(texts, context_length=64)`` → int64 array.
+
+    Id for id transformers' ``SiglipTokenizer`` called with ``padding="max_length",
+    truncation=True`` (and so what its ``SiglipProcessor`` gives the model):
+
+    * each text gets a leading word mark "▁", then ``canonicalize_text``
+      (so leading whitespace is one extra "▁" piece, as there);
+    * SentencePiece encodes it *without* its own dummy prefix: transformers
+      encodes ``unk_piece + text`` and drops the ids of ``unk_piece`` alone,
+      which works whether or not the model file adds a prefix;
+    * ids are cut to ``context_length - 1``, then ``</s>`` is appended, then
+      rows are padded with ``</s>`` as well: SigLIP's text tower reads the
+      last position, which therefore always holds an end-of-text token's
+      features for texts that fit.
+
+    Not reproduced: transformers first splits a text on the literal strings of
+    its special tokens ("</s>", "<unk>") and keeps those as single ids; here
+    their brackets are punctuation and are removed like any other.
+    """
+
+    def __init__(self, model_proto, lowercase=True, name="<bytes>"):
+        if sentencepiece is None:
+            raise ImportError("SigLIP's tokenizer needs the sentencepiece package: pip install sentencepiece")
+        self.model_proto = bytes(model_proto)
+        self.lowercase = lowercase
+        self.processor = sentencepiece.SentencePieceProcessor()
+        try:
+            self.processor.LoadFromSerializedProto(self.model_proto)
+        except (RuntimeError, OSError) as error:
+            raise ValueError(f"{name} is not a SentencePiece model file: {error}") from None
+        self.vocab_size = self.processor.get_piece_size()
+        self.eot_id = self.processor.piece_to_id(SIGLIP_EOS)
+        if self.eot_id == self.processor.unk_id():
+            raise ValueError(f"{name}: the SentencePiece model has no {SIGLIP_EOS!r} piece, SigLIP's end of text")
+        self.unk_piece = self.processor.id_to_piece(self.processor.unk_id())
+        self.unk_length = len(self.processor.encode(self.unk_piece))
+
+    @classmethod
+    def from_file(cls, path, lowercase=True):
+        """The tokenizer of a SentencePiece model file (a SigLIP folder's ``spiece.model``)."""
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as stream:
+                proto = stream.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"SentencePiece model file not found: {path!r}") from None
+        return cls(proto, lowercase=lowercase, name=repr(path))
+
+    def encode(self, text):
+        """One text → its ids, without the end token."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}: {text!r:.80}")
+        text = canonicalize_text(SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "), self.lowercase)
+        ids = self.processor.encode(self.unk_piece + text)
+        return ids[self.unk_length:] if len(ids) >= self.unk_length else ids
+
+    def decode(self, ids):
+        """Ids → text; end-of-text ids (and so the padding) are dropped."""
+        if numpy.ndim(ids) != 1:
+            raise ValueError(f"ids must be one sequence of token ids, got an array of shape {numpy.shape(ids)}")
+        kept = []
+        for token_id in ids:
+            token_id = int(token_id)
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary of {self.vocab_size} ids")
+            if token_id != self.eot_id:
+                kept.append(token_id)
+        return self.processor.decode(kept)
+
+    def __call__(self, texts, context_length=64):
+        """Texts → (len(texts), context_length) int64: ids, ``</s>``, then ``</s>`` as padding.
+
+        A text too long keeps its first ``context_length - 1`` ids and the ``</s>``.
+        """
+        texts = checked_texts(texts)
+        if isinstance(context_length, bool) or not isinstance(context_length, (int, numpy.integer)) \
+                or context_length < 1:
+            raise ValueError(f"context_length must be an integer >= 1 (room for the end token), "
+                             f"got {context_length!r}")
+        tokens = numpy.full((len(texts), context_length), self.eot_id, dtype=numpy.int64)   # (B, T)
+        for row, text in enumerate(texts):
+            ids = self.encode(text)[:context_length - 1]
+            tokens[row, :len(ids)] = ids
+        return tokens
+
+    def save(self, path):
+        """Write the SentencePiece model file, atomically (a temporary file beside ``path``, then renamed)."""
+        path = os.fspath(path)
+        descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".spiece-",
+                                                 suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                stream.write(self.model_proto)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+    def __repr__(self):
+        return f"SiglipTokenizer(vocab_size={self.vocab_size}, lowercase={self.lowercase})"
+
+
+# the files a model folder may hold its tokenizer in, in the order they are looked for
+TOKENIZER_FILES = ("tokenizer.tinyclip.json", SPIECE_FILE, "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
+
+
+def load_tokenizer(path):
+    """The tokenizer in the file ``path``, by its kind: tinyclip's JSON (BPE), a SentencePiece ``.model``
+    (SigLIP), or a CLIP merges file (``merges.txt``, ``bpe_simple_vocab_16e6.txt.gz``)."""
+    path = os.fspath(path)
+    if path.endswith(".json"):
+        return Tokenizer.load(path)
+    if path.endswith(".model"):
+        return SiglipTokenizer.from_file(path, lowercase=_hf_lowercase(os.path.dirname(path)))
+    return Tokenizer.from_bpe_file(path)
+
+
+def find_tokenizer(folder):
+    """The tokenizer saved in a model folder: the first of ``TOKENIZER_FILES`` there, or None.
+
+    A published SigLIP folder holds ``spiece.model``, a CLIP one ``merges.txt``,
+    a model trained by tinyclip ``tokenizer.tinyclip.json``: so the model's
+    family (and its history) picks the tokenizer.
+    """
+    for name in TOKENIZER_FILES:
+        path = os.path.join(os.fspath(folder), name)
+        if os.path.isfile(path):
+            return load_tokenizer(path)
+    return None
+
+
+def _hf_lowercase(folder):
+    """``do_lower_case`` from a Hugging Face folder's tokenizer_config.json (transformers' default: True)."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            document = json.load(stream)
+    except FileNotFoundError:
+        return True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path!r}: {error}") from None
+    value = document.get("do_lower_case", True) if isinstance(document, dict) else None
+    if not isinstance(value, bool):
+        raise ValueError(f"{path!r}: do_lower_case must be true or false, got {value!r}")
+    return value

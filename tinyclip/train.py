@@ -47,14 +47,14 @@ import time
 
 import numpy
 
-from . import backend, checkpoint, distributed, evaluate, nn, optim, plots
+from . import backend, checkpoint, distributed, evaluate, hub, nn, optim, plots
 from .data import captions as caption_sets
 from .data import shapes
 from .data.loader import Loader
 from .data.transforms import normalize, random_resized_crop
 from .models import CLIP, preset
 from .models.config import VISION_FIELDS
-from .tokenizer import Tokenizer
+from .tokenizer import SPIECE_FILE, SiglipTokenizer, Tokenizer, find_tokenizer
 
 TOKENIZER_FILE = "tokenizer.tinyclip.json"     # the name tinyclip.cli looks for in a model folder
 CHECKPOINT_DIR = "checkpoint"
@@ -70,11 +70,13 @@ class TrainConfig:
     # --- model and loss ----------------------------------------------------------------------------
     preset: str = "shapes"           # a tinyclip.models preset; vocab_size / eos_id follow the tokenizer
     model_overrides: dict = dataclasses.field(default_factory=dict)   # CLIPConfig fields to replace
-    loss: str = "siglip"             # "siglip" (sigmoid, with bias) or "clip" (softmax)
+    loss: str | None = None          # "siglip" (sigmoid, bias) or "clip" (softmax); None: init's family, else siglip
     clip_method: str = "ring"        # distributed CLIP loss: "ring" or "gather" (same numbers)
     dtype: str = "float32"           # parameter dtype
     image_tower: str | None = None   # a model folder (tinyclip's or Hugging Face's) whose image tower to start from
     lock_image: bool = False         # LiT (Zhai et al. 2022): keep that image tower fixed, train the text tower
+    init: str | None = None          # fine-tune this whole model (tinyclip/Hugging Face/open_clip folder) + tokenizer
+    lock_text: bool = False          # keep the text tower fixed, its projection included (with init)
     seed: int = 0                    # model initialisation and data order
     # --- data ------------------------------------------------------------------------------------
     data: str | None = None          # None: the built-in shapes; else a CSV/TSV file or an image folder
@@ -106,6 +108,8 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
+        if self.loss is None:
+            self.loss = default_loss(self.init)
         if self.loss not in ("siglip", "clip"):
             problems.append(f"loss must be 'siglip' or 'clip', got {self.loss!r}")
         if self.clip_method not in ("ring", "gather"):
@@ -122,8 +126,10 @@ class TrainConfig:
             problems.append(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             problems.append(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.lock_image and not self.image_tower:
-            problems.append("lock_image needs image_tower: a locked image tower must come from a trained model")
+        if self.lock_image and not (self.image_tower or self.init):
+            problems.append("lock_image needs image_tower or init: a locked image tower must come from a trained "
+                            "model")
+        problems += init_problems(self)
         if self.grad_clip < 0 or self.max_scale <= 0:
             problems.append(f"need grad_clip >= 0 and max_scale > 0, got {self.grad_clip}, {self.max_scale}")
         if problems:
@@ -165,6 +171,69 @@ def family_of(config):
     return "siglip" if config.loss == "siglip" else "clip"
 
 
+# ---- fine-tuning a whole pretrained model (TrainConfig.init) ----
+
+def default_loss(init):
+    """The loss a run takes when none is given: the family of the ``init`` model, else SigLIP's."""
+    if init is None:
+        return "siglip"
+    try:
+        return hub.model_family(init)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--init {init}: {error}") from None
+
+
+def init_problems(config):
+    """What cannot go with ``init``: the model's own shape comes with it (only image_size may change)."""
+    if config.init is None:
+        return ["lock_text needs init: a locked text tower must come from a trained model"] if config.lock_text \
+            else []
+    problems = []
+    if config.image_tower:
+        problems.append("give init or image_tower, not both (init already brings the image tower)")
+    other = sorted(set(config.model_overrides) - {"image_size"})
+    if other:
+        problems.append(f"init brings the model's own settings; model_overrides {other} cannot change them "
+                        f"(only image_size can: its position embeddings are resized)")
+    if config.lock_image and config.lock_text:
+        problems.append("lock_image and lock_text together leave only the scale and bias to train")
+    return problems
+
+
+def load_init_model(config):
+    """The ``init`` model ready for ``config.loss``, and a sentence that says what happened to its bias.
+
+    Both towers, the scale t' and the bias b come from the folder, at
+    ``model_overrides["image_size"]`` when given. The SigLIP loss needs a bias:
+    a CLIP model gets SigLIP's initial b = -10 (its scale is kept). The CLIP
+    loss has none: a SigLIP model's bias is dropped from the model.
+    """
+    try:
+        source = hub.load_model(config.init, dtype=config.dtype,
+                                image_size=config.model_overrides.get("image_size"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--init {config.init}: {error}") from None
+    has_bias = source.bias is not None
+    if config.loss == "siglip" and has_bias:
+        return source, f"the SigLIP loss continues from the model's bias b = {float(source.bias.item()):.4g}"
+    if config.loss == "clip" and not has_bias:
+        return source, "the CLIP loss has no bias, nor has the model"
+    init_bias = -10.0 if config.loss == "siglip" else None
+    model = CLIP(dataclasses.replace(source.config, init_bias=init_bias), dtype=config.dtype, seed=config.seed)
+    state = {name: array for name, array in source.state_dict().items() if name != "bias"}
+    model.load_state_dict(state, strict=False)
+    if config.loss == "siglip":
+        return model, "the model has no bias: the SigLIP loss starts one at b = -10 (SigLIP's initialisation)"
+    return model, (f"the CLIP loss has no bias: the model's b = {float(source.bias.item()):.4g} is dropped "
+                   f"(the saved model has none)")
+
+
+def lock_text_tower(model):
+    """The text tower's parameters (embeddings, blocks, final norm, projection) take no gradient."""
+    for parameter in model.text.parameters():
+        parameter.requires_grad = False
+
+
 def model_config(config, tokenizer, image_tower=None):
     """The CLIPConfig: the preset with the overrides, sized for the tokenizer, with a bias for SigLIP.
 
@@ -194,12 +263,15 @@ def caption_set(config):
                                     caption_column=config.caption_column, strict=config.strict)
 
 
-def dataset_of(config, image_size):
-    """(data set, transform) for the Loader: the shapes, or a caption set with a random resized crop."""
+def dataset_of(config, image_size, normalization=None):
+    """(data set, transform) for the Loader: the shapes, or a caption set with a random resized crop.
+
+    ``normalization``: the model's pixel normalisation (default: the loss's family's).
+    """
     if config.data is None:
         return shapes.ShapesDataset(seed=config.seed, image_size=image_size), None
     return caption_set(config), functools.partial(random_resized_crop, image_size=image_size,
-                                                  family=family_of(config))
+                                                  family=normalization or family_of(config))
 
 
 def training_captions(config, count):
@@ -286,7 +358,7 @@ def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_re
 def save_model(model, tokenizer, path):
     """The model in tinyclip's checkpoint format with its tokenizer beside the weights (cli-loadable)."""
     checkpoint.save(model, path)
-    tokenizer.save(os.path.join(path, TOKENIZER_FILE))
+    tokenizer.save(os.path.join(path, SPIECE_FILE if isinstance(tokenizer, SiglipTokenizer) else TOKENIZER_FILE))
 
 
 def save_checkpoint(path, model, tokenizer, optimizer, schedule, loader, config, step, seconds):
@@ -448,9 +520,13 @@ def default_out():
 
 
 def prepare_tokenizer(config, resume_path):
-    """The checkpoint's tokenizer when resuming, else one trained on the training captions."""
-    if resume_path is not None:
-        return Tokenizer.load(os.path.join(resume_path, "model", TOKENIZER_FILE))
+    """The checkpoint's tokenizer when resuming, the init model's, else one trained on the training captions."""
+    if resume_path is not None or config.init:
+        folder = os.path.join(resume_path, "model") if resume_path is not None else config.init
+        tokenizer = find_tokenizer(folder)
+        if tokenizer is None:
+            raise ValueError(f"{folder} holds no tokenizer (tinyclip.tokenizer.TOKENIZER_FILES)")
+        return tokenizer
     # the model's vocabulary follows the tokenizer; 514 (bytes + 2 specials) is the least a BPE has
     vocab_size = max(preset(config.preset).vocab_size, MIN_VOCAB_SIZE)
     return Tokenizer.train(training_captions(config, config.tokenizer_captions), vocab_size)
@@ -467,13 +543,19 @@ class Run:
         self.config, self.comm, self.lead = config, comm, comm.rank == 0
         self.tokenizer = prepare_tokenizer(config, resume_path)
         source = load_image_tower(config) if config.image_tower else None
-        self.model = CLIP(model_config(config, self.tokenizer, source and source.config), dtype=config.dtype,
-                          seed=config.seed)
+        self.init_note = None                # what an init run does with the bias (said at the start)
+        if config.init:
+            self.model, self.init_note = load_init_model(config)
+        else:
+            self.model = CLIP(model_config(config, self.tokenizer, source and source.config), dtype=config.dtype,
+                              seed=config.seed)
         self.model.train()
         if source is not None:      # (a resumed run then loads its checkpoint's weights over these)
             self.model.visual.load_state_dict(source.visual.state_dict())
         if config.lock_image:
             lock_image_tower(self.model)
+        if config.lock_text:
+            lock_text_tower(self.model)
         if comm.size > 1:        # batch norm over the global batch, so that N ranks train exactly as one process
             for module in self.model.modules():
                 if isinstance(module, nn.BatchNorm):
@@ -487,7 +569,7 @@ class Run:
         distributed.broadcast_parameters(self.model.parameters(), comm)
         self.device = backend.backend_of(self.model.log_scale.data)                # 'numpy' or 'cupy'
         image_size = self.model.config.image_size
-        dataset, transform = dataset_of(config, image_size)
+        dataset, transform = dataset_of(config, image_size, self.model.config.image_normalization)
         self.loader = Loader(dataset, config.batch_size, seed=config.seed, rank=comm.rank, world_size=comm.size,
                              transform=transform, examples=config.examples,
                              start=state["loader"] if state else None)
@@ -590,7 +672,9 @@ def train(config, resume=None, comm=None):
         with open(os.path.join(config.out, "train_config.json"), "w", encoding="utf-8") as file:
             json.dump(dataclasses.asdict(config), file, indent=2)
     run = Run(config, comm, resume_path, state)
-    run.progress.say(f"training {config.preset} with the {config.loss} loss from step {run.step} to "
+    if run.init_note:
+        run.progress.say(f"fine-tuning {config.init}: {run.init_note}")
+    run.progress.say(f"training {config.init or config.preset} with the {config.loss} loss from step {run.step} to "
                      f"{config.steps}: batch {config.batch_size} on {comm.size} process"
                      f"{'es' if comm.size > 1 else ''}, {sum(p.data.size for p in run.model.parameters()):,} "
                      f"parameters, writing to {config.out}")

@@ -19,6 +19,9 @@ CPU, it learns what shapes look like where a ViT of the same cost learns
 only their colours (README, "Training", has the measurements).
 """
 
+import numpy
+
+from .. import backend
 from .. import functional as F
 from .. import nn
 
@@ -137,3 +140,70 @@ class ConvStage(nn.Module):
 
     def forward(self, x):
         return self.act(self.norm(self.conv(x)))
+
+
+# ---------------------------------------------------------------------------------
+# Position embeddings at another resolution
+# ---------------------------------------------------------------------------------
+
+BICUBIC_A = -0.75    # Keys' cubic convolution parameter, the one PyTorch's (and OpenCV's) bicubic uses
+
+
+def _cubic_weights(t, a=BICUBIC_A):
+    """Keys' cubic convolution weights of the taps at offsets -1, 0, +1, +2 from a point t in [0, 1) past tap 0.
+
+    k(x) = (a+2)|x|³ - (a+3)|x|² + 1 for |x| <= 1,  a|x|³ - 5a|x|² + 8a|x| - 4a for 1 < |x| < 2
+    (Keys 1981, "Cubic convolution interpolation for digital image processing").
+    """
+    def near(x):
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
+
+
+def bicubic_matrix(xp, size_in, size_out, dtype):
+    """(size_out, size_in): one axis of PyTorch's ``interpolate(mode="bicubic", align_corners=False)``.
+
+    Output sample i reads the input at x = (i + 0.5)·size_in/size_out - 0.5
+    (pixel centres aligned, x not clamped below 0 for cubic, as in PyTorch's
+    ``area_pixel_compute_source_index``); the four taps around it are clamped
+    to the edge, so an edge sample's weight piles onto the border. There is no
+    antialiasing: a shrink samples the cubic, it does not average.
+    """
+    matrix = numpy.zeros((size_out, size_in), dtype=numpy.float64)
+    scale = size_in / size_out
+    for i in range(size_out):
+        x = (i + 0.5) * scale - 0.5
+        start = int(numpy.floor(x))
+        for offset, weight in zip((-1, 0, 1, 2), _cubic_weights(x - start)):
+            matrix[i, min(max(start + offset, 0), size_in - 1)] += weight
+    return xp.asarray(matrix.astype(dtype))
+
+
+def resize_position_embedding(position_embedding, grid_in, grid_out, class_token):
+    """ViT position embeddings for another patch grid: (prefix + grid_in², W) → (prefix + grid_out², W).
+
+    The grid part is resized bicubically, separably along rows then columns,
+    exactly as transformers' ``interpolate_pos_encoding`` does (PyTorch's
+    ``interpolate(..., mode="bicubic", align_corners=False)``, no antialias);
+    the class token's embedding (``class_token``: one row before the grid) is
+    kept as it is. open_clip's ``resize_pos_embed`` antialiases by default
+    when shrinking, and so differs from this. Works on NumPy and CuPy arrays;
+    raises ValueError when the rows do not form the square grid_in².
+    """
+    xp = backend.get_array_module(position_embedding)
+    prefix = 1 if class_token else 0
+    rows, width = position_embedding.shape
+    if rows != prefix + grid_in * grid_in:
+        raise ValueError(f"position embedding has {rows} rows; a {grid_in}x{grid_in} patch grid"
+                         f"{' and a class token' if class_token else ''} needs {prefix + grid_in * grid_in}")
+    if grid_out == grid_in:
+        return position_embedding.copy()
+    grid = position_embedding[prefix:].reshape(grid_in, grid_in, width)        # (gy, gx, W)
+    matrix = bicubic_matrix(xp, grid_in, grid_out, position_embedding.dtype)   # (g_out, g_in)
+    grid = xp.einsum("yi,ijw->yjw", matrix, grid)                              # rows: (g_out, gx, W)
+    grid = xp.einsum("xj,yjw->yxw", matrix, grid)                              # columns: (g_out, g_out, W)
+    return xp.concatenate([position_embedding[:prefix], grid.reshape(grid_out * grid_out, width)])
