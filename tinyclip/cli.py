@@ -278,8 +278,8 @@ def _add_train_arguments(parser):
     add("--image-tower", metavar="MODEL", help="start the image tower from this model folder (tinyclip's or a "
                                                 "Hugging Face CLIP/SigLIP one); its tower's settings replace the preset's")
     add("--lock-image", action="store_true", help="LiT: keep the --image-tower fixed and train only the text side")
-    add("--data", help="a CSV/TSV of image paths and captions, or a folder of images with .txt captions "
-                       "(default: the built-in shapes)")
+    add("--data", help="a CSV/TSV of image paths and captions, a folder of images with .txt captions, or "
+                       "webdataset tar shards ('shards/train-{000000..000099}.tar') (default: the built-in shapes)")
     add("--image-column", default=defaults.image_column, help="CSV/TSV column with image paths")
     add("--caption-column", default=defaults.caption_column, help="CSV/TSV column with captions")
     add("--strict", action="store_true", help="a missing or unreadable image is an error, not a warning")
@@ -293,6 +293,11 @@ def _add_train_arguments(parser):
     add("--eval-per-class", type=int, default=defaults.eval_per_class, help="zero-shot images per class")
     add("--eval-pairs", type=int, default=defaults.eval_pairs, help="retrieval pairs and relation-probe images")
     add("--no-plots", dest="plots", action="store_false", help="skip loss.png and similarity.png")
+    # validation and loading (issue 17)
+    add("--val-data", help="held-out pairs (CSV/TSV, folder or shards) evaluated every --eval-every steps")
+    add("--val-fraction", type=float, default=defaults.val_fraction,
+        help="hold out this fraction of --data's images (always the same ones) to validate on")
+    add("--workers", type=int, default=defaults.workers, help="loader processes decoding images (1: one thread)")
 
 
 def build_parser():

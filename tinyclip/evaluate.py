@@ -659,3 +659,35 @@ def linear_probe(train_emb, train_labels, test_emb, test_labels, classes, regula
     weights, bias = fit_logistic_regression(train_x, train_y, classes, regularization)
     predicted = (test_x @ weights + bias).argmax(axis=1)
     return int((predicted == test_y).sum()) / len(test_y), "tinyclip"
+
+
+def caption_validation(model, tokenizer, pairs, loss="siglip", batch_size=128, ks=RETRIEVAL_KS, encode_batch=64):
+    """Validation on held-out pairs: {"val_loss", "val_images", "val_captions", "val_image_to_text_recall@1", ...}.
+
+    Recall as ``caption_retrieval``. ``val_loss`` is the training loss
+    (``loss``: "siglip" or "clip", with the model's log_scale and bias) on
+    batches of ``batch_size`` images in first-appearance order, each with
+    its first caption (two captions of one image in a batch would be
+    scored as a negative pair), averaged over the batches; a last, smaller
+    batch is dropped when there is a full one, as in training, so that
+    every batch has the loss's scale.
+    """
+    from . import losses
+    if loss not in ("siglip", "clip"):
+        raise ValueError(f"loss must be 'siglip' or 'clip', got {loss!r}")
+    _check_positive_int(batch_size, "batch_size")
+    metrics, (image_emb, text_emb, text_to_image) = caption_retrieval(model, tokenizer, pairs, ks, encode_batch)
+    first_caption = numpy.unique(text_to_image, return_index=True)[1]            # (images,) in image order
+    images = image_emb.shape[0]
+    starts = range(0, max(images - batch_size, 0) + 1, batch_size)
+    batch_losses = []
+    with autograd.no_grad():
+        for start in starts:
+            image_batch = image_emb[start:start + batch_size]
+            text_batch = text_emb[backend.get_array_module(text_emb).asarray(first_caption[start:start + batch_size])]
+            if loss == "siglip":
+                value = losses.siglip_loss(image_batch, text_batch, model.log_scale, model.bias)
+            else:
+                value = losses.clip_loss(image_batch, text_batch, model.log_scale)
+            batch_losses.append(float(value.item()))
+    return {"val_loss": sum(batch_losses) / len(batch_losses), **{f"val_{key}": value for key, value in metrics.items()}}

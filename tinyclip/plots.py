@@ -97,7 +97,7 @@ def plot_training(metrics_records, path):
         raise ValueError("metrics_records: no record has a \"step\" and a finite \"loss\"; nothing to plot")
     val_steps, val_losses = _series(records, "val_loss")
     metric_names = sorted({key for record in records for key in record
-                           if key.startswith(METRIC_PREFIXES) and not key.endswith("loss")})
+                           if key.startswith(METRIC_PREFIXES) and not key.endswith(("loss", "images", "captions"))})
     figure = _new_figure((12, 4.5))
     loss_axes, metric_axes = figure.subplots(1, 2)
 

@@ -71,8 +71,8 @@ class CaptionSet:
         if index in self._unreadable:
             return None
         try:
-            return load_image(self.paths[index])
-        except (OSError, ValueError) as error:     # load_image's FileNotFoundError / ValueError name the file
+            return self.read_image(index)
+        except (OSError, ValueError) as error:     # read_image's FileNotFoundError / ValueError name the file
             if self.strict:
                 raise
             if not self._unreadable:
@@ -80,6 +80,11 @@ class CaptionSet:
                               f"data set (counted in .unreadable)", stacklevel=2)
             self._unreadable.add(index)
             return None
+
+    def read_image(self, index):
+        """The image of pair ``index`` as RGB PIL, or an OSError / ValueError naming it; subclasses that keep
+        images elsewhere than in files (tar shards) override this."""
+        return load_image(self.paths[index])
 
     def grouped_by_image(self):
         """(image paths, text_to_image): each image once, in order of first appearance, and (len(self),) int64
