@@ -80,7 +80,8 @@ def image_embeddings_by_hand(model, paths):
 
 def text_embeddings_by_hand(model, tokenizer, texts):
     with tc.no_grad():
-        return unit(numpy.concatenate([model.encode_text(tokenizer([text], context_length=model.config.context_length)).data
+        length = model.config.context_length
+        return unit(numpy.concatenate([model.encode_text(tokenizer([text], context_length=length)).data
                                        for text in texts]))
 
 

@@ -62,8 +62,8 @@ def test_validation_loss_is_the_training_loss_on_first_captions_batch_by_batch(p
     paths = list(dict.fromkeys(pairs.paths))
     first = [pairs.captions[pairs.paths.index(path)] for path in paths]
     with tc.no_grad():
-        image_emb = numpy.concatenate([model.encode_image(preprocess(p, 16, config.image_normalization)[None].astype("float64")).data
-                                       for p in paths])
+        pixels = numpy.stack([preprocess(p, 16, config.image_normalization) for p in paths]).astype("float64")
+        image_emb = numpy.concatenate([model.encode_image(image[None]).data for image in pixels])
         text_emb = numpy.concatenate([model.encode_text(tokenizer([t], context_length=config.context_length)).data
                                       for t in first])
     scale = math.exp(model.log_scale.item())

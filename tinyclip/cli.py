@@ -235,7 +235,8 @@ def _eval_table(results):
     if "retrieval" in results:
         retrieval = results["retrieval"]
         ks = [key.rsplit("@", 1)[1] for key in retrieval if key.startswith("image_to_text_recall@")]
-        lines.append(f"retrieval on {retrieval['data']}: {retrieval['images']} images, {retrieval['captions']} captions")
+        lines.append(f"retrieval on {retrieval['data']}: {retrieval['images']} images, "
+                     f"{retrieval['captions']} captions")
         lines.append(" " * 14 + "".join(f"{'recall@' + k:>11}" for k in ks))
         for direction, name in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
             lines.append(f"{name:<14}" + "".join(f"{retrieval[f'{direction}_recall@{k}']:>11.4f}" for k in ks))

@@ -690,4 +690,5 @@ def caption_validation(model, tokenizer, pairs, loss="siglip", batch_size=128, k
             else:
                 value = losses.clip_loss(image_batch, text_batch, model.log_scale)
             batch_losses.append(float(value.item()))
-    return {"val_loss": sum(batch_losses) / len(batch_losses), **{f"val_{key}": value for key, value in metrics.items()}}
+    return {"val_loss": sum(batch_losses) / len(batch_losses),
+            **{f"val_{key}": value for key, value in metrics.items()}}
