@@ -157,3 +157,28 @@ def test_shards_train_end_to_end_with_a_validation_set(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert all(r["examples_seen"] == 4 * r["step"] for r in records)
+
+
+def test_eval_retrieval_reads_shards_as_it_reads_a_csv_of_the_same_images(tmp_path, capsys):
+    from tinyclip import checkpoint, models
+    from tinyclip.cli import main
+    from tinyclip.tokenizer import Tokenizer
+    pattern = write_shards(tmp_path, [3, 4])
+    pairs = ShardCaptions(pattern)
+    rows = "filepath,title\n"
+    for number in range(len(pairs)):
+        shard, index = example_number(pairs.caption(number))
+        (tmp_path / f"{number}.png").write_bytes(png_bytes(example_pixels(shard, index)))
+        rows += f"{number}.png,{pairs.caption(number)}\n"
+    (tmp_path / "pairs.csv").write_text(rows)
+    tokenizer = Tokenizer.train(pairs.captions, vocab_size=530)
+    model_dir = tmp_path / "model"
+    checkpoint.save(models.CLIP(models.preset("tiny", vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eot_id),
+                                seed=0), str(model_dir))
+    tokenizer.save(str(model_dir / "tokenizer.tinyclip.json"))
+    results = []
+    for data in (pattern, str(tmp_path / "pairs.csv")):
+        assert main(["eval", "--model", str(model_dir), "--data", data, "--json"]) == 0
+        retrieval = json.loads(capsys.readouterr().out)["retrieval"]
+        results.append({key: value for key, value in retrieval.items() if key != "data"})
+    assert results[0] == results[1] and results[0]["images"] == 7

@@ -193,8 +193,10 @@ def run_eval(args):
 def _eval_retrieval(args, model, tokenizer):
     """Recall@1/5/10 both ways on the pairs of --data, captions grouped by image path."""
     from . import evaluate
-    from .data import captions
-    if os.path.isdir(args.data):
+    from .data import captions, shards
+    if shards.is_shard_pattern(args.data):
+        pairs = shards.ShardCaptions(args.data, strict=True)
+    elif os.path.isdir(args.data):
         pairs = captions.FolderCaptions(args.data, strict=True)
     else:
         pairs = captions.CSVCaptions(args.data, image_column=args.image_column, caption_column=args.caption_column,
@@ -353,8 +355,8 @@ def build_parser():
     evaluation.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
     evaluation.add_argument("--eval-per-class", type=int, default=10, help="shapes: zero-shot images per class")
     evaluation.add_argument("--eval-pairs", type=int, default=500, help="shapes: retrieval pairs and probe images")
-    evaluation.add_argument("--data", help="image-caption pairs: a CSV/TSV file or a folder of images with .txt "
-                                           "captions; rows with the same image path are one image")
+    evaluation.add_argument("--data", help="image-caption pairs: a CSV/TSV file, a folder of images with .txt "
+                                           "captions, or tar shards; rows with the same image path are one image")
     evaluation.add_argument("--image-column", default="filepath", help="CSV/TSV column with image paths")
     evaluation.add_argument("--caption-column", default="title", help="CSV/TSV column with captions")
     evaluation.add_argument("--classes", metavar="DIR", help="a folder with one sub-folder of images per class "

@@ -481,20 +481,23 @@ def evaluate(model, tokenizer, zeroshot=None, retrieval=None, relation=None, bat
 
 # ---- your own data: image files, class folders, captions, a linear probe -------------------------------
 
-def encode_image_files(model, images, batch_size=64):
+def encode_image_files(model, images, batch_size=64, load=None):
     """Unit-length embeddings (n, embed_dim) of image files (or PIL images), on the model's backend.
 
     Each image is resized and centre-cropped to the model's image size and
     normalised for its family (``transforms.preprocess``, as CLIP evaluates),
     ``batch_size`` at a time, so memory holds one batch of pixels, never
-    the whole set. A file that cannot be read is a ValueError naming it.
+    the whole set. With ``load``, ``images`` are keys that ``load(key)``
+    turns into PIL images (a caption set's ``read_image`` and its indices).
+    A file that cannot be read is a ValueError naming it.
     """
     images = list(images)
     if not images:
         raise ValueError("images is empty: nothing to encode")
     _check_positive_int(batch_size, "batch_size")
     size, family = model.config.image_size, model.config.image_normalization
-    chunks = [encode_images(model, numpy.stack([transforms.preprocess(image, size, family)
+    load = load or (lambda image: image)
+    chunks = [encode_images(model, numpy.stack([transforms.preprocess(load(image), size, family)
                                                 for image in images[start:start + batch_size]]), batch_size)
               for start in range(0, len(images), batch_size)]
     return backend.get_array_module(chunks[0]).concatenate(chunks)
@@ -570,7 +573,9 @@ def caption_retrieval(model, tokenizer, pairs, ks=RETRIEVAL_KS, batch_size=64):
     within the first k (``retrieval_recall``).
     """
     paths, text_to_image = pairs.grouped_by_image()
-    image_emb = encode_image_files(model, paths, batch_size)
+    first_caption = numpy.unique(text_to_image, return_index=True)[1]            # (images,): a pair of each image
+    # read_image, not the path: the images of tar shards are no files of their own
+    image_emb = encode_image_files(model, first_caption.tolist(), batch_size, load=pairs.read_image)
     text_emb = encode_texts(model, tokenizer, [pairs.caption(i) for i in range(len(pairs))], batch_size)
     xp = backend.get_array_module(image_emb)
     recall = retrieval_recall(image_emb, text_emb, ks, text_to_image=xp.asarray(text_to_image))

@@ -471,11 +471,10 @@ def validate(model, tokenizer, val_pairs, config):
 
 def validation_pictures(val_pairs, image_size, family):
     """The first held-out images (preprocessed) and their first captions, for similarity.png: a RetrievalSet."""
-    paths, text_to_image = val_pairs.grouped_by_image()
-    paths = paths[:plots.MAX_SIMILARITY_PAIRS]
-    first_caption = [val_pairs.caption(int(list(text_to_image).index(image))) for image in range(len(paths))]
-    images = numpy.stack([preprocess(path, image_size, family) for path in paths])         # (n, H, W, 3)
-    return evaluate.RetrievalSet(images, first_caption)
+    _, text_to_image = val_pairs.grouped_by_image()
+    first_pair = numpy.unique(text_to_image, return_index=True)[1][:plots.MAX_SIMILARITY_PAIRS]
+    images = numpy.stack([preprocess(val_pairs.read_image(int(i)), image_size, family) for i in first_pair])
+    return evaluate.RetrievalSet(images, [val_pairs.caption(int(i)) for i in first_pair])     # (n, H, W, 3), n
 
 
 def evaluation_sets(config, image_size):

@@ -26,6 +26,7 @@ import os
 import tarfile
 
 import numpy
+from braceexpand import braceexpand
 from PIL import Image
 
 from .captions import CaptionSet, _warn_skipped
@@ -39,7 +40,6 @@ def expand_shards(pattern):
 
     Raises ValueError when the pattern names no file or a file that does not exist.
     """
-    from braceexpand import braceexpand
     paths = [path for part in str(pattern).split("::") if part for path in braceexpand(part)]
     if not paths:
         raise ValueError(f"{pattern!r}: names no shard")
