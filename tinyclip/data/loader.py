@@ -300,6 +300,9 @@ class _WorkerPool:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self.executor = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker, initargs=(order,))
+        # the executor forks all its processes at the first submit: do it now, on the calling thread, rather
+        # than later on the loading thread while the training loop runs (a fork copies locks others may hold)
+        self.executor.submit(int).result()
 
     def submit(self, epoch, indices):
         """Futures of the parts of one batch (``workers`` contiguous parts, sizes as even as possible)."""
