@@ -40,7 +40,7 @@ import string
 
 import numpy
 
-from . import autograd, backend
+from . import autograd, backend, losses
 from .data import transforms
 from .tokenizer import checked_texts
 
@@ -677,7 +677,6 @@ def caption_validation(model, tokenizer, pairs, loss="siglip", batch_size=128, k
     batch is dropped when there is a full one, as in training, so that
     every batch has the loss's scale.
     """
-    from . import losses
     if loss not in ("siglip", "clip"):
         raise ValueError(f"loss must be 'siglip' or 'clip', got {loss!r}")
     _check_positive_int(batch_size, "batch_size")
