@@ -164,3 +164,37 @@ def test_empty_or_missing_folders_fail_at_construction(tmp_path):
     (tmp_path / "uncaptioned.txt").write_bytes(b"\xff\xfe bad")
     with pytest.raises(ValueError, match="uncaptioned.txt.*UTF-8"):
         FolderCaptions(tmp_path)
+
+
+# ---- a held-out split by image ------------------------------------------------------------------------------
+
+def several_captions_csv(tmp_path, rows):
+    for index in range(10):
+        write_png(tmp_path / f"{index}.png")
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(f"{p}.png,{c}\n" for p, c in rows))
+    return CSVCaptions(tmp_path / "pairs.csv")
+
+
+def test_split_by_image_keeps_every_caption_of_an_image_on_one_side(tmp_path):
+    rows = [(image, f"caption {image}.{k}") for image in range(10) for k in range(image % 3 + 1)]
+    pairs = several_captions_csv(tmp_path, rows)
+    kept, held = pairs.split_by_image(0.3, seed=1)
+    assert len({*held.paths}) == 3 and len({*kept.paths}) == 7 and not {*held.paths} & {*kept.paths}
+    both = sorted(zip(kept.paths + held.paths, kept.captions + held.captions))
+    assert both == sorted(zip(pairs.paths, pairs.captions))
+    again = pairs.split_by_image(0.3, seed=1)[1]
+    assert again.paths == held.paths and again.captions == held.captions
+    # which images are held out does not depend on the order of the rows
+    shuffled = several_captions_csv(tmp_path, rows[::-1])
+    assert {*shuffled.split_by_image(0.3, seed=1)[1].paths} == {*held.paths}
+
+
+def test_split_by_image_refuses_fractions_that_leave_a_side_empty(tmp_path):
+    pairs = several_captions_csv(tmp_path, [(0, "a"), (1, "b")])
+    for fraction in (0, 1, 1.5, True):
+        with pytest.raises(ValueError, match="fraction must be in"):
+            pairs.split_by_image(fraction)
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        pairs.split_by_image(0.9)
+    kept, held = pairs.split_by_image(0.01)
+    assert len(held) == 1 and len(kept) == 1              # at least one image is held out

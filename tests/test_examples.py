@@ -109,7 +109,7 @@ def test_train_csv_writes_a_demo_data_set_and_trains_on_it(tmp_path):
     assert len(rows) == 16 and all((tmp_path / "demo" / row["filepath"]).is_file() and row["title"] for row in rows)
     summary = read_summary(tmp_path / "run")
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
-    assert summary["zeroshot_top1"] is None                  # no shapes evaluation on a CSV
+    assert "zeroshot_top1" not in summary                    # no shapes evaluation on a CSV
     assert "at the first step" in out and (tmp_path / "run" / "model" / TOKENIZER_FILE).is_file()
 
 

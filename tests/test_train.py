@@ -144,7 +144,7 @@ def test_training_on_a_csv_of_images_and_captions(tmp_path):
         rows.append(f"{index}.png,a {colour} picture")
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     result = train.train(tiny_config(tmp_path / "run", data=str(tmp_path / "pairs.csv"), steps=3, batch_size=4))
-    assert result.steps == 3 and result.summary["zeroshot_top1"] is None      # no shapes evaluation on real data
+    assert result.steps == 3 and "zeroshot_top1" not in result.summary       # no shapes evaluation on real data
     assert checkpoint.load(tmp_path / "run" / "model").config.image_size == 32
 
 

@@ -186,15 +186,99 @@ def run_train(args):
 
 
 def run_eval(args):
-    """Evaluate a saved model on the held-out shapes sets and print the metrics as JSON."""
-    from . import evaluate, train
+    """Evaluate a saved model: on your captions (--data), your classes (--classes), or the held-out shapes sets."""
+    import json
+    from . import evaluate
     from .hub import load_model
     model = load_model(args.model)
     tokenizer = _load_tokenizer(args.model, args.bpe)
-    config = train.TrainConfig(eval_per_class=args.eval_per_class, eval_pairs=args.eval_pairs)
-    metrics = evaluate.evaluate(model, tokenizer, **train.evaluation_sets(config, model.config.image_size))
-    print(json.dumps(metrics, indent=2))
+    if args.data is None and args.classes is None:
+        if args.linear_probe:
+            raise CommandError("--linear-probe needs --classes DIR (a folder of one sub-folder per class)")
+        from . import train
+        config = train.TrainConfig(eval_per_class=args.eval_per_class, eval_pairs=args.eval_pairs)
+        metrics = evaluate.evaluate(model, tokenizer, **train.evaluation_sets(config, model.config.image_size))
+        print(json.dumps(metrics, indent=2))
+        return 0
+    results = {}
+    if args.data is not None:
+        results["retrieval"] = _eval_retrieval(args, model, tokenizer)
+    if args.classes is not None:
+        results.update(_eval_classes(args, model, tokenizer))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(_eval_table(results))
     return 0
+
+
+def _eval_retrieval(args, model, tokenizer):
+    """Recall@1/5/10 both ways on the pairs of --data, captions grouped by image path."""
+    from . import evaluate
+    from .data import captions, shards
+    if shards.is_shard_pattern(args.data):
+        pairs = shards.ShardCaptions(args.data, strict=True)
+    elif os.path.isdir(args.data):
+        pairs = captions.FolderCaptions(args.data, strict=True)
+    else:
+        pairs = captions.CSVCaptions(args.data, image_column=args.image_column, caption_column=args.caption_column,
+                                     strict=True)
+    metrics, _ = evaluate.caption_retrieval(model, tokenizer, pairs, batch_size=args.batch_size)
+    return {"data": args.data, **metrics}
+
+
+def _eval_classes(args, model, tokenizer):
+    """Zero-shot (and with --linear-probe a linear probe) on the class folders of --classes."""
+    from . import evaluate, plots
+    from .data.classes import ImageClasses
+    classes = ImageClasses(args.classes)
+    templates = evaluate.resolve_templates(args.template, args.templates)
+    report, image_emb = evaluate.class_folder_zeroshot(model, tokenizer, classes, templates, args.batch_size)
+    confusion = report.pop("confusion")
+    zeroshot = {"data": args.classes, "templates": len(templates), **report}
+    if args.plots and args.confusion:
+        if plots.available():
+            plots.plot_confusion(confusion, classes.class_names, args.confusion)
+            zeroshot["confusion_picture"] = args.confusion
+        else:
+            print(f"warning: no confusion picture: {plots.MISSING_MATPLOTLIB}", file=sys.stderr)
+    results = {"zeroshot": zeroshot}
+    if args.linear_probe:
+        train_rows, test_rows = classes.split(args.probe_test_fraction)
+        accuracy, fit = evaluate.linear_probe(image_emb[train_rows], classes.labels[train_rows],
+                                              image_emb[test_rows], classes.labels[test_rows],
+                                              len(classes.class_names), regularization=args.probe_c)
+        results["linear_probe"] = {"accuracy": accuracy, "fit": fit, "train_images": len(train_rows),
+                                   "test_images": len(test_rows), "C": args.probe_c}
+    return results
+
+
+def _eval_table(results):
+    """The results of run_eval as a few readable lines."""
+    lines = []
+    if "retrieval" in results:
+        retrieval = results["retrieval"]
+        ks = [key.rsplit("@", 1)[1] for key in retrieval if key.startswith("image_to_text_recall@")]
+        lines.append(f"retrieval on {retrieval['data']}: {retrieval['images']} images, "
+                     f"{retrieval['captions']} captions")
+        lines.append(" " * 14 + "".join(f"{'recall@' + k:>11}" for k in ks))
+        for direction, name in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
+            lines.append(f"{name:<14}" + "".join(f"{retrieval[f'{direction}_recall@{k}']:>11.4f}" for k in ks))
+    if "zeroshot" in results:
+        zeroshot = results["zeroshot"]
+        lines.append(f"zero-shot on {zeroshot['data']}: {zeroshot['classes']} classes, {zeroshot['images']} images, "
+                     f"{zeroshot['templates']} template{'s' if zeroshot['templates'] != 1 else ''}")
+        lines.append("  ".join(f"top-{key[3:]} {value:.4f}" for key, value in zeroshot.items()
+                               if key.startswith("top")))
+        width = max(map(len, zeroshot["per_class"]))
+        lines += [f"  {name:<{width}}  {accuracy:.4f}" for name, accuracy in zeroshot["per_class"].items()]
+        if "confusion_picture" in zeroshot:
+            lines.append(f"confusion matrix: {zeroshot['confusion_picture']}")
+    if "linear_probe" in results:
+        probe = results["linear_probe"]
+        lines.append(f"linear probe ({probe['fit']}, C={probe['C']}, {probe['train_images']} train / "
+                     f"{probe['test_images']} test images): accuracy {probe['accuracy']:.4f}")
+    return "\n".join(lines)
 
 
 def _add_train_arguments(parser):
@@ -225,8 +309,8 @@ def _add_train_arguments(parser):
     add("--init", metavar="MODEL", help="start both towers, the scale and the bias from this model folder (tinyclip, "
                                         "Hugging Face CLIP/SigLIP or open_clip) and use its tokenizer")
     add("--lock-text", action="store_true", help="keep the --init model's text tower (projection included) fixed")
-    add("--data", help="a CSV/TSV of image paths and captions, or a folder of images with .txt captions "
-                       "(default: the built-in shapes)")
+    add("--data", help="a CSV/TSV of image paths and captions, a folder of images with .txt captions, or "
+                       "webdataset tar shards ('shards/train-{000000..000099}.tar') (default: the built-in shapes)")
     add("--image-column", default=defaults.image_column, help="CSV/TSV column with image paths")
     add("--caption-column", default=defaults.caption_column, help="CSV/TSV column with captions")
     add("--strict", action="store_true", help="a missing or unreadable image is an error, not a warning")
@@ -240,6 +324,11 @@ def _add_train_arguments(parser):
     add("--eval-per-class", type=int, default=defaults.eval_per_class, help="zero-shot images per class")
     add("--eval-pairs", type=int, default=defaults.eval_pairs, help="retrieval pairs and relation-probe images")
     add("--no-plots", dest="plots", action="store_false", help="skip loss.png and similarity.png")
+    # validation and loading (issue 17)
+    add("--val-data", help="held-out pairs (CSV/TSV, folder or shards) evaluated every --eval-every steps")
+    add("--val-fraction", type=float, default=defaults.val_fraction,
+        help="hold out this fraction of --data's images (always the same ones) to validate on")
+    add("--workers", type=int, default=defaults.workers, help="loader processes decoding images (1: one thread)")
 
 
 def _add_output_arguments(parser, json_help):
@@ -251,7 +340,7 @@ def _add_output_arguments(parser, json_help):
 
 
 def build_parser():
-    from .evaluate import DEFAULT_TEMPLATES
+    from .evaluate import DEFAULT_TEMPLATES, TEMPLATE_SETS
     parser = argparse.ArgumentParser(
         prog="tinyclip",
         description="CLIP and SigLIP from scratch on NumPy (CPU) and CuPy (GPU).")
@@ -308,13 +397,37 @@ def build_parser():
     _add_train_arguments(train)
     train.set_defaults(run=run_train)
 
-    evaluation = commands.add_parser("eval", help="evaluate a model on the held-out shapes sets",
-                                     description="Zero-shot top-1/top-5 over the colour x shape classes, "
-                                                 "image-text retrieval and the relation probe.")
+    evaluation = commands.add_parser(
+        "eval", help="evaluate a model on your captions or classes (default: the held-out shapes sets)",
+        description="Retrieval recall@1/5/10 both ways on image-caption pairs (--data), zero-shot top-1/top-5 "
+                    "with per-class accuracy and a confusion matrix on a folder of class folders (--classes), "
+                    "a linear probe (--linear-probe); without --data or --classes, the shapes sets as JSON.")
     evaluation.add_argument("--model", required=True, help="a tinyclip model folder (e.g. RUN/model)")
     evaluation.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
-    evaluation.add_argument("--eval-per-class", type=int, default=10, help="zero-shot images per class")
-    evaluation.add_argument("--eval-pairs", type=int, default=500, help="retrieval pairs and probe images")
+    evaluation.add_argument("--eval-per-class", type=int, default=10, help="shapes: zero-shot images per class")
+    evaluation.add_argument("--eval-pairs", type=int, default=500, help="shapes: retrieval pairs and probe images")
+    evaluation.add_argument("--data", help="image-caption pairs: a CSV/TSV file, a folder of images with .txt "
+                                           "captions, or tar shards; rows with the same image path are one image")
+    evaluation.add_argument("--image-column", default="filepath", help="CSV/TSV column with image paths")
+    evaluation.add_argument("--caption-column", default="title", help="CSV/TSV column with captions")
+    evaluation.add_argument("--classes", metavar="DIR", help="a folder with one sub-folder of images per class "
+                                                             "(names: the folder names, or DIR/classnames.txt)")
+    evaluation.add_argument("--template", action="append", type=_prompt_template, metavar="TEMPLATE",
+                            help="zero-shot prompt with one {} for the class name; repeat to ensemble "
+                                 f"(default: {' '.join(map(repr, DEFAULT_TEMPLATES))})")
+    evaluation.add_argument("--templates", choices=sorted(TEMPLATE_SETS),
+                            help="a built-in prompt set (imagenet: the CLIP paper's 80 ImageNet prompts)")
+    evaluation.add_argument("--confusion", default="confusion.png", metavar="PNG",
+                            help="where --classes draws its confusion matrix")
+    evaluation.add_argument("--no-plots", dest="plots", action="store_false", help="draw no confusion matrix")
+    evaluation.add_argument("--linear-probe", action="store_true",
+                            help="also fit a logistic regression on the image embeddings of a train split of "
+                                 "--classes and report its test accuracy (scikit-learn when installed)")
+    evaluation.add_argument("--probe-test-fraction", type=float, default=0.5,
+                            help="the share of each class held out to test the linear probe")
+    evaluation.add_argument("--probe-c", type=float, default=1.0, help="the linear probe's inverse L2 strength C")
+    evaluation.add_argument("--batch-size", type=int, default=64, help="images and texts encoded at a time")
+    evaluation.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     evaluation.set_defaults(run=run_eval)
     return parser
 

@@ -40,13 +40,39 @@ import string
 
 import numpy
 
-from . import autograd, backend
+from . import autograd, backend, losses
 from .data import transforms
 from .tokenizer import checked_texts
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)   # the CLIP paper's default prompt
+# the CLIP paper's 80 ImageNet prompts (its notebook "Prompt_Engineering_for_ImageNet", open_clip's
+# OPENAI_IMAGENET_TEMPLATES), in their order
+IMAGENET_TEMPLATES = (
+    'a bad photo of a {}.', 'a photo of many {}.', 'a sculpture of a {}.', 'a photo of the hard to see {}.',
+    'a low resolution photo of the {}.', 'a rendering of a {}.', 'graffiti of a {}.', 'a bad photo of the {}.',
+    'a cropped photo of the {}.', 'a tattoo of a {}.', 'the embroidered {}.', 'a photo of a hard to see {}.',
+    'a bright photo of a {}.', 'a photo of a clean {}.', 'a photo of a dirty {}.', 'a dark photo of the {}.',
+    'a drawing of a {}.', 'a photo of my {}.', 'the plastic {}.', 'a photo of the cool {}.',
+    'a close-up photo of a {}.', 'a black and white photo of the {}.', 'a painting of the {}.',
+    'a painting of a {}.', 'a pixelated photo of the {}.', 'a sculpture of the {}.', 'a bright photo of the {}.',
+    'a cropped photo of a {}.', 'a plastic {}.', 'a photo of the dirty {}.', 'a jpeg corrupted photo of a {}.',
+    'a blurry photo of the {}.', 'a photo of the {}.', 'a good photo of the {}.', 'a rendering of the {}.',
+    'a {} in a video game.', 'a photo of one {}.', 'a doodle of a {}.', 'a close-up photo of the {}.',
+    'a photo of a {}.', 'the origami {}.', 'the {} in a video game.', 'a sketch of a {}.', 'a doodle of the {}.',
+    'a origami {}.', 'a low resolution photo of a {}.', 'the toy {}.', 'a rendition of the {}.',
+    'a photo of the clean {}.', 'a photo of a large {}.', 'a rendition of a {}.', 'a photo of a nice {}.',
+    'a photo of a weird {}.', 'a blurry photo of a {}.', 'a cartoon {}.', 'art of a {}.', 'a sketch of the {}.',
+    'a embroidered {}.', 'a pixelated photo of a {}.', 'itap of the {}.', 'a jpeg corrupted photo of the {}.',
+    'a good photo of a {}.', 'a plushie {}.', 'a photo of the nice {}.', 'a photo of the small {}.',
+    'a photo of the weird {}.', 'the cartoon {}.', 'art of the {}.', 'a drawing of the {}.',
+    'a photo of the large {}.', 'a black and white photo of a {}.', 'the plushie {}.', 'a dark photo of a {}.',
+    'itap of a {}.', 'graffiti of the {}.', 'a toy {}.', 'itap of my {}.', 'a photo of a cool {}.',
+    'a photo of a small {}.', 'a tattoo of the {}.',
+)
+TEMPLATE_SETS = {"imagenet": IMAGENET_TEMPLATES}
+RETRIEVAL_KS = (1, 5, 10)
 # every metric name that evaluate() returns starts with one of these (plots.py picks them out of a metrics log)
-METRIC_PREFIXES = ("zeroshot_", "retrieval_", "relation_", "control_")
+METRIC_PREFIXES = ("zeroshot_", "retrieval_", "relation_", "control_", "val_")
 
 
 # ---- checking and normalising inputs --------------------------------------------------------------------
@@ -451,3 +477,222 @@ def evaluate(model, tokenizer, zeroshot=None, retrieval=None, relation=None, bat
             metrics["control_acc"] = relation_accuracy(image_emb, texts(relation.control_true),
                                                        texts(relation.control_false))
     return metrics
+
+
+# ---- your own data: image files, class folders, captions, a linear probe -------------------------------
+
+def encode_image_files(model, images, batch_size=64, load=None):
+    """Unit-length embeddings (n, embed_dim) of image files (or PIL images), on the model's backend.
+
+    Each image is resized and centre-cropped to the model's image size and
+    normalised for its family (``transforms.preprocess``, as CLIP evaluates),
+    ``batch_size`` at a time, so memory holds one batch of pixels, never
+    the whole set. With ``load``, ``images`` are keys that ``load(key)``
+    turns into PIL images (a caption set's ``read_image`` and its indices).
+    A file that cannot be read is a ValueError naming it.
+    """
+    images = list(images)
+    if not images:
+        raise ValueError("images is empty: nothing to encode")
+    _check_positive_int(batch_size, "batch_size")
+    size, family = model.config.image_size, model.config.image_normalization
+    load = load or (lambda image: image)
+    chunks = [encode_images(model, numpy.stack([transforms.preprocess(load(image), size, family)
+                                                for image in images[start:start + batch_size]]), batch_size)
+              for start in range(0, len(images), batch_size)]
+    return backend.get_array_module(chunks[0]).concatenate(chunks)
+
+
+def resolve_templates(templates=None, template_set=None):
+    """The prompt templates of ``--template`` (a list) and ``--templates NAME`` (a key of TEMPLATE_SETS) together,
+    in that order; DEFAULT_TEMPLATES when neither is given."""
+    chosen = list(templates or ())
+    if template_set is not None:
+        if template_set not in TEMPLATE_SETS:
+            raise ValueError(f"no template set {template_set!r}; the sets are {sorted(TEMPLATE_SETS)}")
+        chosen += TEMPLATE_SETS[template_set]
+    return _checked_templates(chosen or DEFAULT_TEMPLATES)
+
+
+def zeroshot_report(image_emb, class_emb, labels, class_names, k=(1, 5), chunk_size=512):
+    """Zero-shot accuracy in detail: {"top1", "top5", ..., "per_class", "confusion"}.
+
+    Arguments as ``zeroshot_accuracy``, and ``class_names`` (C,). Adds
+    ``per_class``: {class name: top-1 accuracy over its images} for every
+    class that has images, and ``confusion``: (C, C) int64 NumPy counts,
+    row = true class, column = predicted class. Ties count as wrong here too:
+    an image whose true class only ties for the best score is put in the
+    column of the other best class, so the diagonal sums to top1 · N.
+    """
+    xp = backend.get_array_module(image_emb, class_emb, labels)
+    unit_images = _unit_rows(xp, image_emb, "image_emb")
+    unit_classes = _unit_rows(xp, class_emb, "class_emb")
+    if len(class_names) != unit_classes.shape[0]:
+        raise ValueError(f"class_names has {len(class_names)} names but class_emb {unit_classes.shape[0]} rows")
+    report = zeroshot_accuracy(unit_images, unit_classes, labels, k, chunk_size)
+    labels = backend.to_numpy(xp.asarray(_unwrap(labels))).astype(numpy.int64)
+    classes = unit_classes.shape[0]
+    predicted = []
+    for start in range(0, unit_images.shape[0], chunk_size):
+        scores = backend.to_numpy(unit_images[start:start + chunk_size] @ unit_classes.T)   # (chunk, C)
+        rows = numpy.arange(scores.shape[0])
+        truth = labels[start:start + chunk_size]
+        beaten = (scores >= scores[rows, truth][:, None]).sum(axis=1) > 1        # another class ties or wins
+        others = scores.copy()
+        others[rows, truth] = -numpy.inf
+        predicted.append(numpy.where(beaten, others.argmax(axis=1), truth))
+    predicted = numpy.concatenate(predicted)
+    confusion = numpy.zeros((classes, classes), dtype=numpy.int64)
+    numpy.add.at(confusion, (labels, predicted), 1)
+    counts = confusion.sum(axis=1)
+    report["per_class"] = {str(class_names[c]): int(confusion[c, c]) / int(counts[c])
+                           for c in range(classes) if counts[c]}
+    report["confusion"] = confusion
+    return report
+
+
+def class_folder_zeroshot(model, tokenizer, classes, templates=DEFAULT_TEMPLATES, batch_size=64):
+    """Zero-shot on an ``ImageClasses`` folder: (``zeroshot_report`` with "images" and "classes" counts, image_emb).
+
+    The image embeddings come back (NumPy) so that a linear probe can reuse them.
+    """
+    class_emb = encode_classes(model, tokenizer, classes.class_names, templates, batch_size)
+    image_emb = backend.to_numpy(encode_image_files(model, classes.paths, batch_size))
+    report = zeroshot_report(image_emb, backend.to_numpy(class_emb), classes.labels, classes.class_names)
+    return {"images": len(classes), "classes": len(classes.class_names), **report}, image_emb
+
+
+def caption_retrieval(model, tokenizer, pairs, ks=RETRIEVAL_KS, batch_size=64):
+    """Recall@k both ways on a caption set (``tinyclip.data.captions``), captions grouped by image path.
+
+    Returns {"images", "captions", "image_to_text_recall@1", ...,
+    "text_to_image_recall@1", ...} and the embeddings
+    (image_emb (images, D), text_emb (captions, D), text_to_image (captions,))
+    on the model's backend. Rows naming the same image file are one image
+    with several captions, found by image→text at k when any of them ranks
+    within the first k (``retrieval_recall``).
+    """
+    paths, text_to_image = pairs.grouped_by_image()
+    first_caption = numpy.unique(text_to_image, return_index=True)[1]            # (images,): a pair of each image
+    # read_image, not the path: the images of tar shards are no files of their own
+    image_emb = encode_image_files(model, first_caption.tolist(), batch_size, load=pairs.read_image)
+    text_emb = encode_texts(model, tokenizer, [pairs.caption(i) for i in range(len(pairs))], batch_size)
+    xp = backend.get_array_module(image_emb)
+    recall = retrieval_recall(image_emb, text_emb, ks, text_to_image=xp.asarray(text_to_image))
+    metrics = {"images": len(paths), "captions": len(pairs)}
+    metrics.update({f"image_to_text_recall@{k}": recall[f"i2t_r{k}"] for k in _cutoffs(ks, "ks")})
+    metrics.update({f"text_to_image_recall@{k}": recall[f"t2i_r{k}"] for k in _cutoffs(ks, "ks")})
+    return metrics, (image_emb, text_emb, text_to_image)
+
+
+def fit_logistic_regression(features, labels, classes, regularization=1.0, tolerance=1e-6, max_iterations=20000):
+    """Multinomial logistic regression by accelerated gradient descent: (weights (D, C), bias (C,)), NumPy float64.
+
+    Minimises scikit-learn's objective ``C · Σ_i cross_entropy_i + ½‖W‖²``
+    (divided by C·n: the mean cross-entropy + ‖W‖² / (2·C·n)), the bias not
+    penalised, with ``regularization`` as C. The objective is smooth with
+    gradient Lipschitz constant at most ½·σ_max([X 1])²/n + 1/(C·n) (the
+    softmax cross-entropy's Hessian in the logits is at most ½·I), so
+    Nesterov's method with step 1/L converges; it restarts whenever the
+    objective rises, and stops when the gradient's largest entry is below
+    ``tolerance``. Raises ValueError for labels outside [0, classes).
+    """
+    features = numpy.asarray(features, dtype=numpy.float64)
+    labels = numpy.asarray(labels)
+    count, width = features.shape
+    if labels.shape != (count,) or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"labels must be ({count},) ints in [0, {classes}), got {labels.dtype} {labels.shape}")
+    design = numpy.hstack([features, numpy.ones((count, 1))])                  # (n, D + 1): the bias column
+    onehot = numpy.eye(classes)[labels]                                        # (n, C)
+    penalty = numpy.ones((width + 1, 1))
+    penalty[-1] = 0                                                            # the bias is not penalised
+    decay = 1.0 / (regularization * count)
+
+    def objective_and_gradient(params):
+        logits = design @ params                                               # (n, C)
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - numpy.log(numpy.exp(logits).sum(axis=1, keepdims=True))
+        value = -(onehot * log_probs).sum() / count + 0.5 * decay * ((penalty * params) ** 2).sum()
+        gradient = design.T @ (numpy.exp(log_probs) - onehot) / count + decay * penalty * params
+        return value, gradient
+
+    step = 1.0 / (0.5 * numpy.linalg.norm(design, 2) ** 2 / count + decay)
+    params = numpy.zeros((width + 1, classes))
+    lookahead, momentum_params, t = params, params, 1.0
+    value, _ = objective_and_gradient(params)
+    for _ in range(max_iterations):
+        _, gradient = objective_and_gradient(lookahead)
+        if numpy.abs(gradient).max() < tolerance:
+            params = lookahead
+            break
+        new_params = lookahead - step * gradient
+        new_value, _ = objective_and_gradient(new_params)
+        if new_value > value:                  # restart the momentum (O'Donoghue & Candès 2015)
+            lookahead, t = params, 1.0
+            continue
+        new_t = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        lookahead = new_params + (t - 1) / new_t * (new_params - params)
+        params, value, t = new_params, new_value, new_t
+    return params[:-1], params[-1]
+
+
+def linear_probe(train_emb, train_labels, test_emb, test_labels, classes, regularization=1.0, use_sklearn=None):
+    """Test accuracy of a logistic regression fit on frozen embeddings (the CLIP paper's linear probe, §3.2).
+
+    Embeddings are L2-normalised first. ``use_sklearn`` None: scikit-learn's
+    ``LogisticRegression`` (L-BFGS, C = ``regularization``) when it is
+    installed (``pip install 'tinyclip[probe]'``), else
+    ``fit_logistic_regression``, which minimises the same objective; True or
+    False forces one. Returns (accuracy, "scikit-learn" or "tinyclip").
+    """
+    train_x = backend.to_numpy(_unit_rows(numpy, backend.to_numpy(_unwrap(train_emb)), "train_emb"))
+    test_x = backend.to_numpy(_unit_rows(numpy, backend.to_numpy(_unwrap(test_emb)), "test_emb"))
+    _same_width(train_x, "train_emb", test_x, "test_emb")
+    train_y = _indices(numpy, numpy.asarray(train_labels), "train_labels", train_x.shape[0], classes, "classes")
+    test_y = _indices(numpy, numpy.asarray(test_labels), "test_labels", test_x.shape[0], classes, "classes")
+    if use_sklearn is None:
+        try:
+            import sklearn.linear_model  # noqa: F401
+            use_sklearn = True
+        except ImportError:
+            use_sklearn = False
+    if use_sklearn:
+        from sklearn.linear_model import LogisticRegression
+        fitted = LogisticRegression(C=regularization, max_iter=5000, tol=1e-8).fit(train_x, train_y)
+        predicted = fitted.predict(test_x)
+        return int((predicted == test_y).sum()) / len(test_y), "scikit-learn"
+    weights, bias = fit_logistic_regression(train_x, train_y, classes, regularization)
+    predicted = (test_x @ weights + bias).argmax(axis=1)
+    return int((predicted == test_y).sum()) / len(test_y), "tinyclip"
+
+
+def caption_validation(model, tokenizer, pairs, loss="siglip", batch_size=128, ks=RETRIEVAL_KS, encode_batch=64):
+    """Validation on held-out pairs: {"val_loss", "val_images", "val_captions", "val_image_to_text_recall@1", ...}.
+
+    Recall as ``caption_retrieval``. ``val_loss`` is the training loss
+    (``loss``: "siglip" or "clip", with the model's log_scale and bias) on
+    batches of ``batch_size`` images in first-appearance order, each with
+    its first caption (two captions of one image in a batch would be
+    scored as a negative pair), averaged over the batches; a last, smaller
+    batch is dropped when there is a full one, as in training, so that
+    every batch has the loss's scale.
+    """
+    if loss not in ("siglip", "clip"):
+        raise ValueError(f"loss must be 'siglip' or 'clip', got {loss!r}")
+    _check_positive_int(batch_size, "batch_size")
+    metrics, (image_emb, text_emb, text_to_image) = caption_retrieval(model, tokenizer, pairs, ks, encode_batch)
+    first_caption = numpy.unique(text_to_image, return_index=True)[1]            # (images,) in image order
+    images = image_emb.shape[0]
+    starts = range(0, max(images - batch_size, 0) + 1, batch_size)
+    batch_losses = []
+    with autograd.no_grad():
+        for start in starts:
+            image_batch = image_emb[start:start + batch_size]
+            text_batch = text_emb[backend.get_array_module(text_emb).asarray(first_caption[start:start + batch_size])]
+            if loss == "siglip":
+                value = losses.siglip_loss(image_batch, text_batch, model.log_scale, model.bias)
+            else:
+                value = losses.clip_loss(image_batch, text_batch, model.log_scale)
+            batch_losses.append(float(value.item()))
+    return {"val_loss": sum(batch_losses) / len(batch_losses),
+            **{f"val_{key}": value for key, value in metrics.items()}}

@@ -1,4 +1,5 @@
-"""Pictures of a training run: loss and evaluation curves, and the image–text similarity matrix.
+"""Pictures of a training run: loss and evaluation curves, the image–text similarity matrix, and the
+confusion matrix of a zero-shot classification.
 
 ``plot_training`` draws what a run's metrics.jsonl holds: the training loss
 over steps, and beside it every evaluation metric of ``tinyclip.evaluate``
@@ -84,8 +85,9 @@ def plot_training(metrics_records, path):
     ``metrics_records`` are dicts such as the lines of metrics.jsonl: each
     has "step", training records a "loss", evaluation records keys named as
     ``tinyclip.evaluate.evaluate`` returns them ("zeroshot_top1",
-    "retrieval_i2t_r1", ...). Other keys are ignored. The loss axis is
-    logarithmic when every loss is positive.
+    "retrieval_i2t_r1", ...). Other keys are ignored. A "val_loss" (the
+    loss on held-out pairs) is drawn beside the training loss. The loss axis
+    is logarithmic when every loss is positive.
     """
     records = list(metrics_records)
     if not all(isinstance(record, dict) for record in records):
@@ -93,12 +95,17 @@ def plot_training(metrics_records, path):
     loss_steps, losses = _series(records, "loss")
     if not losses:
         raise ValueError("metrics_records: no record has a \"step\" and a finite \"loss\"; nothing to plot")
-    metric_names = sorted({key for record in records for key in record if key.startswith(METRIC_PREFIXES)})
+    val_steps, val_losses = _series(records, "val_loss")
+    metric_names = sorted({key for record in records for key in record
+                           if key.startswith(METRIC_PREFIXES) and not key.endswith(("loss", "images", "captions"))})
     figure = _new_figure((12, 4.5))
     loss_axes, metric_axes = figure.subplots(1, 2)
 
-    loss_axes.plot(loss_steps, losses, linewidth=1)
-    if min(losses) > 0:
+    loss_axes.plot(loss_steps, losses, linewidth=1, label="training")
+    if val_losses:
+        loss_axes.plot(val_steps, val_losses, marker="o", markersize=3, label="validation")
+        loss_axes.legend(fontsize="small")
+    if min(losses + val_losses) > 0:
         loss_axes.set_yscale("log")
     loss_axes.set(title="training loss", xlabel="step", ylabel="loss")
     loss_axes.grid(True, which="both", alpha=0.3)
@@ -188,4 +195,41 @@ def plot_similarity(image_emb, text_emb, images, captions, path):
         axes.spines[side].set_visible(False)
     axes.set_title("cosine similarity")
     figure.colorbar(picture, ax=axes, shrink=0.6)
+    _save_atomically(figure, path)
+
+
+# ---- the confusion matrix -------------------------------------------------------------------------------
+
+MAX_LABELLED_CLASSES = 40    # beyond this the class names on the axes overlap; the matrix is still drawn
+
+
+def plot_confusion(confusion, class_names, path):
+    """A zero-shot confusion matrix as a picture: row = true class, column = predicted, each row as fractions.
+
+    ``confusion`` (C, C) non-negative counts (``evaluate.zeroshot_report``),
+    ``class_names`` C str. Rows are divided by their totals, so a class with
+    few images reads on the same scale as one with many; a row with no
+    images stays 0. Class names label the axes up to 40 classes.
+    """
+    confusion = numpy.asarray(backend.to_numpy(confusion))
+    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1] or confusion.shape[0] == 0:
+        raise ValueError(f"confusion must be a non-empty square (C, C) array, got shape {confusion.shape}")
+    if not (numpy.isfinite(confusion).all() and (confusion >= 0).all()):
+        raise ValueError("confusion must hold non-negative counts")
+    classes = confusion.shape[0]
+    if isinstance(class_names, str) or len(class_names) != classes:
+        raise ValueError(f"class_names must be {classes} names, one per row of confusion")
+    totals = confusion.sum(axis=1, keepdims=True)                               # (C, 1)
+    fractions = numpy.divide(confusion, totals, out=numpy.zeros(confusion.shape), where=totals > 0)
+    side = min(4 + 0.35 * classes, 30)
+    figure = _new_figure((side + 1.5, side))
+    axes = figure.subplots()
+    picture = axes.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    if classes <= MAX_LABELLED_CLASSES:
+        axes.set_xticks(range(classes), [str(name) for name in class_names], rotation=90, fontsize=8)
+        axes.set_yticks(range(classes), [str(name) for name in class_names], fontsize=8)
+    accuracy = numpy.trace(confusion) / max(confusion.sum(), 1)
+    axes.set(xlabel="predicted class", ylabel="true class",
+             title=f"zero-shot confusion (top-1 {accuracy:.3f}, {int(confusion.sum())} images)")
+    figure.colorbar(picture, ax=axes, shrink=0.6, label="fraction of the true class")
     _save_atomically(figure, path)

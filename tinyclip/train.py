@@ -50,8 +50,9 @@ import numpy
 from . import backend, checkpoint, distributed, evaluate, hub, nn, optim, plots
 from .data import captions as caption_sets
 from .data import shapes
+from .data import shards
 from .data.loader import Loader
-from .data.transforms import normalize, random_resized_crop
+from .data.transforms import normalize, preprocess, random_resized_crop
 from .models import CLIP, preset
 from .models.config import VISION_FIELDS
 from .tokenizer import SPIECE_FILE, SiglipTokenizer, Tokenizer, find_tokenizer
@@ -62,7 +63,8 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MIN_VOCAB_SIZE = 514
 SUMMARY_KEYS = ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "relation_acc", "control_acc",
-                "final_loss", "steps", "seconds")
+                "final_loss", "steps", "examples_seen", "seconds")
+VAL_SEED = 0    # which images --val-fraction holds out: fixed, so that every run on the same data holds out the same
 
 
 @dataclasses.dataclass
@@ -85,6 +87,10 @@ class TrainConfig:
     strict: bool = False             # a missing or unreadable image is an error instead of a warning
     examples: int | None = None      # use only the first N examples (None: all; shapes are unlimited)
     tokenizer_captions: int = 4000   # captions the BPE tokenizer is trained on
+    # --- validation and loading ------------------------------------------------------------------
+    val_data: str | None = None      # held-out pairs (CSV/TSV or folder) evaluated every eval_every steps
+    val_fraction: float = 0.0        # hold out this fraction of --data's images (always the same ones) to validate on
+    workers: int = 1                 # loader processes decoding images (1: the loader's own thread)
     # --- optimisation ----------------------------------------------------------------------------
     steps: int = 700                 # optimiser steps in the whole run (~6 min on 2 CPU cores at the defaults)
     batch_size: int = 128            # global batch over all ranks
@@ -130,6 +136,7 @@ class TrainConfig:
             problems.append("lock_image needs image_tower or init: a locked image tower must come from a trained "
                             "model")
         problems += init_problems(self)
+        problems += validation_problems(self)
         if self.grad_clip < 0 or self.max_scale <= 0:
             problems.append(f"need grad_clip >= 0 and max_scale > 0, got {self.grad_clip}, {self.max_scale}")
         if problems:
@@ -143,9 +150,28 @@ class TrainConfig:
     def identity(self):
         """The fields a resumed run must share with the run it continues (all that change what a step computes),
         as JSON gives them back (tuples as lists), so that a saved configuration compares equal to its source."""
-        how_often = {"out", "log_every", "eval_every", "checkpoint_every", "eval_per_class", "eval_pairs", "plots"}
+        how_often = {"out", "log_every", "eval_every", "checkpoint_every", "eval_per_class", "eval_pairs", "plots",
+                     "workers"}
         return json.loads(json.dumps({key: value for key, value in dataclasses.asdict(self).items()
                                       if key not in how_often}))
+
+
+def validation_problems(config):
+    """What is wrong with the validation and loading fields of a TrainConfig (a list of messages)."""
+    problems = []
+    fraction = config.val_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        problems.append(f"val_fraction must be in [0, 1), got {fraction!r}")
+    elif fraction and config.val_data:
+        problems.append("give val_data or val_fraction, not both")
+    elif fraction and config.data is None:
+        problems.append("val_fraction holds out part of --data; the built-in shapes have their own held-out sets")
+    elif fraction and shards.is_shard_pattern(config.data):
+        problems.append("val_fraction cannot split streamed shards; give --val-data (a CSV, a folder, or "
+                        "other shards)")
+    if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < 1:
+        problems.append(f"workers must be a positive int, got {config.workers!r}")
+    return problems
 
 
 class NonFiniteLoss(RuntimeError):
@@ -255,12 +281,30 @@ def model_config(config, tokenizer, image_tower=None):
     return preset(config.preset, **overrides)
 
 
+def read_pairs(config, path):
+    """The image–caption pairs at ``path``: tar shards (a pattern), a folder of images with .txt captions, or a
+    CSV/TSV file."""
+    if shards.is_shard_pattern(path):
+        return shards.ShardCaptions(path, strict=config.strict)
+    if os.path.isdir(path):
+        return caption_sets.FolderCaptions(path, strict=config.strict)
+    return caption_sets.CSVCaptions(path, image_column=config.image_column, caption_column=config.caption_column,
+                                    strict=config.strict)
+
+
 def caption_set(config):
-    """The image–caption pairs of --data: a folder of images with .txt captions, or a CSV/TSV file."""
-    if os.path.isdir(config.data):
-        return caption_sets.FolderCaptions(config.data, strict=config.strict)
-    return caption_sets.CSVCaptions(config.data, image_column=config.image_column,
-                                    caption_column=config.caption_column, strict=config.strict)
+    """The training pairs of --data: without the images --val-fraction holds out."""
+    pairs = read_pairs(config, config.data)
+    return pairs.split_by_image(config.val_fraction, VAL_SEED)[0] if config.val_fraction else pairs
+
+
+def validation_set(config):
+    """The held-out pairs to validate on (--val-data, or --val-fraction of --data), or None."""
+    if config.val_data:
+        return read_pairs(config, config.val_data)
+    if config.val_fraction:
+        return read_pairs(config, config.data).split_by_image(config.val_fraction, VAL_SEED)[1]
+    return None
 
 
 def dataset_of(config, image_size, normalization=None):
@@ -429,12 +473,14 @@ class Progress:
         self.stream = sys.stdout if stream is None else stream
         self.rewrite = enabled and self.stream.isatty()
 
-    def step(self, step, loss, lr, seconds_per_step):
+    def step(self, step, loss, lr, seconds_per_step, speed=None):
         if not self.enabled:
             return
         left = (self.total_steps - step) * seconds_per_step
         line = (f"step {step:>6}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
                 f"{seconds_per_step:.2f} s/step  ~{left / 60:.1f} min left")
+        if speed:
+            line += f"  {speed['images_per_second']:.0f} images/s  {speed['data_wait_fraction']:.0%} waiting for data"
         self.stream.write(f"\r{line}" if self.rewrite else f"{line}\n")
         self.stream.flush()
 
@@ -464,6 +510,43 @@ class MetricsLog:
             self.records.append(record)
             with open(self.path, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
+
+
+class DataSpeed:
+    """Images per second and the fraction of step time spent waiting for the loader, since the last report.
+
+    The wait is the time ``next(loader)`` blocks: near 0 when the loader
+    keeps ahead of the step, near 1 when the step starves (more --workers).
+    """
+
+    def __init__(self):
+        self.images, self.waiting, self.total = 0, 0.0, 0.0
+
+    def add(self, images, waiting, total):
+        self.images, self.waiting, self.total = self.images + images, self.waiting + waiting, self.total + total
+
+    def report(self):
+        """{"images_per_second", "data_wait_fraction"} over the steps added since the last report; {} if none."""
+        if self.total <= 0:
+            return {}
+        speed = {"images_per_second": round(self.images / self.total, 1),
+                 "data_wait_fraction": round(self.waiting / self.total, 4)}
+        self.images, self.waiting, self.total = 0, 0.0, 0.0
+        return speed
+
+
+def validate(model, tokenizer, val_pairs, config):
+    """Loss and recall@1/5/10 on the held-out pairs, keys prefixed ``val_`` (``evaluate.caption_validation``)."""
+    return evaluate.caption_validation(model, tokenizer, val_pairs, loss=config.loss,
+                                       batch_size=config.batch_size)
+
+
+def validation_pictures(val_pairs, image_size, family):
+    """The first held-out images (preprocessed) and their first captions, for similarity.png: a RetrievalSet."""
+    _, text_to_image = val_pairs.grouped_by_image()
+    first_pair = numpy.unique(text_to_image, return_index=True)[1][:plots.MAX_SIMILARITY_PAIRS]
+    images = numpy.stack([preprocess(val_pairs.read_image(int(i)), image_size, family) for i in first_pair])
+    return evaluate.RetrievalSet(images, [val_pairs.caption(int(i)) for i in first_pair])     # (n, H, W, 3), n
 
 
 def evaluation_sets(config, image_size):
@@ -572,8 +655,10 @@ class Run:
         dataset, transform = dataset_of(config, image_size, self.model.config.image_normalization)
         self.loader = Loader(dataset, config.batch_size, seed=config.seed, rank=comm.rank, world_size=comm.size,
                              transform=transform, examples=config.examples,
-                             start=state["loader"] if state else None)
+                             start=state["loader"] if state else None, workers=config.workers)
         self.eval_sets = evaluation_sets(config, image_size) if config.data is None and self.lead else None
+        self.val_pairs = validation_set(config) if self.lead else None
+        self.data_speed = DataSpeed()
         self.metrics = MetricsLog(os.path.join(config.out, "metrics.jsonl"), self.lead,
                                   self.step if state else None)
         self.progress = Progress(config.steps, self.lead)
@@ -587,7 +672,9 @@ class Run:
 
     def next_batch(self):
         """This rank's (images (b, H, W, 3), tokens (b, T)) on the model's device."""
+        waiting_since = time.perf_counter()
         images, captions = next(self.loader)
+        self.data_wait = time.perf_counter() - waiting_since
         images = backend.asarray(images, self.device)      # uint8 pixels cross to a GPU at a quarter of float32
         if images.dtype == numpy.uint8:
             images = normalize(images, self.model.config.image_normalization)                   # (b, H, W, 3) float32
@@ -597,6 +684,7 @@ class Run:
 
     def take_step(self, stop_requested):
         """One training step, logged; returns whether any rank asked to stop."""
+        step_started = time.perf_counter()
         images, tokens = self.next_batch()
         lr = self.optimizer.param_groups[0]["lr"]
         try:
@@ -609,11 +697,14 @@ class Run:
                                 f"try a lower --lr or a longer --warmup-steps") from None
         self.step += 1
         self.losses.append(loss)
+        self.data_speed.add(self.config.batch_size, self.data_wait, time.perf_counter() - step_started)
         if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+            speed = self.data_speed.report()
             self.metrics.write({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                 "scale": math.exp(float(self.model.log_scale.item())),
-                                "seconds": round(self.seconds(), 3)})
-            self.progress.step(self.step, loss, lr, (time.perf_counter() - self.started) / len(self.losses))
+                                "seconds": round(self.seconds(), 3), "examples_seen": self.examples_seen(),
+                                **speed})
+            self.progress.step(self.step, loss, lr, (time.perf_counter() - self.started) / len(self.losses), speed)
         return stop
 
     def save(self):
@@ -626,30 +717,46 @@ class Run:
         self.last_saved = self.step
         self.comm.barrier()
 
+    def examples_seen(self):
+        """Training examples consumed so far over all ranks (every step takes one global batch)."""
+        return self.step * self.config.batch_size
+
     def evaluate(self):
-        """The held-out shapes metrics (rank 0, shapes data only; else {}), logged and printed."""
-        if self.eval_sets is None:
+        """The held-out shapes metrics (shapes data) and the validation metrics (--val-data / --val-fraction),
+        on rank 0 (else {}), logged and printed."""
+        if self.eval_sets is None and self.val_pairs is None:
             return {}
-        results = evaluate.evaluate(self.model, self.tokenizer, **self.eval_sets)
-        self.metrics.write({"step": self.step, **results})
+        results = evaluate.evaluate(self.model, self.tokenizer, **self.eval_sets) if self.eval_sets else {}
+        if self.val_pairs is not None:
+            results.update(validate(self.model, self.tokenizer, self.val_pairs, self.config))
+        self.metrics.write({"step": self.step, "examples_seen": self.examples_seen(), **results})
         self.progress.say(f"eval step {self.step}: "
-                          + ", ".join(f"{key} {value:.3f}" for key, value in results.items()))
+                          + ", ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
+                                      for key, value in results.items()))
         return results
 
     def finish(self):
         """The last evaluation, the final model, summary.json and the pictures; returns the summary."""
         results = self.evaluate()
-        summary = {key: results.get(key) for key in SUMMARY_KEYS[:5]}
+        # the shapes metrics for a run on the shapes; on your data, what validation measured (no empty keys)
+        summary = {key: results.get(key) for key in SUMMARY_KEYS[:5] if self.eval_sets is not None or key in results}
+        summary.update({key: value for key, value in results.items() if key.startswith("val_")})
         summary.update(final_loss=self.losses[-1] if self.losses else None, steps=self.step,
-                       seconds=round(self.seconds(), 1))
+                       examples_seen=self.examples_seen(), seconds=round(self.seconds(), 1))
         if self.lead:
             out = self.config.out
             save_model(self.model, self.tokenizer, os.path.join(out, "model"))
             with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as file:
                 json.dump(summary, file, indent=2)
             if self.config.plots:
-                draw_pictures(out, self.metrics.records, self.model, self.tokenizer,
-                              self.eval_sets["retrieval"] if self.eval_sets else None)
+                if self.eval_sets:
+                    pictured = self.eval_sets["retrieval"]
+                elif self.val_pairs is not None:
+                    pictured = validation_pictures(self.val_pairs, self.model.config.image_size,
+                                                   self.model.config.image_normalization)
+                else:
+                    pictured = None
+                draw_pictures(out, self.metrics.records, self.model, self.tokenizer, pictured)
             self.progress.say("summary: " + ", ".join(
                 f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                 for key, value in summary.items()))

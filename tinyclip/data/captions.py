@@ -24,6 +24,8 @@ import csv
 import os
 import warnings
 
+import numpy
+
 from .transforms import load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -69,8 +71,8 @@ class CaptionSet:
         if index in self._unreadable:
             return None
         try:
-            return load_image(self.paths[index])
-        except (OSError, ValueError) as error:     # load_image's FileNotFoundError / ValueError name the file
+            return self.read_image(index)
+        except (OSError, ValueError) as error:     # read_image's FileNotFoundError / ValueError name the file
             if self.strict:
                 raise
             if not self._unreadable:
@@ -78,6 +80,45 @@ class CaptionSet:
                               f"data set (counted in .unreadable)", stacklevel=2)
             self._unreadable.add(index)
             return None
+
+    def read_image(self, index):
+        """The image of pair ``index`` as RGB PIL, or an OSError / ValueError naming it; subclasses that keep
+        images elsewhere than in files (tar shards) override this."""
+        return load_image(self.paths[index])
+
+    def grouped_by_image(self):
+        """(image paths, text_to_image): each image once, in order of first appearance, and (len(self),) int64
+        saying which of them caption i describes, for retrieval with several captions per image."""
+        first_seen = {}
+        text_to_image = numpy.array([first_seen.setdefault(path, len(first_seen)) for path in self.paths],
+                                    dtype=numpy.int64)
+        return list(first_seen), text_to_image
+
+    def subset(self, indices, source):
+        """The pairs at ``indices`` as a CaptionSet of their own, named ``source`` in messages."""
+        return CaptionSet(source, [self.paths[i] for i in indices], [self.captions[i] for i in indices],
+                          self.strict)
+
+    def split_by_image(self, fraction, seed=0):
+        """(training pairs, held-out pairs): a seeded ``fraction`` of the images (at least one), with all their
+        captions, held out, so that no held-out image is ever trained on under another caption.
+
+        Which images are held out depends only on the set of image paths and
+        ``seed``, not on the order of the rows. Raises ValueError when
+        ``fraction`` is not in (0, 1) or leaves either side empty.
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"{self.source}: the held-out fraction must be in (0, 1), got {fraction!r}")
+        images = sorted(set(self.paths))
+        held_count = max(1, round(fraction * len(images)))
+        if held_count >= len(images):
+            raise ValueError(f"{self.source}: holding out {fraction} of {len(images)} images leaves none to train on")
+        order = numpy.random.default_rng(numpy.random.SeedSequence([seed, len(images)])).permutation(len(images))
+        held = {images[i] for i in order[:held_count]}
+        kept = [i for i, path in enumerate(self.paths) if path not in held]
+        held_out = [i for i, path in enumerate(self.paths) if path in held]
+        return (self.subset(kept, f"{self.source} (training part)"),
+                self.subset(held_out, f"{self.source} (held-out {fraction})"))
 
 
 def _warn_skipped(source, count, what):

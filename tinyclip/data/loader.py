@@ -31,23 +31,44 @@ function of (seed, epoch, step); the work is split in two:
     Augmentation draws from ``SeedSequence([seed, epoch, index, 1])``: per
     example and epoch, never per rank, so the same global batch comes out
     whatever the number of ranks.
+    Tar shards (``tinyclip.data.shards``, a data set with ``shard_sizes``)
+    are streamed instead, as open_clip and webdataset do: rank r of D owns
+    shards r, r + D, r + 2D, ... (so no two ranks read the same shard, and
+    together they read all), reads them in an order shuffled per epoch
+    (``SeedSequence([seed, epoch, rank, 2])``) and each one from start to
+    end; its batch ``step`` is the next b of its examples. Every rank takes
+    the same number of steps, ``min over ranks of (its examples // b)``;
+    what a rank has beyond that in an epoch is dropped. Exact resume holds
+    on the same number of ranks (a state records it).
 
 ``Loader``
     iterates over the batches without end, epoch after epoch, loading the
     next ones on a background thread (a queue ``prefetch`` deep) so that
-    decoding and augmentation overlap the training step. ``state()`` is
-    the position of the next batch, a small JSON-able dict; a loader built
-    with ``start=state`` (or after ``load_state``) continues exactly there.
+    decoding and augmentation overlap the training step. With
+    ``workers=N`` > 1 that thread hands each batch to N worker processes
+    in N contiguous parts and joins the parts in order: every example is
+    computed exactly as one worker computes it (its augmentation depends on
+    (seed, epoch, index) only), so the batches are bit for bit those of one
+    worker. An exception in a worker reaches the training loop as itself; a
+    worker that dies (killed, out of memory) ends the run with an error
+    saying so, never a wait. ``state()`` is the position of the next batch,
+    a small JSON-able dict; a loader built with ``start=state`` (or after
+    ``load_state``) continues exactly there, whatever the number of workers.
 
 Tokenising stays with the training loop: captions come out as strings.
 """
 
+import collections
+import concurrent.futures
+import multiprocessing
 import queue
+import signal
 import threading
 
 import numpy
 
 STATE_KEYS = ("epoch", "step", "seed", "batch_size", "examples")
+SHARDED_STATE_KEYS = STATE_KEYS + ("ranks",)     # streamed shards: the split depends on the number of ranks
 
 
 def _is_int(value, minimum):
@@ -100,30 +121,62 @@ class BatchOrder:
             raise ValueError(f"loader: examples must be an int in [1, {size or 'inf'}] for {name}, "
                              f"got {examples!r}")
         self.examples = size if examples is None else int(examples)
-        if self.examples is None:
+        # this rank's rows of every global batch: the first batch_size % world_size ranks take one more
+        base, extra = divmod(self.batch_size, self.world_size)
+        self.rows = slice(self.rank * base + min(self.rank, extra),
+                          (self.rank + 1) * base + min(self.rank + 1, extra))
+        self.shard_sizes = getattr(dataset, "shard_sizes", None)       # set: stream shards (module docstring)
+        if self.shard_sizes is not None:
+            self.steps_per_epoch = self._sharded_steps(name, examples)
+        elif self.examples is None:
             self.steps_per_epoch = None
         else:
             self.steps_per_epoch = self.examples // self.batch_size
             if self.steps_per_epoch == 0:
                 raise ValueError(f"loader: {name} has {self.examples} examples, fewer than one batch of "
                                  f"{self.batch_size}")
-        # this rank's rows of every global batch: the first batch_size % world_size ranks take one more
-        base, extra = divmod(self.batch_size, self.world_size)
-        self.rows = slice(self.rank * base + min(self.rank, extra),
-                          (self.rank + 1) * base + min(self.rank + 1, extra))
         self._permutation = (None, None)     # (epoch, its order); one tuple, so one assignment replaces both
 
+    def _sharded_steps(self, name, examples):
+        """Steps per epoch of streamed shards: as many as the rank with the fewest batches in its shards has."""
+        if examples is not None:
+            raise ValueError(f"loader: examples= cannot cut {name}: its shards are streamed whole")
+        shards = len(self.shard_sizes)
+        if shards < self.world_size:
+            raise ValueError(f"loader: {name} has {shards} shards for {self.world_size} ranks; every rank needs a "
+                             f"shard of its own (write smaller shards, or use fewer ranks)")
+        base, extra = divmod(self.batch_size, self.world_size)
+        batches = [int(self.shard_sizes[rank::self.world_size].sum()) // (base + (rank < extra))
+                   for rank in range(self.world_size)]
+        if min(batches) == 0:
+            raise ValueError(f"loader: rank {batches.index(0)}'s shards of {name} hold fewer examples than its "
+                             f"share of one batch of {self.batch_size}")
+        return min(batches)
+
     def order(self, epoch):
-        """The order in which epoch ``epoch`` visits the examples: a permutation of range(len(dataset))."""
+        """The order in which epoch ``epoch`` visits the examples: a permutation of range(len(dataset)); for
+        streamed shards, this rank's examples in the order it reads them."""
         cached_epoch, permutation = self._permutation
         if cached_epoch != epoch:
-            permutation = numpy.random.default_rng(numpy.random.SeedSequence([self.seed, epoch])) \
-                .permutation(self.examples)
+            permutation = self._stream(epoch) if self.shard_sizes is not None else \
+                numpy.random.default_rng(numpy.random.SeedSequence([self.seed, epoch])).permutation(self.examples)
             self._permutation = (epoch, permutation)
         return permutation
 
+    def _stream(self, epoch):
+        """This rank's shards in this epoch's order, each from its first example to its last: (examples,) int64."""
+        starts = numpy.concatenate([[0], numpy.cumsum(self.shard_sizes)])             # (shards + 1,)
+        own = numpy.arange(self.rank, len(self.shard_sizes), self.world_size)
+        rng = numpy.random.default_rng(numpy.random.SeedSequence([self.seed, epoch, self.rank, 2]))
+        return numpy.concatenate([numpy.arange(starts[shard], starts[shard + 1]) for shard in rng.permutation(own)])
+
     def global_indices(self, epoch, step):
-        """The examples of global batch ``step`` in ``epoch``, over all ranks: (batch_size,) int64."""
+        """The examples of global batch ``step`` in ``epoch``, over all ranks: (batch_size,) int64.
+
+        Not for streamed shards, where each rank reads its own (``indices``).
+        """
+        if self.shard_sizes is not None:
+            raise ValueError("loader: streamed shards have no global order; each rank reads its own shards")
         start = step * self.batch_size
         if self.examples is None:
             return numpy.arange(start, start + self.batch_size, dtype=numpy.int64)
@@ -131,6 +184,9 @@ class BatchOrder:
 
     def indices(self, epoch, step):
         """The examples this rank loads at (epoch, step): its slice of the global batch, as a list of ints."""
+        if self.shard_sizes is not None:
+            size = self.rows.stop - self.rows.start
+            return self.order(epoch)[step * size:(step + 1) * size].tolist()
         return self.global_indices(epoch, step)[self.rows].tolist()
 
     def next_position(self, epoch, step):
@@ -141,7 +197,11 @@ class BatchOrder:
 
     def load(self, epoch, step):
         """This rank's batch at (epoch, step): (images (b, H, W, 3), captions: list of b strings)."""
-        indices = self.indices(epoch, step)
+        return self.load_examples(epoch, self.indices(epoch, step))
+
+    def load_examples(self, epoch, indices):
+        """The examples ``indices`` as loaded in ``epoch``: (images (n, H, W, 3), n captions). Each example
+        depends on (seed, epoch, its index) only, so any split of a batch into parts joins back into it."""
         if self.transform is not None:
             return self._transformed_batch(epoch, indices)
         images, captions = self.dataset.batch(indices)
@@ -182,30 +242,99 @@ class _WorkerError:
         self.error = error
 
 
-def _fill(order, epoch, step, batches, stop):
+def _fill(order, epoch, step, batches, stop, pool):
     """The loading thread: put this rank's batches from (epoch, step) on into ``batches`` until ``stop`` is set.
 
-    A module function that holds no reference to the Loader, so a loader
-    that is dropped without close() is still collected (and its __del__
-    stops this thread).
+    With a ``pool`` (a ``_WorkerPool``), the next batch is already being
+    decoded by the workers while this one is collected. A module function
+    that holds no reference to the Loader, so a loader that is dropped
+    without close() is still collected (and its __del__ stops this thread).
     """
     try:
+        if pool is None:
+            while not stop.is_set():
+                batches.put(order.load(epoch, step))
+                epoch, step = order.next_position(epoch, step)
+            return
+        pending = collections.deque()
         while not stop.is_set():
-            batches.put(order.load(epoch, step))
-            epoch, step = order.next_position(epoch, step)
+            while len(pending) < 2:
+                pending.append(pool.submit(epoch, order.indices(epoch, step)))
+                epoch, step = order.next_position(epoch, step)
+            batches.put(pool.gather(pending.popleft()))
     except BaseException as error:   # anything, or the consumer would wait for a batch that never comes
         batches.put(_WorkerError(error))
 
 
-class _Prefetch:
-    """One run of the loading thread with its own queue and stop flag; stopping it never blocks on the queue."""
+# ---- worker processes -------------------------------------------------------------------------------------
 
-    def __init__(self, order, epoch, step, depth):
+_worker_order = None          # in a worker process: the BatchOrder it loads examples of
+
+
+def _start_worker(order):
+    global _worker_order
+    _worker_order = order
+    # Ctrl-C reaches the whole process group; the training loop finishes its step and saves, so the workers
+    # must outlive it rather than die with a KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _load_part(epoch, indices):
+    return _worker_order.load_examples(epoch, indices)
+
+
+class WorkerDied(RuntimeError):
+    """A loader worker process ended without an answer (killed by a signal, out of memory)."""
+
+
+class _WorkerPool:
+    """``workers`` processes that load contiguous parts of each batch; the parts join into the batch in order.
+
+    The processes are forked where the OS can (Linux), so the data set and
+    transform are shared as they are, without pickling; elsewhere they are
+    started fresh and get a pickled copy of the BatchOrder.
+    """
+
+    def __init__(self, order, workers):
+        self.workers = workers
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker, initargs=(order,))
+        # the executor forks all its processes at the first submit: do it now, on the calling thread, rather
+        # than later on the loading thread while the training loop runs (a fork copies locks others may hold)
+        self.executor.submit(int).result()
+
+    def submit(self, epoch, indices):
+        """Futures of the parts of one batch (``workers`` contiguous parts, sizes as even as possible)."""
+        return [self.executor.submit(_load_part, epoch, part.tolist())
+                for part in numpy.array_split(numpy.asarray(indices), self.workers) if len(part)]
+
+    @staticmethod
+    def gather(parts):
+        """The batch of the parts of ``submit``: images joined along the batch axis, captions in order."""
+        try:
+            loaded = [part.result() for part in parts]
+        except concurrent.futures.process.BrokenProcessPool:
+            raise WorkerDied("loader: a worker process ended without finishing its batch (killed by a signal or "
+                             "out of memory?); the run stops here") from None
+        return numpy.concatenate([images for images, _ in loaded]), [c for _, captions in loaded for c in captions]
+
+    def shutdown(self, wait):
+        self.executor.shutdown(wait=wait, cancel_futures=True)
+
+
+class _Prefetch:
+    """One run of the loading thread (and its worker processes) with its own queue and stop flag; stopping it
+    never blocks on the queue."""
+
+    def __init__(self, order, epoch, step, depth, workers):
         self.batches = queue.Queue(maxsize=depth)
         self.stop_event = threading.Event()
+        # the workers are forked here, on the calling thread, before the loading thread exists
+        self.pool = _WorkerPool(order, workers) if workers > 1 else None
         # a daemon thread: one stuck in a slow read cannot keep the interpreter from exiting
-        self.thread = threading.Thread(target=_fill, args=(order, epoch, step, self.batches, self.stop_event),
-                                       name="tinyclip-loader", daemon=True)
+        self.thread = threading.Thread(target=_fill, args=(order, epoch, step, self.batches, self.stop_event,
+                                                           self.pool), name="tinyclip-loader", daemon=True)
         self.thread.start()
 
     def get(self):
@@ -224,6 +353,8 @@ class _Prefetch:
                 break
         if wait:
             self.thread.join()
+        if self.pool is not None:
+            self.pool.shutdown(wait)
 
 
 class Loader:
@@ -233,16 +364,24 @@ class Loader:
     data set or transform makes them, (b, H, W, 3); captions, b strings.
     Arguments as ``BatchOrder``, and: prefetch, how many batches to load
     ahead (0: load in the calling thread, handy under a debugger); start, a
-    ``state()`` to resume from. Close it (or use ``with``) to stop the thread.
+    ``state()`` to resume from; workers, how many processes decode (1: the
+    loading thread itself). With workers > 1 a data set with ``batch``
+    must give each example independently of the others asked with it.
+    Close it (or use ``with``) to stop the thread and the workers.
     """
 
     def __init__(self, dataset, batch_size, *, seed=0, rank=0, world_size=1, transform=None, examples=None,
-                 prefetch=2, start=None):
+                 prefetch=2, start=None, workers=1):
         self._prefetch = None            # first, so that __del__ works even when the checks below fail
         if not _is_int(prefetch, 0):
             raise ValueError(f"loader: prefetch must be a non-negative int, got {prefetch!r}")
+        if not _is_int(workers, 1):
+            raise ValueError(f"loader: workers must be a positive int, got {workers!r}")
+        if workers > 1 and prefetch == 0:
+            raise ValueError("loader: workers > 1 load ahead of the training loop; they need prefetch >= 1")
         self.order = BatchOrder(dataset, batch_size, seed, rank, world_size, transform, examples)
         self.prefetch = prefetch
+        self.workers = workers
         self.epoch, self.step = 0, 0     # the position of the next batch next() returns
         self._closed = False
         if start is not None:
@@ -255,17 +394,22 @@ class Loader:
 
     def state(self):
         """Where the next batch comes from, as a JSON-able dict; the same on every rank."""
-        return {"epoch": self.epoch, "step": self.step, "seed": self.order.seed,
-                "batch_size": self.order.batch_size, "examples": self.order.examples}
+        state = {"epoch": self.epoch, "step": self.step, "seed": self.order.seed,
+                 "batch_size": self.order.batch_size, "examples": self.order.examples}
+        if self.order.shard_sizes is not None:
+            state["ranks"] = self.order.world_size
+        return state
 
     def load_state(self, state):
         """Continue from ``state()`` of a loader with the same seed, batch size and number of examples.
 
-        The number of ranks may differ: a state names a global batch.
+        The number of ranks may differ (a state names a global batch), except
+        for streamed shards, where each rank's examples depend on it.
         """
-        if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
-            raise ValueError(f"loader: a state is a dict with keys {STATE_KEYS}, got {state!r}")
-        for key in ("seed", "batch_size", "examples"):
+        keys = STATE_KEYS if self.order.shard_sizes is None else SHARDED_STATE_KEYS
+        if not isinstance(state, dict) or set(state) != set(keys):
+            raise ValueError(f"loader: a state is a dict with keys {keys}, got {state!r}")
+        for key in keys[2:]:
             if state[key] != self.state()[key]:
                 raise ValueError(f"loader: cannot resume a loader with {key}={state[key]!r} as one with "
                                  f"{key}={self.state()[key]!r}: the order of examples would differ")
@@ -286,7 +430,7 @@ class Loader:
             batch = self.order.load(self.epoch, self.step)
         else:
             if self._prefetch is None:
-                self._prefetch = _Prefetch(self.order, self.epoch, self.step, self.prefetch)
+                self._prefetch = _Prefetch(self.order, self.epoch, self.step, self.prefetch, self.workers)
             try:
                 batch = self._prefetch.get()
             except BaseException:
@@ -303,7 +447,7 @@ class Loader:
             self._prefetch = None
 
     def close(self):
-        """Stop the loading thread and wait for it to end; the loader gives no more batches."""
+        """Stop the loading thread and the workers and wait for them to end; the loader gives no more batches."""
         self._stop_thread(wait=True)
         self._closed = True
 
