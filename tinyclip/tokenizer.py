@@ -30,7 +30,7 @@ import html
 import itertools
 import json
 import os
-import tempfile
+import uuid
 from collections import Counter, defaultdict
 
 import numpy
@@ -240,14 +240,18 @@ class Tokenizer:
         path = os.fspath(path)
         document = {"format": FORMAT, "version": FORMAT_VERSION, "special_tokens": [SOT, EOT],
                     "merges": [list(merge) for merge in self.merges]}
-        directory = os.path.dirname(os.path.abspath(path))
-        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".tmp")
+        # open(..., "x") rather than mkstemp, whose mode 0600 would keep the file from other users (umask applies)
+        directory, name = os.path.split(os.path.abspath(path))
+        temporary = os.path.join(directory, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            with open(temporary, "x", encoding="utf-8") as stream:
                 json.dump(document, stream, ensure_ascii=False)
+                stream.flush()
+                os.fsync(stream.fileno())
             os.replace(temporary, path)
         except BaseException:
-            os.unlink(temporary)
+            if os.path.exists(temporary):
+                os.unlink(temporary)
             raise
 
     @classmethod

@@ -112,6 +112,7 @@ class BatchOrder:
         self.rows = slice(self.rank * base + min(self.rank, extra),
                           (self.rank + 1) * base + min(self.rank + 1, extra))
         self._permutation = (None, None)     # (epoch, its order); one tuple, so one assignment replaces both
+        self.skipped = {}                    # (epoch, step) -> indices of examples whose image was unreadable
 
     def order(self, epoch):
         """The order in which epoch ``epoch`` visits the examples: a permutation of range(len(dataset))."""
@@ -143,26 +144,29 @@ class BatchOrder:
         """This rank's batch at (epoch, step): (images (b, H, W, 3), captions: list of b strings)."""
         indices = self.indices(epoch, step)
         if self.transform is not None:
-            return self._transformed_batch(epoch, indices)
+            return self._transformed_batch(epoch, step, indices)
         images, captions = self.dataset.batch(indices)
         if len(images) != len(indices) or len(captions) != len(indices):
             raise ValueError(f"loader: {type(self.dataset).__name__}.batch gave {len(images)} images and "
                              f"{len(captions)} captions for {len(indices)} indices")
         return images, list(captions)
 
-    def _transformed_batch(self, epoch, indices):
-        images, captions = [], []
+    def _transformed_batch(self, epoch, step, indices):
+        images, captions, skipped = [], [], []
         for index in indices:
-            image, caption = self._readable_pair(index)
+            image, caption = self._readable_pair(index, skipped)
             # the trailing 1 keeps these streams apart from the shuffle's: SeedSequence pads short entropy with
             # zeros, so [seed, epoch, 0] would be the shuffle's [seed, epoch]
             rng = numpy.random.default_rng(numpy.random.SeedSequence([self.seed, epoch, index, 1]))
             images.append(self.transform(image, rng=rng))
             captions.append(caption)
+        if skipped:
+            self.skipped[epoch, step] = skipped
         return numpy.stack(images), captions          # (b, H, W, 3)
 
-    def _readable_pair(self, index):
-        """(image, caption) of pair ``index``, or of the next pair with a readable image when it has none.
+    def _readable_pair(self, index, skipped):
+        """(image, caption) of pair ``index``, or of the next pair with a readable image when it has none
+        (the unreadable ones tried are appended to ``skipped``).
 
         The substitute depends only on the index, so every rank and every
         resumed run makes the same choice.
@@ -172,6 +176,8 @@ class BatchOrder:
             image = self.dataset.load(substitute)
             if image is not None:
                 return image, self.dataset.caption(substitute)
+            if offset == 0:
+                skipped.append(index)
         raise ValueError(f"loader: no image of {self.dataset!r} could be read")
 
 
@@ -244,6 +250,7 @@ class Loader:
         self.order = BatchOrder(dataset, batch_size, seed, rank, world_size, transform, examples)
         self.prefetch = prefetch
         self.epoch, self.step = 0, 0     # the position of the next batch next() returns
+        self.last_skipped = []           # indices of the last batch's examples whose image could not be read
         self._closed = False
         if start is not None:
             self.load_state(start)
@@ -294,6 +301,8 @@ class Loader:
                 # same position, so a failed batch is tried again
                 self._stop_thread(wait=True)
                 raise
+        # the examples of this batch that were skipped (unreadable images), for the trainer's counts
+        self.last_skipped = self.order.skipped.pop((self.epoch, self.step), [])
         self.epoch, self.step = self.order.next_position(self.epoch, self.step)
         return batch
 
