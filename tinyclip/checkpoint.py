@@ -646,8 +646,11 @@ def save_training_checkpoint(root, step, model, tokenizer, optimizer, schedule, 
             "optimizer_groups": optimizer_state["param_groups"], "optimizer_numbers": numbers})
     _write_latest(root)
     for old in sorted(_step_folders(root))[:-keep]:
-        shutil.rmtree(os.path.join(root, step_folder_name(old)), ignore_errors=True)
-        _reached("save_training_checkpoint:pruned", os.path.join(root, step_folder_name(old)))
+        # renamed out of sight first, so that a kill while deleting leaves a leftover, not a broken step folder
+        doomed = _hidden_name(os.path.join(root, step_folder_name(old)), "old")
+        os.replace(os.path.join(root, step_folder_name(old)), doomed)
+        _reached("save_training_checkpoint:pruning", doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return target
 
 

@@ -316,8 +316,8 @@ def batch_loss(model, config, images, tokens, comm):
     bad = [name for name, tensor in outputs.items()
            if tensor is not None and not bool(backend.get_array_module(tensor.data).isfinite(tensor.data).all())]
     if comm.all_reduce(numpy.array([float(len(bad))]))[0]:
-        raise NonFiniteLoss(f"the {', '.join(bad)} hold inf or NaN" if bad else "another rank's embeddings hold "
-                            "inf or NaN")
+        raise NonFiniteLoss(f"the {' and '.join(bad)} hold inf or NaN" if bad
+                            else "another rank's embeddings hold inf or NaN")
     if config.loss == "siglip":
         return distributed.siglip_loss(image_emb, text_emb, log_scale, bias, comm)
     return distributed.clip_loss(image_emb, text_emb, log_scale, comm, method=config.clip_method)
@@ -325,7 +325,8 @@ def batch_loss(model, config, images, tokens, comm):
 
 def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_requested, skipped=0):
     """One optimiser step; returns (global loss, gradient norm, whether any rank asked to stop,
-    examples skipped over all ranks).
+    examples skipped over all ranks). ``stop_requested``: a bool, or a function that tells whether this rank
+    was asked to stop (called once, just before the ranks agree).
 
     Everything non-finite (embeddings, loss, gradient norm) is checked
     before anything is updated, so a NonFiniteLoss leaves the weights as the
@@ -333,6 +334,8 @@ def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_re
     """
     optimizer.zero_grad()
     share = batch_loss(model, config, images, tokens, comm)
+    if callable(stop_requested):             # asked as late as possible: a signal during this step stops after it
+        stop_requested = stop_requested()
     # one all-reduce gives every rank the global loss, whether any rank was told to stop, and the skips
     totals = comm.all_reduce(numpy.array([share.item(), float(stop_requested), float(skipped)], dtype=numpy.float64))
     loss = float(totals[0])
@@ -557,6 +560,10 @@ def prepare_start(config, resume):
     """Check everything a run needs before anything is written: the checkpoint and configuration to resume,
     the data, the image tower, and that a new run does not go into another run's folder."""
     step_folder = state = None
+    folder = resume if resume is not None else config.out
+    holder = RunLock.holder(folder) if folder is not None else None
+    if holder is not None:
+        raise ValueError(busy(folder, holder))
     if resume is not None:
         step_folder = checkpoint.latest_training_checkpoint(resume)
         state = checkpoint.read_training_state(step_folder)
@@ -598,6 +605,11 @@ def agreed(comm, action):
     return result
 
 
+def busy(folder, holder):
+    return (f"{folder} is in use by another training run (PID {holder}, in {os.path.join(folder, LOCK_FILE)}); "
+            f"wait for it to end, or choose another --out")
+
+
 class RunLock:
     """The lock on a run folder, held while a run trains into it: ``.lock`` holds the holder's PID.
 
@@ -617,13 +629,25 @@ class RunLock:
             file.seek(0)
             holder = file.read().strip() or "unknown"
             file.close()
-            raise ValueError(f"{folder} is in use by another training run (PID {holder}, which holds {path}); "
-                             f"wait for it to end, or choose another --out") from None
+            raise ValueError(busy(folder, holder)) from None
         file.seek(0)
         file.truncate()
         file.write(f"{os.getpid()}\n")
         file.flush()
         self.file = file
+
+    @staticmethod
+    def holder(folder):
+        """The PID (a string) of the run that holds ``folder``'s lock now, or None when none does."""
+        path = os.path.join(folder, LOCK_FILE)
+        if fcntl is None or not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return file.read().strip() or "unknown"
+        return None
 
     def release(self):
         if self.file is not None:
@@ -877,7 +901,7 @@ def _run(start, comm, stop):
     interrupted = False
     try:
         while run.step < config.steps and not interrupted:
-            interrupted = run.take_step(stop["signal"] is not None)
+            interrupted = run.take_step(lambda: stop["signal"] is not None)
             if config.eval_every and run.step % config.eval_every == 0 and run.step < config.steps:
                 run.evaluate()
             if config.checkpoint_every and run.step % config.checkpoint_every == 0:
