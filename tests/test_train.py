@@ -266,3 +266,15 @@ def test_lit_settings_are_checked_before_training(tmp_path):
         train.TrainConfig(lock_image=True)
     with pytest.raises(ValueError, match="--image-tower .*nowhere"):
         train.train(tiny_config(tmp_path / "run", image_tower=str(tmp_path / "nowhere"), lock_image=True))
+
+
+def test_the_lit_banner_says_what_is_trained_from_what(tmp_path, capsys):
+    source = CLIP(preset("tiny", image_size=32), seed=3)
+    checkpoint.save(source, tmp_path / "source")
+    train.train(tiny_config(tmp_path / "lit", steps=3, image_tower=str(tmp_path / "source"), lock_image=True))
+    banner = capsys.readouterr().out.splitlines()[0]
+    assert banner.startswith(f"training the text tower of tiny from scratch against the image tower of "
+                             f"{tmp_path / 'source'} (locked) with the siglip loss on the built-in shapes")
+    model = checkpoint.load(tmp_path / "lit" / "model")
+    text_parameters = sum(parameter.data.size for parameter in model.text.parameters())
+    assert f"{text_parameters + 2:,} trained parameters" in banner        # the text tower, the scale and the bias
