@@ -105,7 +105,7 @@ class TrainConfig:
     lock_image: bool = False         # LiT (Zhai et al. 2022): keep that image tower fixed, train the text tower
     seed: int = 0                    # model initialisation and data order
     # --- data ------------------------------------------------------------------------------------
-    data: str | None = None          # a CSV/TSV of image paths and captions or a folder of images with .txt captions (None: the built-in shapes)
+    data: str | None = None          # a CSV/TSV of images and captions, or a folder of images + .txt (None: shapes)
     image_column: str = "filepath"   # CSV/TSV column with image paths
     caption_column: str = "title"    # CSV/TSV column with captions
     strict: bool = False             # a missing or unreadable image is an error instead of a warning
@@ -554,6 +554,7 @@ class Start:
     state: dict | None = None           # its state.json
     image_tower: object = None          # the model given as config.image_tower (its image tower is used)
     finished: bool = False              # the resumed run has already finished
+    tokenizer: object = None            # the resumed run's tokenizer (a new run trains its own)
 
 
 def prepare_start(config, resume):
@@ -585,7 +586,8 @@ def prepare_start(config, resume):
     if config.data is not None:
         caption_set(config)                     # the file or folder exists, is readable, has the columns
     tower = load_image_tower(config) if config.image_tower else None
-    return Start(config, step_folder, state, tower)
+    tokenizer = Tokenizer.load(os.path.join(step_folder, "model", checkpoint.TOKENIZER_FILE)) if step_folder else None
+    return Start(config, step_folder, state, tower, tokenizer=tokenizer)
 
 
 def agreed(comm, action):
@@ -682,10 +684,8 @@ def open_run_folder(config, comm):
 # The run
 # ---------------------------------------------------------------------------------
 
-def prepare_tokenizer(config, step_folder):
-    """The checkpoint's tokenizer when resuming, else one trained on the training captions."""
-    if step_folder is not None:
-        return Tokenizer.load(os.path.join(step_folder, "model", checkpoint.TOKENIZER_FILE))
+def prepare_tokenizer(config):
+    """A tokenizer trained on the run's first training captions."""
     # the model's vocabulary follows the tokenizer; 514 (bytes + 2 specials) is the least a BPE has
     vocab_size = max(preset(config.preset).vocab_size, MIN_VOCAB_SIZE)
     return Tokenizer.train(training_captions(config, config.tokenizer_captions), vocab_size)
@@ -701,7 +701,7 @@ class Run:
     def __init__(self, start, comm):
         config, state, self.step_folder = start.config, start.state, start.step_folder
         self.config, self.comm, self.lead = config, comm, comm.rank == 0
-        self.tokenizer = prepare_tokenizer(config, self.step_folder)
+        self.tokenizer = start.tokenizer or prepare_tokenizer(config)
         source = start.image_tower
         self.model = CLIP(model_config(config, self.tokenizer, source and source.config), dtype=config.dtype,
                           seed=config.seed)
