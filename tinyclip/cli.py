@@ -176,18 +176,20 @@ def run_train(args):
     values = _train_config_values(args)
     image_size = getattr(args, "image_size", None)
     comm = distributed.world()
-    try:
-        if args.resume is not None and (values or image_size is not None):
-            if image_size is not None:
-                saved = train.resume_config(args.resume).model_overrides
-                values["model_overrides"] = {**saved, "image_size": image_size}
-            config = train.resume_config(args.resume, **values)
-        elif args.resume is not None:
-            config = None                                   # the run's own configuration
-        else:
+
+    def configuration():
+        if args.resume is None:
             if image_size is not None:
                 values["model_overrides"] = {"image_size": image_size}
-            config = train.TrainConfig(**values)
+            return train.TrainConfig(**values)
+        if not values and image_size is None:
+            return None                                      # the run's own configuration
+        if image_size is not None:
+            values["model_overrides"] = {**train.resume_config(args.resume).model_overrides, "image_size": image_size}
+        return train.resume_config(args.resume, **values)
+
+    try:
+        config = train.agreed(comm, configuration)          # a bad flag is said once, not once per rank
         result = train.train(config, resume=args.resume, comm=comm)
     except train.FailedElsewhere:
         return EXIT_BAD_INPUT                                # the rank that failed has said why
