@@ -26,7 +26,7 @@ import numpy
 from tinyclip import backend, checkpoint, evaluate
 from tinyclip.data import preprocess_batch, shapes
 from tinyclip.tokenizer import Tokenizer
-from tinyclip.train import TOKENIZER_FILE
+from tinyclip.checkpoint import TOKENIZER_FILE
 
 
 def load_model_and_tokenizer(folder):

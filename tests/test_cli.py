@@ -176,3 +176,71 @@ def test_zeroshot_names_a_bad_image_and_a_missing_tokenizer(model_folder, tmp_pa
     assert "nope.json" in capsys.readouterr().err
     assert main(["embed", "--model", str(model_folder / "clip"), "--out", str(tmp_path / "x.npz")]) == 2
     assert "give --images and/or --texts" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------
+# tinyclip train: flags made from TrainConfig, what the help shows, what is refused before anything starts
+# ---------------------------------------------------------------------------------
+
+def train_help(capsys):
+    assert main(["train", "--help"]) == 0
+    return " ".join(capsys.readouterr().out.split())          # argparse's line breaks undone
+
+
+def test_every_train_flag_is_a_config_field_with_its_comment_and_default(capsys):
+    import dataclasses
+    from tinyclip.cli import field_comments
+    from tinyclip.train import TrainConfig
+    comments = field_comments(TrainConfig)
+    text = train_help(capsys)
+    fields = [field for field in dataclasses.fields(TrainConfig) if field.name != "model_overrides"]
+    assert set(comments) == {field.name for field in dataclasses.fields(TrainConfig)}
+    assert comments["steps"].startswith("optimiser steps in the whole run")
+    for field in fields:
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text and " ".join(comments[field.name].replace("(None: ", "(default: ").split()) in text
+    assert "--steps STEPS optimiser steps in the whole run" in text and "(default: 700)" in text
+    assert "--plots, --no-plots" in text and "(default: on)" in text
+
+
+def test_train_help_lists_the_presets_and_the_dtypes(capsys):
+    from tinyclip.models import PRESETS
+    text = train_help(capsys)
+    assert "--preset {" + ",".join(PRESETS) + "}" in text
+    assert "--dtype {float32,float64}" in text and "float16 and bfloat16 training is refused" in text
+
+
+@pytest.mark.parametrize("dtype, reason", [("bfloat16", "NumPy has no bfloat16 arithmetic"),
+                                           ("float16", "needs loss scaling and float32 master weights"),
+                                           ("float8", "choose from float32, float64")])
+def test_a_dtype_training_cannot_use_is_refused_with_the_reason(tmp_path, capsys, dtype, reason):
+    assert main(["train", "--dtype", dtype, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert reason in error and "Traceback" not in error and not (tmp_path / "run").exists()
+    if dtype != "float8":
+        assert "train in float32" in error
+
+
+def test_every_preset_in_the_help_passes_the_start_checks_or_is_refused_with_the_reason(tmp_path, capsys):
+    from tinyclip import train
+    from tinyclip.models import PRESETS
+    refused = {}
+    for name in PRESETS:
+        try:
+            config = train.TrainConfig(preset=name, out=str(tmp_path / name))
+        except ValueError as error:
+            refused[name] = str(error)
+            continue
+        train.prepare_start(config, None)              # everything a run checks before it makes its folder
+    assert refused == {"tiny": "TrainConfig: preset tiny has 16-pixel images and the built-in shapes need at "
+                               "least 32: add --image-size 32 (model_overrides={'image_size': 32})"}
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "run")]) == 2
+    assert "add --image-size 32" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_first_progress_line_comes_at_the_first_step(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--image-size", "32", "--steps", "3", "--batch-size", "4",
+                 "--warmup-steps", "1", "--log-every", "20", "--eval-every", "0", "--eval-per-class", "1",
+                 "--eval-pairs", "8", "--tokenizer-captions", "100", "--no-plots", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "3/3"]

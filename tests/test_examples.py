@@ -16,8 +16,9 @@ import sys
 
 import pytest
 
+from tinyclip.checkpoint import TOKENIZER_FILE
 from tinyclip.data import shapes
-from tinyclip.train import SUMMARY_KEYS, TOKENIZER_FILE
+from tinyclip.train import SUMMARY_KEYS
 
 from .test_distributed import ROOT, find_mpiexec, needs_mpi
 

@@ -50,8 +50,8 @@ def test_init_continues_to_lower_the_loss_with_the_text_tower_locked(trained, tm
         numpy.testing.assert_array_equal(after[name], before[name], err_msg=name)   # bit-identical
     image_before, image_after = state_of(trained, "visual."), state_of(tmp_path / "model", "visual.")
     assert any(not numpy.array_equal(image_before[name], image_after[name]) for name in image_before)
-    saved = tmp_path / "model" / train.TOKENIZER_FILE                # the init tokenizer, not a new one
-    assert saved.read_bytes() == (trained / train.TOKENIZER_FILE).read_bytes()
+    saved = tmp_path / "model" / checkpoint.TOKENIZER_FILE                # the init tokenizer, not a new one
+    assert saved.read_bytes() == (trained / checkpoint.TOKENIZER_FILE).read_bytes()
 
 
 def test_the_clip_loss_on_a_siglip_model_drops_the_bias_and_says_so(trained, tmp_path, capsys):

@@ -73,8 +73,10 @@ def test_the_summary_and_the_run_folder(tmp_path):
     assert summary["steps"] == 3 and summary["final_loss"] == result.losses[-1]
     assert all(0 <= summary[key] <= 1 for key in train.SUMMARY_KEYS[:5])
     for name in ("metrics.jsonl", "train_config.json", "model/config.json", "model/tokenizer.tinyclip.json",
-                 "checkpoint/state.json", "checkpoint/optimizer.safetensors"):
+                 "checkpoint/step-00000003/state.json", "checkpoint/step-00000003/optimizer.safetensors",
+                 "checkpoint/latest"):
         assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "checkpoint" / "latest").read_text() == "step-00000003\n"
     model = checkpoint.load(tmp_path / "model")
     assert model.config.image_size == 32 and model.bias is not None
 
@@ -118,7 +120,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     loss_calls["hook"] = lambda call, share: share * float("nan") if call >= 7 else share
     with pytest.raises(train.NonFiniteLoss, match=r"step 7: the loss is nan.*last good checkpoint"):
         train.train(tiny_config(tmp_path))
-    with open(tmp_path / "checkpoint" / "state.json") as file:
+    with open(tmp_path / "checkpoint" / "step-00000004" / "state.json") as file:
         assert json.load(file)["step"] == 4
     assert not (tmp_path / "model").exists()
     # the checkpoint is good: resuming from it (without the NaN) finishes the run
@@ -129,7 +131,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 def test_resume_with_a_different_configuration_fails_before_training(tmp_path, loss_calls):
     train.train(tiny_config(tmp_path, steps=4))
     calls_before = loss_calls["count"]
-    with pytest.raises(ValueError, match=r"different configuration.*lr: 0.003 in the checkpoint, 0.01 now"):
+    with pytest.raises(ValueError, match=r"other settings.*lr: 0.003 in the run, 0.01 now"):
         train.train(tiny_config(tmp_path, steps=4, lr=1e-2), resume=str(tmp_path))
     assert loss_calls["count"] == calls_before
     with pytest.raises(ValueError, match="no training checkpoint"):
@@ -175,7 +177,7 @@ def test_the_command_line_trains_and_evaluates(tmp_path, capsys):
     assert cli.main(["eval", "--model", str(out / "model"), "--eval-per-class", "1", "--eval-pairs", "8"]) == 0
     assert "zeroshot_top1" in json.loads(capsys.readouterr().out)
     assert cli.main(["train", "--steps", "3", "--warmup-steps", "1", "--resume", str(out)]) == 2
-    assert "different configuration" in capsys.readouterr().err
+    assert "other settings (steps: 2 in the run, 3 now)" in capsys.readouterr().err
 
 
 @needs_mpi
@@ -221,8 +223,8 @@ def test_ctrl_c_under_mpiexec_saves_and_a_resumed_two_rank_run_repeats_the_unint
             break
         time.sleep(0.02)
     stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 0, stderr[-3000:]
-    assert "interrupted: checkpoint of step" in stdout and not (parts / "summary.json").exists()
+    assert job.returncode == cli.EXIT_INTERRUPTED, stderr[-3000:]
+    assert "interrupted by SIGINT: checkpoint of step" in stdout and not (parts / "summary.json").exists()
     first = losses_in(parts)
     assert 5 <= len(first) < 200
 
@@ -264,3 +266,15 @@ def test_lit_settings_are_checked_before_training(tmp_path):
         train.TrainConfig(lock_image=True)
     with pytest.raises(ValueError, match="--image-tower .*nowhere"):
         train.train(tiny_config(tmp_path / "run", image_tower=str(tmp_path / "nowhere"), lock_image=True))
+
+
+def test_the_lit_banner_says_what_is_trained_from_what(tmp_path, capsys):
+    source = CLIP(preset("tiny", image_size=32), seed=3)
+    checkpoint.save(source, tmp_path / "source")
+    train.train(tiny_config(tmp_path / "lit", steps=3, image_tower=str(tmp_path / "source"), lock_image=True))
+    banner = capsys.readouterr().out.splitlines()[0]
+    assert banner.startswith(f"training the text tower of tiny from scratch against the image tower of "
+                             f"{tmp_path / 'source'} (locked) with the siglip loss on the built-in shapes")
+    model = checkpoint.load(tmp_path / "lit" / "model")
+    text_parameters = sum(parameter.data.size for parameter in model.text.parameters())
+    assert f"{text_parameters + 2:,} trained parameters" in banner        # the text tower, the scale and the bias

@@ -36,8 +36,8 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 
 import ml_dtypes  # (importing it registers bfloat16 with NumPy, so that safetensors.numpy reads BF16 tensors)
 import numpy
@@ -46,9 +46,9 @@ import safetensors.numpy
 
 from . import backend as _backend
 from . import files
-from . import nn
 from .models import CLIP, CLIPConfig
 from .models.config import PRESETS
+from .tokenizer import SPIECE_FILE, TOKENIZER_FILE, TOKENIZER_FILES, SiglipTokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -80,6 +80,9 @@ def write_safetensors(path, arrays, metadata=None):
         safetensors.numpy.save_file(host, os.fspath(path), metadata=metadata)
     except safetensors.SafetensorError as error:
         raise ValueError(f"write_safetensors {path}: {error}") from None
+    # the package writes the file with mode 0600 whatever the umask; give it the mode any file the user writes
+    # gets, so that the other users of a shared machine can read a model as they could before
+    os.chmod(path, 0o666 & ~files.current_umask())
     with open(path, "rb") as file:
         os.fsync(file.fileno())
 
@@ -143,20 +146,86 @@ def save(model, path):
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"save: {path} exists and is not a checkpoint folder")
     with staged_folder(path) as staging:
-        write_json(os.path.join(staging, CONFIG_FILE),
-                   {"tinyclip_format": FORMAT_VERSION, "config": model.config.to_dict()})
-        state = {key: _to_host(array) for key, array in model.state_dict().items()}
-        write_safetensors(os.path.join(staging, WEIGHTS_FILE), state,
-                          metadata={"format": "tinyclip", "tinyclip_format": FORMAT_VERSION})
+        _write_model(model, staging)
+
+
+def _write_model(model, folder):
+    """config.json and model.safetensors of ``model`` into ``folder`` (a staging folder)."""
+    write_json(os.path.join(folder, CONFIG_FILE), {"tinyclip_format": FORMAT_VERSION, "config": model.config.to_dict()})
+    state = {key: _to_host(array) for key, array in model.state_dict().items()}
+    write_safetensors(os.path.join(folder, WEIGHTS_FILE), state,
+                      metadata={"format": "tinyclip", "tinyclip_format": FORMAT_VERSION})
 
 
 def write_json(path, document):
-    """``document`` as indented JSON at ``path``, flushed to disk (inside a staged folder, before the swap)."""
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(document, file, indent=2)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
+    """``document`` as indented JSON at ``path``, atomically (``staged_file``): complete or not there at all."""
+    with staged_file(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(document, file, indent=2)
+            file.write("\n")
+
+
+# Atomic writes. A file or folder is written under a hidden name beside its target (``.NAME.partial-PID-XXXX``)
+# and renamed into place only when complete and flushed: a rename within one folder is atomic, so a reader
+# (or a run resumed after a kill) sees the old target or the new one, never half of one. Hidden names are
+# created with os.mkdir / open, never mkdtemp / mkstemp, so what is written gets the user's umask like any
+# other file (mkdtemp's 0700 would hide a model from the other users of a shared machine).
+
+fault_hook = None     # tests only: a callable(point, path) run at every step of every atomic write
+
+
+def _reached(point, path):
+    """A named step of an atomic write of ``path``: where tests stop the writer, deterministically
+    (tests/mpi/train_with_faults.py kills the process at each of them in turn)."""
+    if fault_hook is not None:
+        fault_hook(point, path)
+
+
+def _hidden_name(path, kind):
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _sync_folder(folder):
+    """Make a rename inside ``folder`` durable (POSIX: fsync the folder); a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def is_leftover(name):
+    """Whether ``name`` (a file or folder name) is what an interrupted atomic write leaves behind."""
+    return name.startswith(".") and (".partial-" in name or ".old-" in name)
+
+
+@contextlib.contextmanager
+def staged_file(path):
+    """``with staged_file(path) as temporary:`` write the file ``temporary``; when the block ends without an
+    error it is flushed and renamed over ``path``, on an error deleted (``path`` is left as it was).
+
+    ``temporary`` ends with ``path``'s suffix, so writers that go by the suffix (matplotlib) still work.
+    """
+    path = os.path.abspath(os.fspath(path))
+    temporary = _hidden_name(path, "partial") + os.path.splitext(path)[1]
+    try:
+        yield temporary
+        _reached("staged_file:written", path)
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        _reached("staged_file:replaced", path)
+        _sync_folder(os.path.dirname(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 @contextlib.contextmanager
@@ -164,11 +233,13 @@ def staged_folder(path):
     """``with staged_folder(path) as staging:`` fill ``staging``; when the block ends without an error it
     takes ``path``'s place whole, and on an error it is deleted and ``path`` is left as it was."""
     path = os.path.abspath(os.fspath(path))
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = _hidden_name(path, "partial")
+    os.mkdir(staging)
     try:
+        _reached("staged_folder:created", path)
         yield staging
+        _reached("staged_folder:filled", path)
         _swap_in(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -176,19 +247,50 @@ def staged_folder(path):
 
 
 def _swap_in(staging, path):
-    """Move the finished folder ``staging`` to ``path``; the old ``path`` is restored if the move fails."""
+    """Move the finished folder ``staging`` to ``path``; the old ``path`` is restored if the move fails.
+
+    A new ``path`` takes one atomic rename. Replacing a folder takes two (a folder cannot be renamed over a
+    non-empty one): a process killed between them leaves no ``path`` but the complete old one in
+    ``.NAME.old-*``, which ``recover_folder`` puts back. Training checkpoints never replace a folder
+    (``save_training_checkpoint`` writes a new step folder each time), so they have no such window.
+    """
     if not os.path.exists(path):
         os.replace(staging, path)
+        _reached("swap_in:renamed", path)
+        _sync_folder(os.path.dirname(path))
         return
-    parent, name = os.path.split(path)
-    retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-    os.replace(path, retired)          # a folder cannot be renamed over a non-empty one: move the old aside
+    retired = _hidden_name(path, "old")
+    os.replace(path, retired)
+    _reached("swap_in:moved_aside", path)
     try:
         os.replace(staging, path)
     except BaseException:
         os.replace(retired, path)
         raise
+    _reached("swap_in:moved_in", path)
+    _sync_folder(os.path.dirname(path))
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def recover_folder(path):
+    """Undo what interrupted ``staged_folder`` writes of ``path`` left: a missing ``path`` whose old copy was
+    moved aside is put back, and every other leftover (``.NAME.partial-*``, ``.NAME.old-*``) is deleted.
+    Call it only while no other process writes ``path`` (the trainer holds its run folder's lock)."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    if not os.path.isdir(parent):
+        return
+    leftovers = sorted(entry for entry in os.listdir(parent)
+                       if entry.startswith((f".{name}.partial-", f".{name}.old-")))
+    for entry in leftovers:
+        full = os.path.join(parent, entry)
+        if entry.startswith(f".{name}.old-") and not os.path.exists(path) and os.path.isdir(full):
+            os.replace(full, path)
+        elif os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(full)
 
 
 def load(path, dtype=None, backend=None):
@@ -671,3 +773,208 @@ def _open_weights(folder):
                 part = handle.get_slice(name)
                 tensors[name] = _Entry(handle, shard, part.get_dtype(), tuple(part.get_shape()))
         yield tensors
+
+
+# ---------------------------------------------------------------------------------
+# Training checkpoints (tinyclip.train): everything a step depends on, one folder per saved step
+# ---------------------------------------------------------------------------------
+#
+# RUN/checkpoint/
+#     step-00000400/      model/ (save's format + the tokenizer), optimizer.safetensors, state.json
+#     step-00000500/
+#     latest              "step-00000500": the newest step folder, for people and scripts
+#
+# A step folder is filled under a hidden name and renamed into place once complete: that one rename is the
+# commit, and no folder is ever replaced, so at every instant the newest step folder is a complete checkpoint.
+# Then ``latest`` is replaced (atomically) and all but the newest ``keep`` step folders are deleted, oldest
+# first. Leftovers of a writer killed half-way (hidden ``.step-*.partial-*`` folders) are deleted by
+# ``clean_training_checkpoints`` when the run starts again.
+
+TRAINING_CHECKPOINT_DIR = "checkpoint"
+TRAINING_STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LATEST_FILE = "latest"
+_STEP_FOLDER = re.compile(r"step-(\d{8,})")
+
+
+def save_model_with_tokenizer(model, tokenizer, path):
+    """``model`` in tinyclip's format with its tokenizer beside the weights, complete or absent (one swap)."""
+    with staged_folder(path) as staging:
+        _write_model(model, staging)
+        tokenizer.save(os.path.join(staging, SPIECE_FILE if isinstance(tokenizer, SiglipTokenizer) else TOKENIZER_FILE))
+
+
+def step_folder_name(step):
+    return f"step-{step:08d}"
+
+
+def _step_folders(root):
+    """{step: folder name} of the complete step folders in ``root``."""
+    if not os.path.isdir(root):
+        return {}
+    found = {}
+    for name in os.listdir(root):
+        match = _STEP_FOLDER.fullmatch(name)
+        if match and os.path.isfile(os.path.join(root, name, TRAINING_STATE_FILE)):
+            found[int(match.group(1))] = name
+    return found
+
+
+def save_training_checkpoint(root, step, model, tokenizer, optimizer, schedule, state, keep=2):
+    """Write the checkpoint of ``step`` into ``root`` (RUN/checkpoint) and keep the newest ``keep`` ones.
+
+    ``state`` is what state.json holds besides the step and the optimiser's
+    numbers and groups (the train config, loader position, seconds, ...).
+    Returns the step folder's path.
+    """
+    if not (isinstance(keep, int) and keep >= 1):
+        raise ValueError(f"save_training_checkpoint: keep must be an int >= 1, got {keep!r}")
+    target = os.path.join(root, step_folder_name(step))
+    if os.path.exists(target):          # a step folder past the newest a resumed run went back to: redone now
+        shutil.rmtree(target)
+    with staged_folder(target) as staging:
+        save_model_with_tokenizer(model, tokenizer, os.path.join(staging, "model"))
+        optimizer_state = optimizer.state_dict()
+        arrays, numbers = {}, {}
+        for index, entry in optimizer_state["state"].items():
+            for key, value in entry.items():
+                (arrays if hasattr(value, "shape") else numbers)[f"{index}.{key}"] = value
+        write_safetensors(os.path.join(staging, OPTIMIZER_FILE), arrays)
+        write_json(os.path.join(staging, TRAINING_STATE_FILE), {
+            **state, "step": step, "schedule": schedule.state_dict(),
+            "optimizer_groups": optimizer_state["param_groups"], "optimizer_numbers": numbers})
+    _write_latest(root)
+    for old in sorted(_step_folders(root))[:-keep]:
+        # renamed out of sight first, so that a kill while deleting leaves a leftover, not a broken step folder
+        doomed = _hidden_name(os.path.join(root, step_folder_name(old)), "old")
+        os.replace(os.path.join(root, step_folder_name(old)), doomed)
+        _reached("save_training_checkpoint:pruning", doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return target
+
+
+def _write_latest(root):
+    steps = _step_folders(root)
+    if steps:
+        with staged_file(os.path.join(root, LATEST_FILE)) as temporary:
+            with open(temporary, "w", encoding="utf-8") as file:
+                file.write(steps[max(steps)] + "\n")
+
+
+def clean_training_checkpoints(root):
+    """Delete what interrupted checkpoint writes left in ``root`` and point ``latest`` at the newest step folder.
+
+    Call it only while holding the run folder's lock (no writer is alive).
+    """
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        full = os.path.join(root, name)
+        if is_leftover(name):
+            if os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(full)
+    _write_latest(root)
+
+
+def latest_training_checkpoint(path):
+    """The newest complete training checkpoint in ``path``: a run folder, its checkpoint/, or a step folder.
+
+    Raises ValueError naming ``path`` when there is none.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, TRAINING_STATE_FILE)):
+        return path
+    for root in (os.path.join(path, TRAINING_CHECKPOINT_DIR), path):
+        steps = _step_folders(root)
+        if steps:
+            return os.path.join(root, steps[max(steps)])
+    raise ValueError(f"{path}: no training checkpoint there (looked for {TRAINING_CHECKPOINT_DIR}/step-*/"
+                     f"{TRAINING_STATE_FILE})")
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# the fields of state.json and what each must be
+_STATE_FIELDS = {
+    "step": (_is_count, "a non-negative int"),
+    "seconds": (lambda value: _is_number(value) and value >= 0, "a non-negative number"),
+    "train_config": (lambda value: isinstance(value, dict), "an object (the TrainConfig)"),
+    "loader": (lambda value: isinstance(value, dict) and all(_is_count(value.get(key)) for key in ("epoch", "step")),
+               "an object with non-negative ints epoch and step (Loader.state())"),
+    "schedule": (lambda value: isinstance(value, dict) and _is_count(value.get("step_count"))
+                 and isinstance(value.get("base_lrs"), list) and all(map(_is_number, value["base_lrs"]))
+                 and _is_count(value.get("warmup_steps")) and _is_count(value.get("total_steps"))
+                 and _is_number(value.get("min_lr")), "an object as WarmupCosine.state_dict() writes it"),
+    "optimizer_groups": (lambda value: isinstance(value, list) and all(isinstance(group, dict) for group in value),
+                         "a list of objects (the optimiser's parameter groups)"),
+    "optimizer_numbers": (lambda value: isinstance(value, dict) and all(
+        _STATE_KEY.fullmatch(key) and _is_number(number) for key, number in value.items()),
+                          "an object of 'INDEX.NAME': number"),
+}
+_STATE_KEY = re.compile(r"\d+\.\w+")
+
+
+def read_training_state(folder):
+    """state.json of the step folder ``folder``, every field checked; errors name the file and the field."""
+    path = os.path.join(folder, TRAINING_STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as file:
+            state = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is damaged") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(state).__name__}")
+    for field, (valid, what) in _STATE_FIELDS.items():
+        if field not in state:
+            raise ValueError(f"{path}: field {field!r} is missing")
+        if not valid(state[field]):
+            raise ValueError(f"{path}: field {field!r} must be {what}, got {state[field]!r}")
+    match = _STEP_FOLDER.fullmatch(os.path.basename(os.path.normpath(folder)))
+    if match and int(match.group(1)) != state["step"]:
+        raise ValueError(f"{path}: field 'step' is {state['step']} in the folder of step {int(match.group(1))}")
+    if state["schedule"]["step_count"] != state["step"]:
+        raise ValueError(f"{path}: field 'schedule' has step_count {state['schedule']['step_count']}, "
+                         f"field 'step' is {state['step']}")
+    for name in ("model/" + CONFIG_FILE, "model/" + WEIGHTS_FILE, OPTIMIZER_FILE):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ValueError(f"{folder}: the checkpoint has no {name}")
+    if not any(os.path.isfile(os.path.join(folder, "model", name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"{folder}: the checkpoint's model/ has no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
+    return state
+
+
+def restore_training(folder, state, model, optimizer, schedule):
+    """Load the weights, optimiser moments and schedule of the checkpoint ``folder`` into the live objects."""
+    weights = os.path.join(folder, "model", WEIGHTS_FILE)
+    try:
+        model.load_state_dict(read_safetensors(weights))
+    except ValueError as error:
+        raise ValueError(f"{weights}: {error}") from None
+    entries = {}
+    moments = os.path.join(folder, OPTIMIZER_FILE)
+    for key, value in read_safetensors(moments).items():
+        if not _STATE_KEY.fullmatch(key):
+            raise ValueError(f"{moments}: tensor {key!r} is not named 'INDEX.NAME'")
+        index, name = key.split(".", 1)
+        entries.setdefault(index, {})[name] = value
+    for key, value in state["optimizer_numbers"].items():
+        index, name = key.split(".", 1)
+        entries.setdefault(index, {})[name] = value
+    where = os.path.join(folder, TRAINING_STATE_FILE)
+    try:
+        optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer_groups"]})
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{moments} and {where}: the optimiser state does not fit this model: {error}") from None
+    try:
+        schedule.load_state_dict(state["schedule"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{where}: field 'schedule': {error}") from None

@@ -4,17 +4,32 @@ One argparse parser with a subcommand per job: ``info`` reports the
 installation and the devices it can see; ``zeroshot`` classifies images
 against label prompts with a saved or Hugging Face model; ``embed`` writes
 normalised image and text embeddings to an .npz file; ``train`` runs
-``tinyclip.train`` (a flag for each main TrainConfig field); ``eval`` scores a
-saved model on the held-out shapes sets; ``export`` writes a model as a
-Hugging Face folder (``tinyclip.hub``). ``main`` returns an exit code instead of exiting, so that tests and other Python
-code can call it.
+``tinyclip.train`` (a flag for each TrainConfig field, made from the field
+itself: its type, default, choices and the comment beside it); ``eval``
+scores a saved model on your captions or classes, or on the held-out shapes sets;
+``export`` writes a model as a Hugging Face folder (``tinyclip.hub``). ``main`` returns an exit
+code instead of exiting, so that tests and other Python code can call it.
+
+Exit codes (docs/faults.md): 0 finished (or nothing left to do); 1 failed
+while training (the loss diverged; under MPI, any rank's error ends the
+whole job with it); 2 could not start or a file could not be read or
+written (the message names it), or a usage error; 75 (EX_TEMPFAIL)
+interrupted by SIGINT/SIGTERM after saving a checkpoint: resume with
+``tinyclip train --resume RUN``; 130 stopped at once by a second signal.
 """
 
 import argparse
+import ast
+import dataclasses
+import inspect
+import io
 import json
 import os
 import platform
 import sys
+import textwrap
+import tokenize
+import types
 
 import numpy
 
@@ -62,6 +77,9 @@ def run_info(args):
     usable, total = _cpu_count()
     print(f"cpus      {usable} usable of {total}")
     return status
+
+
+EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE = 0, 1, 2, 75, 130
 
 
 class CommandError(Exception):
@@ -169,20 +187,63 @@ def run_export(args):
     return 0
 
 
+def _train_config_values(args):
+    """The TrainConfig fields the user gave as flags (argparse leaves out the ones not given)."""
+    from .train import TrainConfig
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    return {name: value for name, value in vars(args).items() if name in fields}
+
+
 def run_train(args):
-    """Train a model (train.TrainConfig from the flags); exit code 1 when the loss diverged."""
-    from . import train
-    fields = {field.name for field in train.dataclasses.fields(train.TrainConfig)}
-    values = {name: value for name, value in vars(args).items() if name in fields and value is not None}
-    if args.image_size is not None:
-        values["model_overrides"] = {"image_size": args.image_size}
-    config = train.TrainConfig(**values)
+    """Train a model (train.TrainConfig from the flags), or continue one with --resume; see the exit codes above."""
+    from . import distributed, train
+    values = _train_config_values(args)
+    image_size = getattr(args, "image_size", None)
+    comm = distributed.world()
+
+    def configuration():
+        if args.resume is None:
+            if image_size is not None:
+                values["model_overrides"] = {"image_size": image_size}
+            return train.TrainConfig(**values)
+        if not values and image_size is None:
+            return None                                      # the run's own configuration
+        if image_size is not None:
+            values["model_overrides"] = {**train.resume_config(args.resume).model_overrides, "image_size": image_size}
+        return train.resume_config(args.resume, **values)
+
     try:
-        train.train(config, resume=args.resume)
-    except train.NonFiniteLoss as error:
-        print(f"tinyclip train: {error}", file=sys.stderr)
-        return 1
-    return 0
+        config = train.agreed(comm, configuration)          # a bad flag is said once, not once per rank
+        result = train.train(config, resume=args.resume, comm=comm)
+    except train.FailedElsewhere:
+        return EXIT_BAD_INPUT                                # the rank that failed has said why
+    except train.NonFiniteLoss as error:                    # every rank meets it at the same step
+        if comm.rank == 0:
+            print(f"tinyclip train: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:                               # a second Ctrl-C
+        _say(comm, "stopped at once by a second signal; the last checkpoint is kept (--resume continues from it)")
+        return _end_job(comm, EXIT_STOPPED_AT_ONCE)
+    except (CommandError, ValueError, OSError) as error:
+        if comm.size == 1:
+            raise                                            # main prints it
+        _say(comm, str(error))
+        return _end_job(comm, EXIT_BAD_INPUT)
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_FINISHED
+
+
+def _say(comm, message):
+    where = f"rank {comm.rank} of {comm.size}: " if comm.size > 1 else ""
+    print(f"tinyclip train: {where}{message}", file=sys.stderr, flush=True)
+
+
+def _end_job(comm, status):
+    """Under MPI, end every rank now: the others may be waiting for this one in a collective, and would wait
+    for ever (MPI_Abort; the last complete checkpoint stays, as every write is staged). Alone, return ``status``."""
+    if comm.size > 1:
+        sys.stdout.flush()
+        comm.abort(status)
+    return status
 
 
 def run_eval(args):
@@ -195,9 +256,8 @@ def run_eval(args):
     if args.data is None and args.classes is None:
         if args.linear_probe:
             raise CommandError("--linear-probe needs --classes DIR (a folder of one sub-folder per class)")
-        from . import train
-        config = train.TrainConfig(eval_per_class=args.eval_per_class, eval_pairs=args.eval_pairs)
-        metrics = evaluate.evaluate(model, tokenizer, **train.evaluation_sets(config, model.config.image_size))
+        metrics = evaluate.evaluate(model, tokenizer, **evaluate.shapes_sets(args.eval_per_class, args.eval_pairs,
+                                                                             model.config.image_size))
         print(json.dumps(metrics, indent=2))
         return 0
     results = {}
@@ -281,54 +341,74 @@ def _eval_table(results):
     return "\n".join(lines)
 
 
+def field_comments(cls):
+    """{field name: the comment on its line} of a dataclass, read from its source.
+
+    The comment beside each field is the one place its meaning is written, so
+    the command line's help is taken from it (and a field added later gets its
+    flag and help with no other edit). {} when the source is not available.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    return {node.target.id: comments[node.end_lineno] for node in ast.parse(source).body[0].body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in comments}
+
+
+def _flag_type(annotation):
+    """int for ``int`` and ``int | None``, and so on; None for types a flag cannot give (dict)."""
+    if isinstance(annotation, types.UnionType):
+        annotation = next(member for member in annotation.__args__ if member is not type(None))
+    return annotation if annotation in (bool, int, float, str) else None
+
+
+def _dtype_choice(value):
+    """An argparse type: a dtype training can use, or the reason it cannot and what to use instead."""
+    from .train import CHOICES, REFUSED_DTYPES
+    if value in REFUSED_DTYPES:
+        raise argparse.ArgumentTypeError(f"{value}: {REFUSED_DTYPES[value]}")
+    if value not in CHOICES["dtype"]:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(CHOICES['dtype'])}")
+    return value
+
+
 def _add_train_arguments(parser):
-    from .train import TrainConfig
-    defaults = TrainConfig()
-    add = parser.add_argument
-    add("--preset", default=defaults.preset, help="model preset (tinyclip.models.PRESETS)")
-    add("--image-size", type=int, help="image side in pixels (default: the preset's)")
-    add("--loss", choices=("siglip", "clip"), default=defaults.loss,
-        help="sigmoid (SigLIP) or softmax (CLIP) loss (default: the --init model's family, else siglip)")
-    add("--clip-method", choices=("ring", "gather"), default=defaults.clip_method,
-        help="how the CLIP loss runs over MPI ranks")
-    add("--steps", type=int, default=defaults.steps, help="optimiser steps")
-    add("--batch-size", type=int, default=defaults.batch_size, help="global batch size over all ranks")
-    add("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    add("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
-    add("--warmup-steps", type=int, default=defaults.warmup_steps,
-        help="linear warm-up steps (default: an eighth of --steps, at most 50)")
-    add("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (matrices only)")
-    add("--grad-clip", type=float, default=defaults.grad_clip, help="gradient-norm cap (0: none)")
-    add("--seed", type=int, default=defaults.seed, help="initialisation and data-order seed")
-    add("--dtype", default=defaults.dtype, help="parameter dtype")
-    add("--image-tower", metavar="MODEL", help="start the image tower from this model folder (tinyclip's or a "
-                                                "Hugging Face CLIP/SigLIP one); its tower's settings replace the preset's")
-    add("--lock-image", action="store_true",
-        help="LiT: keep the --image-tower (or --init) image tower fixed and train only the text side")
-    # fine-tuning a whole pretrained model
-    add("--init", metavar="MODEL", help="start both towers, the scale and the bias from this model folder (tinyclip, "
-                                        "Hugging Face CLIP/SigLIP or open_clip) and use its tokenizer")
-    add("--lock-text", action="store_true", help="keep the --init model's text tower (projection included) fixed")
-    add("--data", help="a CSV/TSV of image paths and captions, a folder of images with .txt captions, or "
-                       "webdataset tar shards ('shards/train-{000000..000099}.tar') (default: the built-in shapes)")
-    add("--image-column", default=defaults.image_column, help="CSV/TSV column with image paths")
-    add("--caption-column", default=defaults.caption_column, help="CSV/TSV column with captions")
-    add("--strict", action="store_true", help="a missing or unreadable image is an error, not a warning")
-    add("--examples", type=int, help="train on the first N examples only")
-    add("--out", help="run folder (default: runs/<timestamp>, or the folder of --resume)")
-    add("--resume", metavar="DIR", help="continue the run in DIR (a run folder or its checkpoint/)")
-    add("--log-every", type=int, default=defaults.log_every, help="steps between progress lines")
-    add("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations (0: at the end)")
-    add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-        help="steps between checkpoints (0: at the end and on Ctrl-C)")
-    add("--eval-per-class", type=int, default=defaults.eval_per_class, help="zero-shot images per class")
-    add("--eval-pairs", type=int, default=defaults.eval_pairs, help="retrieval pairs and relation-probe images")
-    add("--no-plots", dest="plots", action="store_false", help="skip loss.png and similarity.png")
-    # validation and loading (issue 17)
-    add("--val-data", help="held-out pairs (CSV/TSV, folder or shards) evaluated every --eval-every steps")
-    add("--val-fraction", type=float, default=defaults.val_fraction,
-        help="hold out this fraction of --data's images (always the same ones) to validate on")
-    add("--workers", type=int, default=defaults.workers, help="loader processes decoding images (1: one thread)")
+    """A flag for each TrainConfig field, with the field's comment as help, its default and its choices."""
+    from .train import CHANGEABLE_ON_RESUME, CHOICES, REFUSED_DTYPES, TrainConfig
+    comments = field_comments(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        kind = _flag_type(field.type)
+        if kind is None:              # model_overrides: --image-size below sets the one override a user needs
+            continue
+        help_text = comments.get(field.name, "")
+        options = {"dest": field.name, "default": argparse.SUPPRESS}   # left out when not given (see --resume)
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+            help_text += f" (default: {'on' if field.default else 'off'})"
+        else:
+            options.update(type=kind, metavar=field.name.upper().replace("_", "-"))
+            if field.default is not None:
+                help_text += f" (default: {field.default})"
+            else:                                           # the comment says what None (not given) means
+                help_text = help_text.replace("(None: ", "(default: ")
+        if field.name == "dtype":             # not argparse choices: a refused dtype gets its reason
+            options.update(type=_dtype_choice, metavar="{" + ",".join(CHOICES["dtype"]) + "}")
+            help_text += f"; {' and '.join(REFUSED_DTYPES)} training is refused, with the reason"
+        elif field.name in CHOICES:
+            options.pop("metavar")
+            options["choices"] = CHOICES[field.name]
+        parser.add_argument("--" + field.name.replace("_", "-"), help=help_text.replace("%", "%%"), **options)
+    parser.add_argument("--image-size", type=int, default=argparse.SUPPRESS, metavar="PIXELS",
+                        help="image side in pixels (default: the preset's; the built-in shapes need at least 32)")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue the run in the folder RUN (or from a checkpoint in it) with its own settings "
+                             "from its checkpoint; flags given with it may change only "
+                             + ", ".join("--" + name.replace("_", "-") for name in CHANGEABLE_ON_RESUME)
+                             + ". A finished run is left as it is")
 
 
 def _add_output_arguments(parser, json_help):
@@ -393,7 +473,11 @@ def build_parser():
     train = commands.add_parser("train", help="train a CLIP/SigLIP model (default: the shapes preset on shapes)",
                                 description="Train with the SigLIP or CLIP loss; under mpiexec, data-parallel. "
                                             "Writes metrics.jsonl, checkpoints, the model, summary.json and "
-                                            "pictures into the run folder.")
+                                            "pictures into the run folder. SIGINT or SIGTERM: finish the step, "
+                                            "save, exit 75; resume with --resume RUN. Exit codes: 0 finished, "
+                                            "1 diverged or a rank failed, 2 bad input or a file that could not "
+                                            "be read or written, 75 interrupted and saved, 130 stopped at once "
+                                            "by a second signal (docs/faults.md).")
     _add_train_arguments(train)
     train.set_defaults(run=run_train)
 

@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import threading
+import time
 import traceback
 
 import numpy
@@ -48,6 +49,7 @@ from . import losses as L
 from .autograd import Function
 
 METHODS = ("ring", "gather")
+ABORT_GRACE_SECONDS = 0.5     # how long abort() lets the launcher forward this rank's last output
 
 # the job's size, as an MPI launcher tells every process it starts (MPICH/Hydra and Slurm's PMI, Open MPI, PMIx)
 _LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -206,7 +208,16 @@ class Communicator:
         self.comm.Barrier()
 
     def abort(self, code=1):
-        """End every rank of the job now (no rank is left waiting in a collective)."""
+        """End every rank of the job now (no rank is left waiting in a collective).
+
+        This rank's output is flushed first and the launcher given a moment
+        (``ABORT_GRACE_SECONDS``) to forward it: MPI_Abort ends the processes
+        that carry each rank's stdout/stderr to mpiexec, and the message that
+        says why the job ended would otherwise be lost now and then.
+        """
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_SECONDS)
         self.comm.Abort(code)
 
 

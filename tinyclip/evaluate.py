@@ -41,7 +41,7 @@ import string
 import numpy
 
 from . import autograd, backend, losses
-from .data import transforms
+from .data import shapes, transforms
 from .tokenizer import checked_texts
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)   # the CLIP paper's default prompt
@@ -321,10 +321,9 @@ def encode_images(model, images, batch_size=256):
     with _inference(model):
         for start in range(0, images.shape[0], batch_size):
             # uint8 crosses to the GPU at a quarter of the size of float32 and is normalised there
-            batch = backend.asarray(images[start:start + batch_size], backend_name)    # (b, H, W, 3)
-            if batch.dtype == numpy.uint8:
-                batch = transforms.normalize(batch, model.config.image_normalization)
-            embeddings.append(model.encode_image(batch.astype(dtype, copy=False)).data)
+            batch = transforms.model_input(images[start:start + batch_size], model.config.image_normalization,
+                                           backend_name, dtype)                           # (b, H, W, 3)
+            embeddings.append(model.encode_image(batch).data)
     return backend.backend_module(backend_name).concatenate(embeddings)
 
 
@@ -696,3 +695,14 @@ def caption_validation(model, tokenizer, pairs, loss="siglip", batch_size=128, k
             batch_losses.append(float(value.item()))
     return {"val_loss": sum(batch_losses) / len(batch_losses),
             **{f"val_{key}": value for key, value in metrics.items()}}
+
+
+def shapes_sets(per_class, pairs, image_size):
+    """The held-out shapes sets as ``evaluate`` takes them: zero-shot over every colour × shape class
+    (``per_class`` images each), retrieval over ``pairs`` pairs, and the relation probe on ``pairs`` images."""
+    images, labels, names = shapes.zeroshot_set(per_class, seed=0, image_size=image_size)
+    probe = shapes.relation_probe(pairs, seed=0, image_size=image_size)
+    return {"zeroshot": ZeroShotSet(images, labels, names, templates=shapes.ZEROSHOT_TEMPLATES),
+            "retrieval": RetrievalSet(*shapes.retrieval_set(pairs, seed=0, image_size=image_size)),
+            "relation": RelationSet(probe.images, probe.true_captions, probe.swapped_captions,
+                                    probe.control_true, probe.control_false)}

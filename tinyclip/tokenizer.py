@@ -31,7 +31,7 @@ import itertools
 import json
 import os
 import string
-import tempfile
+import uuid
 import zlib
 from collections import Counter, defaultdict
 
@@ -132,6 +132,27 @@ def checked_texts(texts):
         if not isinstance(text, str):
             raise ValueError(f"texts[{index}] must be a str, got {type(text).__name__}: {text!r:.80}")
     return list(texts)
+
+
+
+def _write_atomically(path, data):
+    """Write the bytes ``data`` to ``path``: a temporary file beside it, flushed, then renamed over it.
+
+    The temporary is made with open(..., "x"), not mkstemp, whose mode 0600
+    would keep the file from other users (the umask applies, as to any file).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "xb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 class Tokenizer:
@@ -259,15 +280,7 @@ class Tokenizer:
         path = os.fspath(path)
         document = {"format": FORMAT, "version": FORMAT_VERSION, "special_tokens": [SOT, EOT],
                     "merges": [list(merge) for merge in self.merges]}
-        directory = os.path.dirname(os.path.abspath(path))
-        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-                json.dump(document, stream, ensure_ascii=False)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        _write_atomically(path, json.dumps(document, ensure_ascii=False).encode("utf-8"))
 
     @classmethod
     def load(cls, path):
@@ -467,22 +480,15 @@ class SiglipTokenizer:
     def save(self, path):
         """Write the SentencePiece model file, atomically (a temporary file beside ``path``, then renamed)."""
         path = os.fspath(path)
-        descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".spiece-",
-                                                 suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "wb") as stream:
-                stream.write(self.model_proto)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        _write_atomically(path, self.model_proto)
 
     def __repr__(self):
         return f"SiglipTokenizer(vocab_size={self.vocab_size}, lowercase={self.lowercase})"
 
 
 # the files a model folder may hold its tokenizer in, in the order they are looked for
-TOKENIZER_FILES = ("tokenizer.tinyclip.json", SPIECE_FILE, "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
+TOKENIZER_FILE = "tokenizer.tinyclip.json"      # tinyclip's own tokenizer file in a model folder
+TOKENIZER_FILES = (TOKENIZER_FILE, SPIECE_FILE, "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
 
 
 def load_tokenizer(path):

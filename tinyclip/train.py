@@ -14,24 +14,31 @@ A run writes into one folder (``TrainConfig.out``)::
 
     train_config.json        the TrainConfig
     metrics.jsonl            one JSON line per logged step and per evaluation
-    checkpoint/              the last checkpoint: model/, optimizer.safetensors, state.json
+    checkpoint/              step-NNNNNNNN/ folders (the newest ``keep_checkpoints``) and ``latest``
+                             (tinyclip.checkpoint.save_training_checkpoint)
     model/                   the final model (tinyclip.checkpoint format) with its tokenizer
-    summary.json             final metrics, loss, steps and seconds
+    summary.json             final metrics, loss, steps, seconds and skipped examples; written last, it
+                             marks the run finished
     loss.png, similarity.png pictures of the run (when matplotlib is installed)
+    .lock                    the PID of the process training into the folder (locked while it runs)
 
 Checkpoints hold everything a step depends on: weights, AdamW moments,
 the schedule, the data position (``Loader.state()``) and the tokenizer.
 Nothing else in a step is random (the shapes data draws example i from i
 itself; augmentation is seeded per example and epoch by the loader), so a
 run resumed from step k on the same machine gives the losses of an
-uninterrupted run bit for bit. The checkpoint folder is built beside its
-target and swapped in whole, so an interrupted write leaves the previous one.
+uninterrupted run bit for bit. Every file and folder appears whole or not
+at all (tinyclip.checkpoint's staged writes), so a kill at any instant
+leaves the last complete checkpoint for ``--resume``.
 
-Stopping: a non-finite loss (or gradient) ends the run with
-``NonFiniteLoss`` before the weights are touched, and the last good
-checkpoint stays as it was. Ctrl-C (SIGINT) lets the current step finish,
-saves a checkpoint and returns; under MPI the ranks agree on stopping
-through the same all-reduce that sums the loss, so none is left waiting.
+Faults (docs/faults.md): everything is checked before the run folder is
+created; a non-finite loss, gradient or embedding ends the run with
+``NonFiniteLoss`` before the weights are touched, the last good checkpoint
+kept. SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they kill)
+let the current step finish, save a checkpoint and return with
+``interrupted``; under MPI the ranks agree on stopping through the same
+all-reduce that sums the loss, so none is left waiting. A second signal
+stops at once.
 """
 
 import contextlib
@@ -41,6 +48,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -52,36 +60,56 @@ from .data import captions as caption_sets
 from .data import shapes
 from .data import shards
 from .data.loader import Loader
-from .data.transforms import normalize, preprocess, random_resized_crop
-from .models import CLIP, preset
+from .data.transforms import model_input, preprocess, random_resized_crop
+from .models import CLIP, PRESETS, preset
 from .models.config import VISION_FIELDS
-from .tokenizer import SPIECE_FILE, SiglipTokenizer, Tokenizer, find_tokenizer
+from .tokenizer import TOKENIZER_FILES, Tokenizer, find_tokenizer
 
-TOKENIZER_FILE = "tokenizer.tinyclip.json"     # the name tinyclip.cli looks for in a model folder
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
+try:
+    import fcntl                   # POSIX; where it is missing (Windows) run folders are not locked
+except ImportError:
+    fcntl = None
+
 MIN_VOCAB_SIZE = 514
 SUMMARY_KEYS = ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "relation_acc", "control_acc",
-                "final_loss", "steps", "examples_seen", "seconds")
+                "final_loss", "steps", "examples_seen", "seconds", "skipped_examples")
 VAL_SEED = 0    # which images --val-fraction holds out: fixed, so that every run on the same data holds out the same
+LOCK_FILE = ".lock"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "train_config.json"
+NAMED_SKIPS = 5                    # skipped examples named in messages and metrics
+
+# the choices of the configuration's string fields (the command line lists them)
+CHOICES = {"preset": tuple(PRESETS), "loss": ("siglip", "clip"), "clip_method": ("ring", "gather"),
+           "dtype": ("float32", "float64")}
+# dtypes asked for that training cannot use yet, and what to do instead
+REFUSED_DTYPES = {
+    "float16": "float16 training needs loss scaling and float32 master weights, which tinyclip does not have "
+               "yet (without them the gradients underflow: in 5 steps every image embedding became the same); "
+               "train in float32",
+    "bfloat16": "NumPy has no bfloat16 arithmetic (tinyclip reads bfloat16 checkpoints as float32); train in "
+                "float32",
+}
+# fields a resumed run may change: how often it logs, evaluates and saves, and where, not what a step computes
+CHANGEABLE_ON_RESUME = ("out", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_per_class",
+                        "eval_pairs", "plots", "workers")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     # --- model and loss ----------------------------------------------------------------------------
-    preset: str = "shapes"           # a tinyclip.models preset; vocab_size / eos_id follow the tokenizer
+    preset: str = "shapes"           # model preset (tinyclip.models.PRESETS); vocab_size / eos_id follow the tokenizer
     model_overrides: dict = dataclasses.field(default_factory=dict)   # CLIPConfig fields to replace
-    loss: str | None = None          # "siglip" (sigmoid, bias) or "clip" (softmax); None: init's family, else siglip
-    clip_method: str = "ring"        # distributed CLIP loss: "ring" or "gather" (same numbers)
-    dtype: str = "float32"           # parameter dtype
+    loss: str | None = None          # sigmoid loss with a bias (SigLIP) or softmax loss (CLIP) (None: the --init model's family, else siglip)
+    clip_method: str = "ring"        # how the CLIP loss runs over MPI ranks (same numbers either way)
+    dtype: str = "float32"           # parameter dtype (float64 for exact checks)
     image_tower: str | None = None   # a model folder (tinyclip's or Hugging Face's) whose image tower to start from
     lock_image: bool = False         # LiT (Zhai et al. 2022): keep that image tower fixed, train the text tower
     init: str | None = None          # fine-tune this whole model (tinyclip/Hugging Face/open_clip folder) + tokenizer
     lock_text: bool = False          # keep the text tower fixed, its projection included (with init)
     seed: int = 0                    # model initialisation and data order
     # --- data ------------------------------------------------------------------------------------
-    data: str | None = None          # None: the built-in shapes; else a CSV/TSV file or an image folder
+    data: str | None = None          # a CSV/TSV of images and captions, or a folder of images + .txt (None: shapes)
     image_column: str = "filepath"   # CSV/TSV column with image paths
     caption_column: str = "title"    # CSV/TSV column with captions
     strict: bool = False             # a missing or unreadable image is an error instead of a warning
@@ -96,18 +124,19 @@ class TrainConfig:
     batch_size: int = 128            # global batch over all ranks
     lr: float = 2e-3                 # peak learning rate
     min_lr: float = 1e-5             # learning rate at the end of the cosine
-    warmup_steps: int | None = None  # linear warm-up from 0 to lr (None: an eighth of the run, at most 50)
-    weight_decay: float = 0.1        # decoupled, on weight matrices only (optim.param_groups_for_decay)
+    warmup_steps: int | None = None  # linear warm-up steps (None: an eighth of the run, at most 50)
+    weight_decay: float = 0.1        # AdamW weight decay, decoupled, on weight matrices only
     beta1: float = 0.9               # AdamW β₁
     beta2: float = 0.98              # AdamW β₂ (CLIP: 0.98 for stability at large batch)
     eps: float = 1e-6                # AdamW ε (CLIP: 1e-6)
     grad_clip: float = 1.0           # global gradient-norm cap (0: no clipping)
     max_scale: float = 100.0         # CLIP loss: cap on exp(log_scale) after each step
     # --- output ----------------------------------------------------------------------------------
-    out: str | None = None           # run folder (None: runs/<timestamp>)
-    log_every: int = 20              # steps between progress lines and metrics.jsonl records
+    out: str | None = None           # run folder (None: runs/<timestamp>, or the folder of --resume)
+    log_every: int = 20              # steps between progress lines and metrics.jsonl records (and step 1)
     eval_every: int = 100            # steps between evaluations (0: only at the end)
-    checkpoint_every: int = 100      # steps between checkpoints (0: only at the end and on Ctrl-C)
+    checkpoint_every: int = 100      # steps between checkpoints (0: only at the end and when stopped)
+    keep_checkpoints: int = 2        # checkpoints kept in the run folder, the newest
     eval_per_class: int = 5          # zero-shot images per colour × shape class
     eval_pairs: int = 300            # held-out retrieval pairs and relation-probe images
     plots: bool = True               # write loss.png and similarity.png
@@ -116,19 +145,26 @@ class TrainConfig:
         problems = []
         if self.loss is None:
             self.loss = default_loss(self.init)
-        if self.loss not in ("siglip", "clip"):
-            problems.append(f"loss must be 'siglip' or 'clip', got {self.loss!r}")
-        if self.clip_method not in ("ring", "gather"):
-            problems.append(f"clip_method must be 'ring' or 'gather', got {self.clip_method!r}")
-        for name in ("steps", "batch_size", "log_every", "eval_per_class", "eval_pairs", "tokenizer_captions"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if name == "dtype" and value in REFUSED_DTYPES:
+                problems.append(f"dtype {value}: {REFUSED_DTYPES[value]}")
+            elif value not in allowed:
+                either = (" or ".join(map(repr, allowed)) if len(allowed) == 2
+                          else "one of " + ", ".join(map(repr, allowed)))
+                problems.append(f"{name} must be {either}, got {value!r}")
+        for name in ("steps", "batch_size", "log_every", "eval_per_class", "eval_pairs", "tokenizer_captions",
+                     "keep_checkpoints"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+        if self.warmup_steps is not None and (not _is_int(self.warmup_steps) or self.warmup_steps < 0):
             problems.append(f"warmup_steps must be None or a non-negative int, got {self.warmup_steps!r}")
-        for name in ("eval_every", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
-        if isinstance(self.steps, int) and isinstance(self.warmup_steps, int) and self.warmup_steps >= self.steps:
+        if self.examples is not None and (not _is_int(self.examples) or self.examples < 1):
+            problems.append(f"examples must be None or a positive int, got {self.examples!r}")
+        if _is_int(self.steps) and _is_int(self.warmup_steps) and self.warmup_steps >= self.steps:
             problems.append(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             problems.append(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
@@ -139,8 +175,24 @@ class TrainConfig:
         problems += validation_problems(self)
         if self.grad_clip < 0 or self.max_scale <= 0:
             problems.append(f"need grad_clip >= 0 and max_scale > 0, got {self.grad_clip}, {self.max_scale}")
+        if not isinstance(self.model_overrides, dict):
+            problems.append(f"model_overrides must be a dict of CLIPConfig fields, got {self.model_overrides!r}")
+        elif self.preset in PRESETS and not problems:
+            problems += self._model_problems()
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
+
+    def _model_problems(self):
+        """What makes the preset with its overrides untrainable here, said before anything starts."""
+        try:
+            model = preset(self.preset, **self.model_overrides)
+        except (TypeError, ValueError) as error:
+            return [f"model_overrides: {error}"]
+        if self.data is None and not (self.image_tower or self.init) and model.image_size < shapes.MIN_IMAGE_SIZE:
+            return [f"preset {self.preset} has {model.image_size}-pixel images and the built-in shapes need at "
+                    f"least {shapes.MIN_IMAGE_SIZE}: add --image-size {shapes.MIN_IMAGE_SIZE} "
+                    f"(model_overrides={{'image_size': {shapes.MIN_IMAGE_SIZE}}})"]
+        return []
 
     @property
     def warmup(self):
@@ -150,10 +202,12 @@ class TrainConfig:
     def identity(self):
         """The fields a resumed run must share with the run it continues (all that change what a step computes),
         as JSON gives them back (tuples as lists), so that a saved configuration compares equal to its source."""
-        how_often = {"out", "log_every", "eval_every", "checkpoint_every", "eval_per_class", "eval_pairs", "plots",
-                     "workers"}
         return json.loads(json.dumps({key: value for key, value in dataclasses.asdict(self).items()
-                                      if key not in how_often}))
+                                      if key not in CHANGEABLE_ON_RESUME}))
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validation_problems(config):
@@ -175,7 +229,12 @@ def validation_problems(config):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient became inf or NaN; the run stopped before updating the weights."""
+    """The loss, an embedding, the scale or a gradient became inf or NaN; the run stopped before updating the
+    weights."""
+
+
+class FailedElsewhere(RuntimeError):
+    """Another rank could not start the run; that rank prints why (so the message appears once)."""
 
 
 @dataclasses.dataclass
@@ -185,8 +244,9 @@ class TrainResult:
     out: str                 # the run folder
     losses: list             # the global loss of every step this call ran, in order
     steps: int               # steps completed in the whole run (resumed ones included)
-    interrupted: bool        # stopped early by Ctrl-C (a checkpoint was saved)
+    interrupted: bool        # stopped early by SIGINT or SIGTERM (a checkpoint was saved)
     summary: dict            # what summary.json holds (empty when interrupted)
+    already_finished: bool = False   # resumed a finished run: nothing was run or changed
 
 
 # ---------------------------------------------------------------------------------
@@ -359,23 +419,40 @@ def build_optimizer(model, config):
 # ---------------------------------------------------------------------------------
 
 def batch_loss(model, config, images, tokens, comm):
-    """This rank's share of the global loss on its (images, tokens); the shares sum to the global loss."""
+    """This rank's share of the global loss on its (images, tokens); the shares sum to the global loss.
+
+    Raises NonFiniteLoss on every rank when any rank's embeddings, scale or
+    bias hold inf or NaN (the ranks agree on it first, so that the loss's own
+    input check, which would raise a ValueError, is never reached and the
+    divergence is reported as every other one is).
+    """
     image_emb, text_emb, log_scale, bias = model(images, tokens)                  # (b, D), (b, D), (), ()
+    outputs = {"image embeddings": image_emb, "text embeddings": text_emb, "log_scale": log_scale, "bias": bias}
+    bad = [name for name, tensor in outputs.items()
+           if tensor is not None and not bool(backend.get_array_module(tensor.data).isfinite(tensor.data).all())]
+    if comm.all_reduce(numpy.array([float(len(bad))]))[0]:
+        raise NonFiniteLoss(f"the {' and '.join(bad)} hold inf or NaN" if bad
+                            else "another rank's embeddings hold inf or NaN")
     if config.loss == "siglip":
         return distributed.siglip_loss(image_emb, text_emb, log_scale, bias, comm)
     return distributed.clip_loss(image_emb, text_emb, log_scale, comm, method=config.clip_method)
 
 
-def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_requested):
-    """One optimiser step; returns (global loss, gradient norm, whether any rank asked to stop).
+def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_requested, skipped=0):
+    """One optimiser step; returns (global loss, gradient norm, whether any rank asked to stop,
+    examples skipped over all ranks). ``stop_requested``: a bool, or a function that tells whether this rank
+    was asked to stop (called once, just before the ranks agree).
 
-    The loss is checked before anything is updated, so a NonFiniteLoss
-    leaves the weights as the previous step left them.
+    Everything non-finite (embeddings, loss, gradient norm) is checked
+    before anything is updated, so a NonFiniteLoss leaves the weights as the
+    previous step left them.
     """
     optimizer.zero_grad()
     share = batch_loss(model, config, images, tokens, comm)
-    # one all-reduce gives every rank the global loss and whether any rank saw Ctrl-C
-    totals = comm.all_reduce(numpy.array([share.item(), float(stop_requested)], dtype=numpy.float64))
+    if callable(stop_requested):             # asked as late as possible: a signal during this step stops after it
+        stop_requested = stop_requested()
+    # one all-reduce gives every rank the global loss, whether any rank was told to stop, and the skips
+    totals = comm.all_reduce(numpy.array([share.item(), float(stop_requested), float(skipped)], dtype=numpy.float64))
     loss = float(totals[0])
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"the loss is {loss}")
@@ -392,78 +469,23 @@ def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_re
     if config.loss == "clip":
         xp = backend.get_array_module(model.log_scale.data)
         model.log_scale.data[...] = xp.minimum(model.log_scale.data, math.log(config.max_scale))
-    return loss, grad_norm, bool(totals[1])
+    return loss, grad_norm, bool(totals[1]), int(totals[2])
 
 
 # ---------------------------------------------------------------------------------
-# Checkpoints
+# Output: progress, metrics, pictures, and naming what failed to be written
 # ---------------------------------------------------------------------------------
 
-def save_model(model, tokenizer, path):
-    """The model in tinyclip's checkpoint format with its tokenizer beside the weights (cli-loadable)."""
-    checkpoint.save(model, path)
-    tokenizer.save(os.path.join(path, SPIECE_FILE if isinstance(tokenizer, SiglipTokenizer) else TOKENIZER_FILE))
+@contextlib.contextmanager
+def writing(what, where):
+    """Inside the block an OSError (a full disk, a read-only folder) is raised again naming ``what`` was being
+    written and ``where``: "writing the final model to runs/x/model: [Errno 28] No space left on device"."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(error.errno, f"writing {what} to {where}: {reason}") from None
 
-
-def save_checkpoint(path, model, tokenizer, optimizer, schedule, loader, config, step, seconds):
-    """Everything a step depends on, written into a folder beside ``path`` and swapped in whole."""
-    with checkpoint.staged_folder(path) as staging:
-        save_model(model, tokenizer, os.path.join(staging, "model"))
-        optimizer_state = optimizer.state_dict()
-        arrays, numbers = {}, {}
-        for index, entry in optimizer_state["state"].items():
-            for key, value in entry.items():
-                if hasattr(value, "shape"):
-                    arrays[f"{index}.{key}"] = value
-                else:
-                    numbers[f"{index}.{key}"] = value
-        checkpoint.write_safetensors(os.path.join(staging, OPTIMIZER_FILE), arrays)
-        checkpoint.write_json(os.path.join(staging, STATE_FILE), {
-            "step": step, "seconds": seconds, "train_config": dataclasses.asdict(config), "loader": loader.state(),
-            "schedule": schedule.state_dict(), "optimizer_groups": optimizer_state["param_groups"],
-            "optimizer_numbers": numbers, "saved_at": datetime.datetime.now().isoformat(timespec="seconds")})
-
-
-def checkpoint_folder(path):
-    """The checkpoint in ``path``: a run folder (its checkpoint/) or a checkpoint folder itself."""
-    for candidate in (os.path.join(path, CHECKPOINT_DIR), path):
-        if os.path.isfile(os.path.join(candidate, STATE_FILE)):
-            return candidate
-    raise ValueError(f"--resume {path}: no training checkpoint there (looked for {CHECKPOINT_DIR}/{STATE_FILE} "
-                     f"and {STATE_FILE})")
-
-
-def read_checkpoint_state(path, config):
-    """The state.json of the checkpoint at ``path``, after checking that it was made by the same configuration."""
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as file:
-        state = json.load(file)
-    saved = TrainConfig(**state["train_config"]).identity()
-    wanted = config.identity()
-    differences = [f"{key}: {saved[key]!r} in the checkpoint, {wanted[key]!r} now"
-                   for key in wanted if saved.get(key) != wanted[key]]
-    if differences:
-        raise ValueError(f"--resume {path}: the checkpoint was made with a different configuration ("
-                         + "; ".join(differences) + "); resume with the same settings")
-    return state
-
-
-def restore(path, state, model, optimizer, schedule):
-    """Load weights, optimiser moments and schedule of the checkpoint at ``path`` into the live objects."""
-    model.load_state_dict(checkpoint.read_safetensors(os.path.join(path, "model", checkpoint.WEIGHTS_FILE)))
-    entries = {}
-    for key, value in checkpoint.read_safetensors(os.path.join(path, OPTIMIZER_FILE)).items():
-        index, name = key.split(".", 1)
-        entries.setdefault(index, {})[name] = value
-    for key, value in state["optimizer_numbers"].items():
-        index, name = key.split(".", 1)
-        entries.setdefault(index, {})[name] = value
-    optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer_groups"]})
-    schedule.load_state_dict(state["schedule"])
-
-
-# ---------------------------------------------------------------------------------
-# Output: progress, metrics, evaluation, pictures
-# ---------------------------------------------------------------------------------
 
 class Progress:
     """Plain progress lines (or one line rewritten with \\r on a terminal), from rank 0 only."""
@@ -491,24 +513,44 @@ class Progress:
 
 
 class MetricsLog:
-    """metrics.jsonl, appended to by rank 0; a resumed run first drops records past its checkpoint."""
+    """metrics.jsonl, appended to by rank 0.
 
-    def __init__(self, path, enabled, resume_step=None):
+    A resumed run first drops what came after its checkpoint: records past
+    its step, and when it resumes a run's last step, the final evaluation of
+    an interrupted finish (``finish`` runs it again). A last line cut short
+    (a kill or a full disk while appending) is dropped too.
+    """
+
+    def __init__(self, path, enabled, resume_step=None, total_steps=None):
         self.path, self.enabled = path, enabled
         self.records = []
-        if enabled and resume_step is not None and os.path.isfile(path):
-            with open(path, encoding="utf-8") as file:
-                self.records = [record for record in map(json.loads, filter(str.strip, file))
-                                if record.get("step", 0) <= resume_step]
-            with open(path, "w", encoding="utf-8") as file:
+        if not enabled:
+            return
+        if resume_step is not None and os.path.isfile(path):
+            self.records = [record for record in self._read(path)
+                            if record.get("step", 0) < resume_step
+                            or (record.get("step") == resume_step and ("loss" in record or resume_step < total_steps))]
+        with writing("the metrics", path), checkpoint.staged_file(path) as temporary:
+            with open(temporary, "w", encoding="utf-8") as file:
                 file.writelines(json.dumps(record) + "\n" for record in self.records)
-        elif enabled:
-            open(path, "w").close()
+
+    @staticmethod
+    def _read(path):
+        records = []
+        with open(path, encoding="utf-8", errors="replace") as file:
+            for line in filter(str.strip, file):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break                        # a record cut short: it and anything after it are dropped
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
 
     def write(self, record):
         if self.enabled:
             self.records.append(record)
-            with open(self.path, "a", encoding="utf-8") as file:
+            with writing("the metrics", self.path), open(self.path, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
 
 
@@ -549,67 +591,265 @@ def validation_pictures(val_pairs, image_size, family):
     return evaluate.RetrievalSet(images, [val_pairs.caption(int(i)) for i in first_pair])     # (n, H, W, 3), n
 
 
-def evaluation_sets(config, image_size):
-    """The held-out shapes sets: zero-shot over every colour × shape, retrieval, and the relation probe."""
-    images, labels, names = shapes.zeroshot_set(config.eval_per_class, seed=0, image_size=image_size)
-    zeroshot = evaluate.ZeroShotSet(images, labels, names, templates=shapes.ZEROSHOT_TEMPLATES)
-    retrieval = evaluate.RetrievalSet(*shapes.retrieval_set(config.eval_pairs, seed=0, image_size=image_size))
-    probe = shapes.relation_probe(config.eval_pairs, seed=0, image_size=image_size)
-    relation = evaluate.RelationSet(probe.images, probe.true_captions, probe.swapped_captions,
-                                    probe.control_true, probe.control_false)
-    return {"zeroshot": zeroshot, "retrieval": retrieval, "relation": relation}
-
-
 def draw_pictures(out, records, model, tokenizer, retrieval):
-    """loss.png and similarity.png (the first retrieval pairs); one warning without matplotlib."""
+    """loss.png and similarity.png (the first retrieval pairs), each written whole; one warning without
+    matplotlib."""
     if not plots.available():
         print(f"warning: no pictures: {plots.MISSING_MATPLOTLIB}", file=sys.stderr)
         return
-    plots.plot_training(records, os.path.join(out, "loss.png"))
+    path = os.path.join(out, "loss.png")
+    with writing("the loss picture", path), checkpoint.staged_file(path) as temporary:
+        plots.plot_training(records, temporary)
     if retrieval is not None:
         count = plots.MAX_SIMILARITY_PAIRS
         images, captions = retrieval.images[:count], retrieval.captions[:count]
-        plots.plot_similarity(evaluate.encode_images(model, images),
-                              evaluate.encode_texts(model, tokenizer, captions),
-                              images, captions, os.path.join(out, "similarity.png"))
+        path = os.path.join(out, "similarity.png")
+        with writing("the similarity picture", path), checkpoint.staged_file(path) as temporary:
+            plots.plot_similarity(evaluate.encode_images(model, images),
+                                  evaluate.encode_texts(model, tokenizer, captions),
+                                  images, captions, temporary)
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
 
 
 @contextlib.contextmanager
-def stop_on_sigint():
-    """Inside the block the first Ctrl-C only sets ``flag["stop"]``; a second one interrupts as usual."""
-    flag = {"stop": False}
+def stop_on_signals():
+    """Inside the block the first SIGINT or SIGTERM only sets ``flag["signal"]`` (its name); a second one
+    stops at once: SIGINT raises KeyboardInterrupt, SIGTERM ends the process as it would have without the
+    block. Files being written are then left out whole (staged writes), so the last checkpoint is intact."""
+    flag = {"signal": None}
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
 
     def request_stop(signum, frame):
-        flag["stop"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if flag["signal"] is None:
+            flag["signal"] = signal.Signals(signum).name
+            return
+        for number in numbers:
+            signal.signal(number, signal.SIG_DFL if number != signal.SIGINT else signal.default_int_handler)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)            # the default action now: the process ends by this signal
 
     try:
-        previous = signal.signal(signal.SIGINT, request_stop)
-    except ValueError:              # not the main thread: no handler, Ctrl-C behaves as usual
+        previous = {number: signal.signal(number, request_stop) for number in numbers}
+    except ValueError:              # not the main thread: no handlers, signals behave as usual
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 # ---------------------------------------------------------------------------------
-# The run
+# Starting: everything checked before the run folder is made, on every rank alike
 # ---------------------------------------------------------------------------------
 
 def default_out():
     return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def prepare_tokenizer(config, resume_path):
-    """The checkpoint's tokenizer when resuming, the init model's, else one trained on the training captions."""
-    if resume_path is not None or config.init:
-        folder = os.path.join(resume_path, "model") if resume_path is not None else config.init
-        tokenizer = find_tokenizer(folder)
-        if tokenizer is None:
-            raise ValueError(f"{folder} holds no tokenizer (tinyclip.tokenizer.TOKENIZER_FILES)")
-        return tokenizer
+def run_folder_of(step_folder):
+    """The run folder that holds the checkpoint folder ``step_folder`` (RUN/checkpoint/step-N -> RUN)."""
+    root = os.path.dirname(os.path.abspath(step_folder))
+    if os.path.basename(root) == checkpoint.TRAINING_CHECKPOINT_DIR:
+        return os.path.dirname(root)
+    return root
+
+
+def saved_config(step_folder, state):
+    """The TrainConfig a checkpoint was made with (its state.json's train_config), or an error naming the file."""
+    where = os.path.join(step_folder, checkpoint.TRAINING_STATE_FILE)
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(state["train_config"]) - known)
+    if unknown:
+        raise ValueError(f"{where}: field 'train_config' has fields this tinyclip does not know: {unknown}")
+    try:
+        return TrainConfig(**state["train_config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: field 'train_config': {error}") from None
+
+
+def resume_config(run, **changes):
+    """The configuration to continue the run in ``run`` (a run folder or a checkpoint in it): the one its
+    newest checkpoint was made with, with ``changes`` (TrainConfig fields). Raises ValueError when a change
+    would alter what a step computes, listing each such field with both values."""
+    folder = checkpoint.latest_training_checkpoint(run)
+    saved = saved_config(folder, checkpoint.read_training_state(folder))
+    merged = dataclasses.replace(saved, **changes)
+    check_same_run(saved, merged, folder)
+    return merged
+
+
+def check_same_run(saved, config, step_folder):
+    """ValueError listing every field (both values) in which ``config`` would compute other steps than ``saved``."""
+    before, now = saved.identity(), config.identity()
+    differences = [f"{key}: {before.get(key)!r} in the run, {now[key]!r} now" for key in now
+                   if before.get(key) != now[key]]
+    if differences:
+        raise ValueError(f"cannot resume {run_folder_of(step_folder)}: the run was made with other settings ("
+                         + "; ".join(differences) + "). Resume with --resume alone, or change only "
+                         + ", ".join(CHANGEABLE_ON_RESUME))
+
+
+def holds_a_run(folder):
+    return any(os.path.exists(os.path.join(folder, name))
+               for name in (CONFIG_FILE, checkpoint.TRAINING_CHECKPOINT_DIR, SUMMARY_FILE))
+
+
+@dataclasses.dataclass
+class Start:
+    """What ``prepare_start`` found: the configuration, and for a resumed run its checkpoint."""
+
+    config: TrainConfig
+    step_folder: str | None = None      # the checkpoint resumed from
+    state: dict | None = None           # its state.json
+    image_tower: object = None          # the model given as config.image_tower (its image tower is used)
+    finished: bool = False              # the resumed run has already finished
+    tokenizer: object = None            # the resumed run's tokenizer (a new run trains its own)
+
+
+def prepare_start(config, resume):
+    """Check everything a run needs before anything is written: the checkpoint and configuration to resume,
+    the data, the image tower, and that a new run does not go into another run's folder."""
+    step_folder = state = None
+    folder = resume if resume is not None else config.out
+    holder = RunLock.holder(folder) if folder is not None else None
+    if holder is not None:
+        raise ValueError(busy(folder, holder))
+    if resume is not None:
+        step_folder = checkpoint.latest_training_checkpoint(resume)
+        state = checkpoint.read_training_state(step_folder)
+        saved = saved_config(step_folder, state)
+        config = saved if config is None else config
+        check_same_run(saved, config, step_folder)
+        if state["step"] > config.steps:
+            raise ValueError(f"{os.path.join(step_folder, checkpoint.TRAINING_STATE_FILE)}: field 'step' is "
+                             f"{state['step']}, beyond the run's {config.steps} steps")
+        if config.out is None:
+            config = dataclasses.replace(config, out=run_folder_of(step_folder))
+        if state["step"] == config.steps and os.path.isfile(os.path.join(config.out, SUMMARY_FILE)):
+            return Start(config, step_folder, state, finished=True)
+    elif config.out is None:
+        config = dataclasses.replace(config, out=default_out())
+    elif holds_a_run(config.out):
+        raise ValueError(f"--out {config.out} already holds a run: continue it with --resume {config.out}, or "
+                         f"choose another --out")
+    if config.data is not None:
+        caption_set(config)                     # the file or folder exists, is readable, has the columns
+    tower = load_image_tower(config) if config.image_tower else None
+    tokenizer = saved_tokenizer(os.path.join(step_folder, "model")) if step_folder else None
+    return Start(config, step_folder, state, tower, tokenizer=tokenizer)
+
+
+def agreed(comm, action):
+    """``action()`` on every rank; when it raises ValueError or OSError on any rank, the lowest such rank
+    raises its error and the others FailedElsewhere, so that no rank goes on alone and the message is
+    printed once."""
+    error = result = None
+    try:
+        result = action()
+    except (ValueError, OSError) as caught:
+        error = caught
+    failed = numpy.flatnonzero(comm.all_gather_values([int(error is not None)], numpy.int64)[:, 0])
+    if failed.size:
+        if error is not None and comm.rank == failed[0]:
+            raise error
+        raise FailedElsewhere(f"rank {failed[0]} could not start the run (it says why)")
+    return result
+
+
+def busy(folder, holder):
+    return (f"{folder} is in use by another training run (PID {holder}, in {os.path.join(folder, LOCK_FILE)}); "
+            f"wait for it to end, or choose another --out")
+
+
+class RunLock:
+    """The lock on a run folder, held while a run trains into it: ``.lock`` holds the holder's PID.
+
+    An flock, so the operating system releases it when the process ends
+    however it ends; a second run into the folder is refused at once.
+    """
+
+    def __init__(self, folder):
+        self.file = None
+        if fcntl is None:
+            return
+        path = os.path.join(folder, LOCK_FILE)
+        file = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise ValueError(busy(folder, holder)) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self.file = file
+
+    @staticmethod
+    def holder(folder):
+        """The PID (a string) of the run that holds ``folder``'s lock now, or None when none does."""
+        path = os.path.join(folder, LOCK_FILE)
+        if fcntl is None or not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return file.read().strip() or "unknown"
+        return None
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def open_run_folder(config, comm):
+    """Rank 0: make and lock the run folder, clean what interrupted writes left, write train_config.json.
+    Returns the lock (None on the other ranks)."""
+    if comm.rank != 0:
+        return None
+    with writing("the run folder", config.out):
+        os.makedirs(config.out, exist_ok=True)
+    lock = RunLock(config.out)
+    try:
+        for name in os.listdir(config.out):          # staged files and folders of a process that was killed
+            if checkpoint.is_leftover(name):
+                target = re.split(r"\.(?:partial|old)-", name[1:])[0]
+                checkpoint.recover_folder(os.path.join(config.out, target))
+        checkpoint.clean_training_checkpoints(os.path.join(config.out, checkpoint.TRAINING_CHECKPOINT_DIR))
+        path = os.path.join(config.out, CONFIG_FILE)
+        with writing("the configuration", path):
+            checkpoint.write_json(path, dataclasses.asdict(config))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+# ---------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------
+
+def saved_tokenizer(folder):
+    """The tokenizer saved in the model folder ``folder`` (tinyclip.tokenizer.TOKENIZER_FILES), or a ValueError."""
+    tokenizer = find_tokenizer(folder)
+    if tokenizer is None:
+        raise ValueError(f"{folder} holds no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
+    return tokenizer
+
+
+def prepare_tokenizer(config):
+    """The --init model's tokenizer, else one trained on the run's first training captions."""
+    if config.init:
+        return saved_tokenizer(config.init)
     # the model's vocabulary follows the tokenizer; 514 (bytes + 2 specials) is the least a BPE has
     vocab_size = max(preset(config.preset).vocab_size, MIN_VOCAB_SIZE)
     return Tokenizer.train(training_captions(config, config.tokenizer_captions), vocab_size)
@@ -618,14 +858,15 @@ def prepare_tokenizer(config, resume_path):
 class Run:
     """One training run on this rank: the model and everything around it, ready to take steps.
 
-    Built from a TrainConfig from scratch, or from a checkpoint state (the
-    checkpoint's tokenizer, weights, moments, schedule and data position).
+    Built from a Start: from scratch, or from a checkpoint (its tokenizer,
+    weights, moments, schedule and data position).
     """
 
-    def __init__(self, config, comm, resume_path=None, state=None):
+    def __init__(self, start, comm):
+        config, state, self.step_folder = start.config, start.state, start.step_folder
         self.config, self.comm, self.lead = config, comm, comm.rank == 0
-        self.tokenizer = prepare_tokenizer(config, resume_path)
-        source = load_image_tower(config) if config.image_tower else None
+        self.tokenizer = start.tokenizer or prepare_tokenizer(config)
+        source = start.image_tower
         self.init_note = None                # what an init run does with the bias (said at the start)
         if config.init:
             self.model, self.init_note = load_init_model(config)
@@ -646,23 +887,31 @@ class Run:
         self.optimizer, self.schedule = build_optimizer(self.model, config)
         self.step = 0
         self.seconds_before = 0.0            # training time of the run before this process took over
+        self.skipped = 0                     # examples skipped (unreadable images) in the whole run, all ranks
         if state is not None:
-            restore(resume_path, state, self.model, self.optimizer, self.schedule)
-            self.step, self.seconds_before = state["step"], state.get("seconds", 0.0)
+            checkpoint.restore_training(self.step_folder, state, self.model, self.optimizer, self.schedule)
+            self.step, self.seconds_before = state["step"], state["seconds"]
+            self.skipped = int(state.get("skipped_examples", 0))
         distributed.broadcast_parameters(self.model.parameters(), comm)
         self.device = backend.backend_of(self.model.log_scale.data)                # 'numpy' or 'cupy'
         image_size = self.model.config.image_size
-        dataset, transform = dataset_of(config, image_size, self.model.config.image_normalization)
-        self.loader = Loader(dataset, config.batch_size, seed=config.seed, rank=comm.rank, world_size=comm.size,
-                             transform=transform, examples=config.examples,
-                             start=state["loader"] if state else None, workers=config.workers)
-        self.eval_sets = evaluation_sets(config, image_size) if config.data is None and self.lead else None
+        self.dataset, transform = dataset_of(config, image_size, self.model.config.image_normalization)
+        try:
+            self.loader = Loader(self.dataset, config.batch_size, seed=config.seed, rank=comm.rank,
+                                 world_size=comm.size, transform=transform, examples=config.examples,
+                                 start=state["loader"] if state else None, workers=config.workers)
+        except ValueError as error:
+            where = f"{self.step_folder}/{checkpoint.TRAINING_STATE_FILE}: field 'loader': " if state else ""
+            raise ValueError(f"{where}{error}") from None
+        self.epoch, self.epoch_skipped, self.named_skips = self.loader.epoch, 0, []
+        self.eval_sets = (evaluate.shapes_sets(config.eval_per_class, config.eval_pairs, image_size)
+                          if config.data is None and self.lead else None)
         self.val_pairs = validation_set(config) if self.lead else None
         self.data_speed = DataSpeed()
         self.metrics = MetricsLog(os.path.join(config.out, "metrics.jsonl"), self.lead,
-                                  self.step if state else None)
+                                  self.step if state else None, config.steps)
         self.progress = Progress(config.steps, self.lead)
-        self.checkpoint_path = os.path.join(config.out, CHECKPOINT_DIR)
+        self.checkpoint_root = os.path.join(config.out, checkpoint.TRAINING_CHECKPOINT_DIR)
         self.last_saved = self.step if state else None
         self.started = time.perf_counter()
         self.losses = []                     # the global loss of each step this process ran
@@ -671,49 +920,73 @@ class Run:
         return self.seconds_before + time.perf_counter() - self.started
 
     def next_batch(self):
-        """This rank's (images (b, H, W, 3), tokens (b, T)) on the model's device."""
+        """This rank's (images (b, H, W, 3), tokens (b, T)) on the model's device, and the examples it skipped."""
         waiting_since = time.perf_counter()
         images, captions = next(self.loader)
         self.data_wait = time.perf_counter() - waiting_since
-        images = backend.asarray(images, self.device)      # uint8 pixels cross to a GPU at a quarter of float32
-        if images.dtype == numpy.uint8:
-            images = normalize(images, self.model.config.image_normalization)                   # (b, H, W, 3) float32
-        images = backend.asarray(images, self.device, dtype=self.config.dtype)
+        skipped = self.loader.last_skipped
+        if len(self.named_skips) < NAMED_SKIPS:
+            self.named_skips += [self.dataset.path(index) for index in skipped][:NAMED_SKIPS - len(self.named_skips)]
+        images = model_input(images, self.model.config.image_normalization, self.device, self.config.dtype)
         tokens = self.tokenizer(captions, context_length=self.model.config.context_length)   # (b, T)
-        return images, backend.asarray(tokens, self.device)
+        return images, backend.asarray(tokens, self.device), len(skipped)
 
     def take_step(self, stop_requested):
         """One training step, logged; returns whether any rank asked to stop."""
         step_started = time.perf_counter()
-        images, tokens = self.next_batch()
+        epoch = self.loader.epoch
+        images, tokens, skipped = self.next_batch()
         lr = self.optimizer.param_groups[0]["lr"]
         try:
-            loss, grad_norm, stop = train_step(self.model, self.optimizer, self.schedule, self.config, self.comm,
-                                               images, tokens, stop_requested)
+            loss, grad_norm, stop, skipped = train_step(self.model, self.optimizer, self.schedule, self.config,
+                                                        self.comm, images, tokens, stop_requested, skipped)
         except NonFiniteLoss as error:
-            where = (f"the last good checkpoint is {self.checkpoint_path}" if self.last_saved is not None
+            where = (f"the last good checkpoint is {self.latest_checkpoint()}" if self.last_saved is not None
                      else "no checkpoint was written yet")
             raise NonFiniteLoss(f"step {self.step + 1}: {error}; training stopped ({where}); "
                                 f"try a lower --lr or a longer --warmup-steps") from None
         self.step += 1
         self.losses.append(loss)
         self.data_speed.add(self.config.batch_size, self.data_wait, time.perf_counter() - step_started)
-        if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+        self.note_skips(epoch, skipped)
+        if self.step % self.config.log_every == 0 or self.step in (1, self.config.steps):
             speed = self.data_speed.report()
             self.metrics.write({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                 "scale": math.exp(float(self.model.log_scale.item())),
-                                "seconds": round(self.seconds(), 3), "examples_seen": self.examples_seen(),
-                                **speed})
+                                "skipped_examples": self.skipped, "seconds": round(self.seconds(), 3),
+                                "examples_seen": self.examples_seen(), **speed})
             self.progress.step(self.step, loss, lr, (time.perf_counter() - self.started) / len(self.losses), speed)
         return stop
+
+    def note_skips(self, epoch, skipped):
+        """Count the step's skipped examples; at the end of an epoch that skipped some, say how many."""
+        self.skipped += skipped
+        if epoch != self.epoch and self.epoch_skipped:
+            self.say_skips(f"epoch {self.epoch + 1}", self.epoch_skipped)
+        if epoch != self.epoch:
+            self.epoch, self.epoch_skipped = epoch, 0
+        self.epoch_skipped += skipped
+
+    def say_skips(self, when, count):
+        first = f" (first on rank 0: {', '.join(self.named_skips)})" if self.named_skips else ""
+        self.progress.say(f"{when}: skipped {count} example{'s' if count != 1 else ''} whose image could not "
+                          f"be read{first}")
+
+    def latest_checkpoint(self):
+        return os.path.join(self.checkpoint_root, checkpoint.step_folder_name(self.last_saved))
 
     def save(self):
         """A checkpoint of the current step (once per step), written by rank 0 while the others wait."""
         if self.last_saved == self.step:
             return
         if self.lead:
-            save_checkpoint(self.checkpoint_path, self.model, self.tokenizer, self.optimizer, self.schedule,
-                            self.loader, self.config, self.step, round(self.seconds(), 3))
+            with writing(f"the checkpoint of step {self.step}", self.checkpoint_root):
+                checkpoint.save_training_checkpoint(
+                    self.checkpoint_root, self.step, self.model, self.tokenizer, self.optimizer, self.schedule,
+                    {"seconds": round(self.seconds(), 3), "train_config": dataclasses.asdict(self.config),
+                     "loader": self.loader.state(), "skipped_examples": self.skipped,
+                     "saved_at": datetime.datetime.now().isoformat(timespec="seconds")},
+                    keep=self.config.keep_checkpoints)
         self.last_saved = self.step
         self.comm.barrier()
 
@@ -736,18 +1009,21 @@ class Run:
         return results
 
     def finish(self):
-        """The last evaluation, the final model, summary.json and the pictures; returns the summary."""
+        """The last evaluation, the final model, the pictures and, last, summary.json; returns the summary."""
         results = self.evaluate()
         # the shapes metrics for a run on the shapes; on your data, what validation measured (no empty keys)
         summary = {key: results.get(key) for key in SUMMARY_KEYS[:5] if self.eval_sets is not None or key in results}
         summary.update({key: value for key, value in results.items() if key.startswith("val_")})
         summary.update(final_loss=self.losses[-1] if self.losses else None, steps=self.step,
-                       examples_seen=self.examples_seen(), seconds=round(self.seconds(), 1))
+                       examples_seen=self.examples_seen(), seconds=round(self.seconds(), 1),
+                       skipped_examples=self.skipped)
+        if self.skipped:
+            self.say_skips("the run", self.skipped)
         if self.lead:
             out = self.config.out
-            save_model(self.model, self.tokenizer, os.path.join(out, "model"))
-            with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as file:
-                json.dump(summary, file, indent=2)
+            path = os.path.join(out, "model")
+            with writing("the final model", path):
+                checkpoint.save_model_with_tokenizer(self.model, self.tokenizer, path)
             if self.config.plots:
                 if self.eval_sets:
                     pictured = self.eval_sets["retrieval"]
@@ -757,48 +1033,85 @@ class Run:
                 else:
                     pictured = None
                 draw_pictures(out, self.metrics.records, self.model, self.tokenizer, pictured)
+            path = os.path.join(out, SUMMARY_FILE)
+            with writing("the summary", path):
+                checkpoint.write_json(path, summary)
             self.progress.say("summary: " + ", ".join(
                 f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                 for key, value in summary.items()))
         return summary
 
 
-def train(config, resume=None, comm=None):
-    """Run ``config`` (from its start, or from the checkpoint in ``resume``); returns a TrainResult.
+def banner(run, comm):
+    """The first line of a run: what is trained, from what, on what, where."""
+    config = run.config
+    if config.init:
+        locked = [name for name, on in (("image", config.lock_image), ("text", config.lock_text)) if on]
+        towers = f"{config.init} (fine-tuned; {' and '.join(locked) + ' tower locked' if locked else 'both towers'})"
+    elif config.image_tower:
+        towers = (f"the text tower of {config.preset} from scratch against the image tower of {config.image_tower} "
+                  + ("(locked)" if config.lock_image else "(trained too)"))
+    else:
+        towers = f"{config.preset} from scratch"
+    data = config.data or "the built-in shapes"
+    trained = sum(parameter.data.size for _, parameter in trainable(run.model))
+    return (f"training {towers} with the {config.loss} loss on {data}, from step {run.step} to {config.steps}: "
+            f"batch {config.batch_size} on {comm.size} process{'es' if comm.size > 1 else ''}, "
+            f"{trained:,} trained parameters, writing to {config.out}")
 
-    Raises ValueError for a configuration or checkpoint that does not fit
-    (before any training), NonFiniteLoss when the loss diverges.
+
+def train(config=None, resume=None, comm=None):
+    """Run ``config`` from its start, or continue the run in ``resume``; returns a TrainResult.
+
+    ``resume`` is a run folder (or a checkpoint in it); ``config`` may then
+    be None (the run's own configuration), or a configuration that differs
+    from it only in CHANGEABLE_ON_RESUME. A finished run is left as it is
+    (``already_finished``). Everything is checked before the run folder is
+    made. Raises ValueError or OSError for what does not fit or cannot be
+    written (naming it), FailedElsewhere on the ranks that did not fail when
+    another could not start, and NonFiniteLoss when training diverges.
     """
+    if config is None and resume is None:
+        raise ValueError("train: give a TrainConfig, or resume= a run to continue")
     comm = distributed.world() if comm is None else comm
-    resume_path = checkpoint_folder(resume) if resume is not None else None
-    state = read_checkpoint_state(resume_path, config) if resume_path is not None else None
-    if config.out is None:
-        config = dataclasses.replace(config, out=os.path.dirname(resume_path) if resume_path else default_out())
-    if comm.rank == 0:
-        os.makedirs(config.out, exist_ok=True)
-        with open(os.path.join(config.out, "train_config.json"), "w", encoding="utf-8") as file:
-            json.dump(dataclasses.asdict(config), file, indent=2)
-    run = Run(config, comm, resume_path, state)
+    with stop_on_signals() as stop:
+        start = agreed(comm, lambda: prepare_start(config, resume))
+        config = start.config
+        if start.finished:
+            message = (f"{config.out} has finished (step {config.steps} of {config.steps}; {SUMMARY_FILE} is "
+                       f"written): nothing to do, nothing changed")
+            Progress(config.steps, comm.rank == 0).say(message)
+            with open(os.path.join(config.out, SUMMARY_FILE), encoding="utf-8") as file:
+                summary = json.load(file)
+            return TrainResult(config.out, [], config.steps, False, summary, already_finished=True)
+        lock = agreed(comm, lambda: open_run_folder(config, comm))
+        try:
+            return _run(start, comm, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _run(start, comm, stop):
+    config = start.config
+    run = Run(start, comm)
+    run.progress.say(banner(run, comm))
     if run.init_note:
         run.progress.say(f"fine-tuning {config.init}: {run.init_note}")
-    run.progress.say(f"training {config.init or config.preset} with the {config.loss} loss from step {run.step} to "
-                     f"{config.steps}: batch {config.batch_size} on {comm.size} process"
-                     f"{'es' if comm.size > 1 else ''}, {sum(p.data.size for p in run.model.parameters()):,} "
-                     f"parameters, writing to {config.out}")
     interrupted = False
     try:
-        with stop_on_sigint() as sigint:
-            while run.step < config.steps and not interrupted:
-                interrupted = run.take_step(sigint["stop"])
-                if config.eval_every and run.step % config.eval_every == 0 and run.step < config.steps:
-                    run.evaluate()
-                if config.checkpoint_every and run.step % config.checkpoint_every == 0:
-                    run.save()
-            run.save()
+        while run.step < config.steps and not interrupted:
+            interrupted = run.take_step(lambda: stop["signal"] is not None)
+            if config.eval_every and run.step % config.eval_every == 0 and run.step < config.steps:
+                run.evaluate()
+            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
+                run.save()
+        run.save()
     finally:
         run.loader.close()
     if interrupted:
-        run.progress.say(f"interrupted: checkpoint of step {run.step} in {run.checkpoint_path}; "
-                         f"continue with --resume {config.out}")
+        why = f" by {stop['signal']}" if stop["signal"] else " (another rank was told to stop)"
+        run.progress.say(f"interrupted{why}: checkpoint of step {run.step} in {run.latest_checkpoint()}; "
+                         f"continue with: tinyclip train --resume {config.out}")
         return TrainResult(config.out, run.losses, run.step, True, {})
     return TrainResult(config.out, run.losses, run.step, False, run.finish())

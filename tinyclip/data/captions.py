@@ -149,6 +149,14 @@ class CSVCaptions(CaptionSet):
         self.empty_rows = 0
         # utf-8-sig: spreadsheet programs often start the file with a byte-order mark, which would stick to
         # the first column's name
+        try:
+            self._read_rows(path, separator, image_column, caption_column, folder, paths, captions)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error}); save the table as UTF-8") from None
+        _warn_skipped(path, self.empty_rows, "rows with an empty image path or caption")
+        super().__init__(path, paths, captions, strict)
+
+    def _read_rows(self, path, separator, image_column, caption_column, folder, paths, captions):
         with open(path, newline="", encoding="utf-8-sig") as table:
             rows = csv.DictReader(table, delimiter=separator)
             columns = rows.fieldnames or []
@@ -165,8 +173,6 @@ class CSVCaptions(CaptionSet):
                     continue
                 paths.append(os.path.join(folder, image_path))     # an absolute image_path is kept as it is
                 captions.append(caption)
-        _warn_skipped(path, self.empty_rows, "rows with an empty image path or caption")
-        super().__init__(path, paths, captions, strict)
 
 
 class FolderCaptions(CaptionSet):

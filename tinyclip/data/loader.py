@@ -197,10 +197,12 @@ class BatchOrder:
 
     def load(self, epoch, step):
         """This rank's batch at (epoch, step): (images (b, H, W, 3), captions: list of b strings)."""
-        return self.load_examples(epoch, self.indices(epoch, step))
+        images, captions, _ = self.load_examples(epoch, self.indices(epoch, step))
+        return images, captions
 
     def load_examples(self, epoch, indices):
-        """The examples ``indices`` as loaded in ``epoch``: (images (n, H, W, 3), n captions). Each example
+        """The examples ``indices`` as loaded in ``epoch``: (images (n, H, W, 3), n captions, skipped), where
+        skipped lists the indices whose image could not be read (a substitute took their place). Each example
         depends on (seed, epoch, its index) only, so any split of a batch into parts joins back into it."""
         if self.transform is not None:
             return self._transformed_batch(epoch, indices)
@@ -208,21 +210,22 @@ class BatchOrder:
         if len(images) != len(indices) or len(captions) != len(indices):
             raise ValueError(f"loader: {type(self.dataset).__name__}.batch gave {len(images)} images and "
                              f"{len(captions)} captions for {len(indices)} indices")
-        return images, list(captions)
+        return images, list(captions), []
 
     def _transformed_batch(self, epoch, indices):
-        images, captions = [], []
+        images, captions, skipped = [], [], []
         for index in indices:
-            image, caption = self._readable_pair(index)
+            image, caption = self._readable_pair(index, skipped)
             # the trailing 1 keeps these streams apart from the shuffle's: SeedSequence pads short entropy with
             # zeros, so [seed, epoch, 0] would be the shuffle's [seed, epoch]
             rng = numpy.random.default_rng(numpy.random.SeedSequence([self.seed, epoch, index, 1]))
             images.append(self.transform(image, rng=rng))
             captions.append(caption)
-        return numpy.stack(images), captions          # (b, H, W, 3)
+        return numpy.stack(images), captions, skipped          # (b, H, W, 3)
 
-    def _readable_pair(self, index):
-        """(image, caption) of pair ``index``, or of the next pair with a readable image when it has none.
+    def _readable_pair(self, index, skipped):
+        """(image, caption) of pair ``index``, or of the next pair with a readable image when it has none
+        (the unreadable ones tried are appended to ``skipped``).
 
         The substitute depends only on the index, so every rank and every
         resumed run makes the same choice.
@@ -232,6 +235,8 @@ class BatchOrder:
             image = self.dataset.load(substitute)
             if image is not None:
                 return image, self.dataset.caption(substitute)
+            if offset == 0:
+                skipped.append(index)
         raise ValueError(f"loader: no image of {self.dataset!r} could be read")
 
 
@@ -253,7 +258,7 @@ def _fill(order, epoch, step, batches, stop, pool):
     try:
         if pool is None:
             while not stop.is_set():
-                batches.put(order.load(epoch, step))
+                batches.put(order.load_examples(epoch, order.indices(epoch, step)))
                 epoch, step = order.next_position(epoch, step)
             return
         pending = collections.deque()
@@ -311,13 +316,16 @@ class _WorkerPool:
 
     @staticmethod
     def gather(parts):
-        """The batch of the parts of ``submit``: images joined along the batch axis, captions in order."""
+        """The batch of the parts of ``submit``: images joined along the batch axis, captions and skipped
+        indices in order."""
         try:
             loaded = [part.result() for part in parts]
         except concurrent.futures.process.BrokenProcessPool:
             raise WorkerDied("loader: a worker process ended without finishing its batch (killed by a signal or "
                              "out of memory?); the run stops here") from None
-        return numpy.concatenate([images for images, _ in loaded]), [c for _, captions in loaded for c in captions]
+        return (numpy.concatenate([images for images, _, _ in loaded]),
+                [caption for _, captions, _ in loaded for caption in captions],
+                [index for _, _, skipped in loaded for index in skipped])
 
     def shutdown(self, wait):
         self.executor.shutdown(wait=wait, cancel_futures=True)
@@ -383,6 +391,7 @@ class Loader:
         self.prefetch = prefetch
         self.workers = workers
         self.epoch, self.step = 0, 0     # the position of the next batch next() returns
+        self.last_skipped = []           # indices of the last batch's examples whose image could not be read
         self._closed = False
         if start is not None:
             self.load_state(start)
@@ -427,7 +436,7 @@ class Loader:
         if self._closed:
             raise RuntimeError("loader: next() on a closed loader")
         if self.prefetch == 0:
-            batch = self.order.load(self.epoch, self.step)
+            batch = self.order.load_examples(self.epoch, self.order.indices(self.epoch, self.step))
         else:
             if self._prefetch is None:
                 self._prefetch = _Prefetch(self.order, self.epoch, self.step, self.prefetch, self.workers)
@@ -438,8 +447,9 @@ class Loader:
                 # same position, so a failed batch is tried again
                 self._stop_thread(wait=True)
                 raise
+        images, captions, self.last_skipped = batch   # skipped: unreadable images, for the trainer's counts
         self.epoch, self.step = self.order.next_position(self.epoch, self.step)
-        return batch
+        return images, captions
 
     def _stop_thread(self, wait):
         if self._prefetch is not None:

@@ -141,6 +141,22 @@ def normalize(pixels, family="clip"):
     return (scaled - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
 
 
+def model_input(images, family, device, dtype):
+    """A batch (n, H, W, 3) as a model takes it: on ``device`` ('numpy' or 'cupy'), in ``dtype``.
+
+    uint8 pixels cross to the device first, at a quarter of float32's bytes,
+    and are normalised there for ``family`` (``normalize``); floating-point
+    images are taken as already preprocessed and only moved and cast.
+    Raises TypeError for any other dtype.
+    """
+    batch = backend.asarray(images, device)                                            # (n, H, W, 3)
+    if batch.dtype == numpy.uint8:
+        batch = normalize(batch, family)
+    elif batch.dtype.kind != "f":
+        raise TypeError(f"model_input: images must be uint8 pixels or preprocessed floats, got {batch.dtype}")
+    return batch.astype(dtype, copy=False)
+
+
 def random_crop_box(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
     """A random crop (left, top, crop_width, crop_height) inside a width × height image, as torchvision draws it.
 
