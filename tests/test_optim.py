@@ -208,25 +208,61 @@ def test_param_groups_for_decay_rule():
 
 def test_warmup_cosine_at_known_steps():
     schedule = optim.WarmupCosine(2.0, warmup_steps=10, total_steps=110, min_lr=0.2)
-    assert schedule.lr_at(0) == 0.0
-    assert schedule.lr_at(5) == pytest.approx(1.0)
+    assert schedule.lr_at(0) == pytest.approx(0.2)               # the first update already moves the weights
+    assert schedule.lr_at(4) == pytest.approx(1.0)
+    assert schedule.lr_at(9) == pytest.approx(2.0)               # the peak at the warm-up's last update
     assert schedule.lr_at(10) == pytest.approx(2.0)
     assert schedule.lr_at(60) == pytest.approx(1.1)              # half way down: (2 + 0.2) / 2
     assert schedule.lr_at(35) == pytest.approx(0.2 + 1.8 * (1 + math.cos(math.pi / 4)) / 2)
     assert schedule.lr_at(110) == pytest.approx(0.2)
     assert schedule.lr_at(500) == pytest.approx(0.2)
     values = [schedule.lr_at(step) for step in range(111)]
-    assert all(a <= b for a, b in zip(values[:10], values[1:11]))   # rises through the warm-up
+    assert all(a < b for a, b in zip(values[:9], values[1:10]))     # rises through the warm-up
     assert all(a >= b for a, b in zip(values[10:], values[11:]))    # then only falls
+
+
+def test_warmup_cosine_the_issue_example():
+    schedule = optim.WarmupCosine(1e-3, warmup_steps=4, total_steps=10)
+    rates = [schedule.lr_at(0)] + [schedule.step() for _ in range(9)]      # the rate of each of the 10 updates
+    assert rates[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert rates[5:] == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * e / 6)) for e in range(1, 6)])
+
+
+@given(warmup=st.integers(0, 30), extra=st.integers(1, 60), base=st.floats(1e-6, 10.0),
+       floor=st.floats(0.0, 1.0))
+def test_warmup_cosine_is_the_formula_at_every_update(warmup, extra, base, floor):
+    total, min_lr = warmup + extra, base * floor
+    schedule = optim.WarmupCosine(base, warmup_steps=warmup, total_steps=total, min_lr=min_lr)
+    got = [schedule.lr_at(0)] + [schedule.step() for _ in range(total + 2)]
+    for s, rate in enumerate(got):
+        if s < warmup:
+            expected = base * (s + 1) / warmup
+        else:
+            expected = min_lr + (base - min_lr) * (1 + math.cos(math.pi * min(s - warmup, extra) / extra)) / 2
+        assert rate == pytest.approx(expected, rel=1e-12, abs=1e-15), s
+    assert got[0] > 0 and max(got) == pytest.approx(base)
+    assert got[max(warmup - 1, 0)] == pytest.approx(base)
+
+
+def test_warmup_cosine_equals_open_clips_cosine_lr():
+    scheduler = pytest.importorskip("open_clip_train.scheduler")
+
+    class Groups:   # what open_clip's schedule writes into
+        param_groups = [{"lr": None}]
+
+    for warmup, total in [(4, 10), (0, 7), (50, 700), (1, 2)]:
+        reference = scheduler.cosine_lr(Groups, 3e-3, warmup, total)
+        schedule = optim.WarmupCosine(3e-3, warmup_steps=warmup, total_steps=total)
+        mine = [schedule.lr_at(0)] + [schedule.step() for _ in range(total - 1)]
+        assert mine == pytest.approx([reference(step) for step in range(total)], rel=1e-12), (warmup, total)
 
 
 def test_warmup_cosine_writes_each_groups_rate(xp):
     first, second = make_params(xp, 0, shapes=((2,), (2,)))
     optimizer = optim.SGD([{"params": [first], "lr": 1.0}, {"params": [second], "lr": 0.1}], lr=1.0)
     schedule = optim.WarmupCosine(optimizer, warmup_steps=4, total_steps=8)
-    assert [group["lr"] for group in optimizer.param_groups] == [0.0, 0.0]
-    for _ in range(2):
-        schedule.step()
+    assert [group["lr"] for group in optimizer.param_groups] == [0.25, 0.025]
+    schedule.step()
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.5, 0.05])
     for _ in range(2):
         schedule.step()

@@ -8,8 +8,9 @@
   train with.
 * ``param_groups_for_decay``: the usual split that keeps gains, biases,
   embeddings and the temperature out of weight decay (CLIP paper, §2.5).
-* ``WarmupCosine``: linear warm-up, then the cosine decay of SGDR
-  (Loshchilov & Hutter 2017) without restarts.
+* ``WarmupCosine``: linear warm-up whose first update is already non-zero,
+  then the cosine decay of SGDR (Loshchilov & Hutter 2017) without
+  restarts, as open_clip's ``cosine_lr``.
 * ``clip_grad_norm``: rescale all gradients together so their global L2
   norm is at most ``max_norm`` (Pascanu et al. 2013).
 
@@ -256,13 +257,22 @@ def param_groups_for_decay(named_parameters, weight_decay, no_decay=DEFAULT_NO_D
 
 
 class WarmupCosine:
-    """lr(s) = base · s / W for s < W; then min + (base - min) · (1 + cos(π (s - W) / (S - W))) / 2; min after S.
+    """lr(s) = base · (s + 1) / W for s < W; then min + (base - min) · (1 + cos(π (s - W) / (S - W))) / 2; min after S.
 
-    ``W`` = ``warmup_steps``, ``S`` = ``total_steps``. Given an optimiser, the
-    base of each group is that group's lr when the schedule is made, the
-    schedule writes lr(0) into the groups at once, and each ``step()``
-    advances s by one and writes lr(s): call it after each optimiser step.
-    Given a number, it is the base and ``step()`` only counts and returns lr(s).
+    ``s`` counts the updates made so far (0 for the first update), ``W`` =
+    ``warmup_steps``, ``S`` = ``total_steps``. The convention is open_clip's
+    ``cosine_lr`` (``open_clip_train/scheduler.py``, with ``min_lr`` added):
+    the first update already runs at base / W and the warm-up's last update,
+    s = W - 1, at the peak, so with S=10, W=4, base 1e-3 the updates run at
+    2.5e-4, 5e-4, 7.5e-4, 1e-3, then the cosine from 1e-3 (s = W) down to
+    min + (base - min)(1 + cos(π (S - 1 - W) / (S - W))) / 2 at the last
+    update, s = S - 1, as open_clip's does. Given an optimiser, the base of
+    each group is that group's lr when the schedule is made, the schedule
+    writes lr(0) into the groups at once, and each ``step()`` advances s by
+    one and writes lr(s): call it after each optimiser step. Given a number,
+    it is the base and ``step()`` only counts and returns lr(s).
+
+    Raises ValueError unless 0 <= warmup_steps < total_steps and 0 <= min_lr <= base.
     """
 
     def __init__(self, optimizer_or_base_lr, warmup_steps, total_steps, min_lr=0.0):
@@ -285,7 +295,7 @@ class WarmupCosine:
         """The learning rate at ``step`` for ``base_lr`` (default: the first group's base)."""
         base = self.base_lrs[0] if base_lr is None else base_lr
         if step < self.warmup_steps:
-            return base * step / self.warmup_steps
+            return base * (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
