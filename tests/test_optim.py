@@ -7,6 +7,7 @@ cosine schedule at known steps; gradient clipping; and state_dict round trips
 that continue exactly where they stopped.
 """
 
+import dataclasses
 import math
 
 import numpy
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import tinyclip as tc
-from tinyclip import backend, nn, optim
+from tinyclip import backend, models, nn, optim
 
 from .strategies import normal, seeds
 
@@ -202,8 +203,48 @@ def test_param_groups_for_decay_rule():
             "patch_proj.bias", "blocks.blocks.0.ln1.weight"} <= set(kept)
     optimizer = optim.AdamW(groups, lr=1e-3, weight_decay=0.5)   # the groups' own decay wins over the default
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.2, 0.0]
-    only_matrices = optim.param_groups_for_decay(model.named_parameters(), 0.1, no_decay=())
-    assert any(p is model.token_embedding.weight for p in only_matrices[0]["params"])
+    named = optim.param_groups_for_decay(model.named_parameters(), 0.1, no_decay=("mlp",))
+    assert sorted(names[id(p)] for p in named[0]["params"]) == [name for name in decayed if "mlp" not in name]
+
+
+def small(name):
+    """The preset with every switch as published but tiny widths and one or two layers, so it builds in a moment."""
+    config = models.preset(name)
+    vision_width = 2 * config.vision_heads
+    changes = dict(vision_width=vision_width, vision_layers=min(config.vision_layers, 2),
+                   text_width=2 * config.text_heads, text_layers=min(config.text_layers, 2),
+                   vocab_size=config.eos_id + 1 if config.eos_id > 16 else 16, context_length=8,
+                   embed_dim=8 if config.vision_projection else vision_width)
+    if config.vision_type == "cnn":
+        changes["conv_channels"] = tuple(2 + n for n in range(len(config.conv_channels)))
+    else:
+        changes["image_size"] = 2 * config.patch_size
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_only_the_weight_matrices_of_linear_and_convolution_layers_decay_on_every_preset(name):
+    model = models.CLIP(small(name), seed=0)
+    matrices = {id(module.weight) for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+    names = dict((id(p), n) for n, p in model.named_parameters())
+    groups = optim.param_groups_for_decay(model.named_parameters(), weight_decay=0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decayed == matrices, sorted(names[i] for i in decayed ^ matrices)
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)
+    kept = {names[id(p)] for p in groups[1]["params"]}
+    config = model.config
+    expected_kept = {"log_scale", "text.position_embedding", "text.token_embedding.weight", "text.ln_final.weight"}
+    if config.init_bias is not None:
+        expected_kept.add("bias")
+    if config.vision_pooling == "map":
+        expected_kept.add("visual.head.probe")                 # (1, 1, W): a query, not a weight matrix
+    if config.vision_type == "vit":
+        expected_kept.add("visual.position_embedding")
+        if config.class_token:
+            expected_kept.add("visual.class_embedding")
+    assert expected_kept <= kept, expected_kept - kept
+    assert all(n.endswith("bias") or ".ln" in n or "norm" in n for n in kept - expected_kept), kept - expected_kept
 
 
 def test_warmup_cosine_at_known_steps():

@@ -6,8 +6,9 @@
   (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"),
   step for step the update of ``torch.optim.AdamW``, which CLIP and SigLIP
   train with.
-* ``param_groups_for_decay``: the usual split that keeps gains, biases,
-  embeddings and the temperature out of weight decay (CLIP paper, §2.5).
+* ``param_groups_for_decay``: weight decay on the weight matrices of linear
+  and convolution layers only; gains, biases, embeddings, SigLIP's probe
+  and the temperature are kept out (CLIP paper, §2.5; big_vision).
 * ``WarmupCosine``: linear warm-up whose first update is already non-zero,
   then the cosine decay of SGDR (Loshchilov & Hutter 2017) without
   restarts, as open_clip's ``cosine_lr``.
@@ -232,26 +233,24 @@ class AdamW(Optimizer):
             p.data -= (lr / bias1) * m / denominator
 
 
-DEFAULT_NO_DECAY = ("token_embedding", "position_embedding", "positional_embedding", "pos_embed",
-                    "class_embedding", "cls_token")
+def param_groups_for_decay(named_parameters, weight_decay, no_decay=()):
+    """Split parameters into a group with ``weight_decay`` and one without: only weight matrices decay.
 
-
-def param_groups_for_decay(named_parameters, weight_decay, no_decay=DEFAULT_NO_DECAY):
-    """Split parameters into a group with ``weight_decay`` and one without.
-
-    The rule: a parameter is kept out of weight decay when it has fewer than
-    two dimensions (layer-norm gains and shifts, biases, the scalar
-    ``log_scale`` and ``bias`` of the contrastive head) or when its dotted name
-    contains one of the ``no_decay`` substrings (by default the token,
-    position and class embeddings). Every other weight matrix decays; that
-    includes the patch projection, a linear map like any other.
-    ``named_parameters`` is an iterable of (name, Tensor) pairs, e.g.
-    ``model.named_parameters()``. Empty groups are left out.
+    The rule is by a parameter's role, not its shape: a parameter decays when
+    it is the weight matrix of a linear or convolution layer (``nn.Linear``,
+    ``nn.Conv2d``: ``Parameter.weight_matrix`` is True), as big_vision decays
+    only kernels. So biases, layer-norm gains and shifts, batch-norm scales,
+    the token, position and class embeddings, SigLIP's attention-pool probe
+    (a (1, 1, W) array) and the contrastive head's ``log_scale`` and ``bias``
+    never decay. ``named_parameters`` is an iterable of (name, Tensor) pairs,
+    e.g. ``model.named_parameters()``; a dotted name containing one of the
+    ``no_decay`` substrings is kept out as well. Empty groups are left out.
+    Returns [{"params": [...], "weight_decay": weight_decay}, {"params": [...], "weight_decay": 0.0}].
     """
     decay, keep = [], []
     for name, p in named_parameters:
-        excluded = p.ndim < 2 or any(pattern in name for pattern in no_decay)
-        (keep if excluded else decay).append(p)
+        decays = getattr(p, "weight_matrix", False) and not any(pattern in name for pattern in no_decay)
+        (decay if decays else keep).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
