@@ -6,7 +6,12 @@ tests build small merges files of the same format (by hand and from
 for CLIP's tokenizer where they do not depend on the merges (single bytes,
 the special tokens). Where open_clip is importable, or ``TINYCLIP_CLIP_BPE``
 names CLIP's ``bpe_simple_vocab_16e6.txt.gz``, ids are compared with the
-reference on a varied caption set; otherwise those tests skip.
+reference on a varied caption set; otherwise those tests skip. Always run:
+the ids OpenAI's own tokenizer gave on a small merges file, committed in
+tests/fixtures/tokenizer.json by tests/make_reference_outputs.py, and the
+text ftfy repairs (curly quotes, combining accents, ligatures, full-width
+letters, mojibake, control characters), which must give the repaired text's
+ids whatever is installed.
 
 "Cleaned" text, for the round trips, is what CLIP's decode can give back:
 ``clean_text`` (ftfy, HTML unescaped twice, whitespace
