@@ -6,6 +6,10 @@ Tests that take the ``xp`` fixture run once per backend: NumPy always, CuPy
 (marked ``gpu``) only where CuPy sees a CUDA device, and skipped otherwise,
 with the reason. ``python -m pytest -m gpu`` runs only the CuPy ones.
 
+Tests marked ``parity`` compare with the installed torch / transformers and
+skip where they are missing; in a ``python -m pytest -m parity`` run, which
+asks for exactly them, such a skip is a failure instead.
+
 Every other test runs on NumPy whatever the shell's TINYCLIP_BACKEND says (a
 test of that variable sets it itself): ``TINYCLIP_BACKEND=cupy python -m
 pytest`` means "run the CuPy tests too", and without a usable GPU it stops
@@ -33,6 +37,7 @@ REQUESTED_BACKEND = os.environ.pop("TINYCLIP_BACKEND", "").strip().lower() or "n
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA device (skipped cleanly without one)")
+    config.addinivalue_line("markers", "parity: compares with the installed torch / transformers (`-m parity`)")
     if REQUESTED_BACKEND not in backend.BACKENDS:
         raise pytest.UsageError(f"TINYCLIP_BACKEND must be one of {backend.BACKENDS}, got {REQUESTED_BACKEND!r}")
     if REQUESTED_BACKEND == "cupy" and backend.why_no_gpu():
@@ -59,3 +64,14 @@ BACKEND_PARAMS = [pytest.param("numpy", id="numpy"),
 def xp(request):
     """The array module of one backend (numpy, or cupy on a GPU machine)."""
     return backend.backend_module(request.param)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In a ``-m parity`` run a parity test that skips (torch or transformers missing) fails, so CI cannot pass idly."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and "parity" in item.keywords and item.config.option.markexpr.strip() == "parity":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"a parity test may not skip in a `-m parity` run: {reason}"

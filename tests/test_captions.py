@@ -68,8 +68,9 @@ def test_missing_columns_are_named_with_the_columns_found(tmp_path):
         CSVCaptions(table)
     message = str(error.value)
     assert "'filepath'" in message and "'title'" in message and "['image', 'caption']" in message
-    with pytest.raises(ValueError, match="no column 'title'"):
+    with pytest.raises(ValueError, match="no column 'title'") as error:
         CSVCaptions(table, image_column="image")
+    assert "--image-column and --caption-column" in str(error.value)    # the flags a command-line user types
 
 
 def test_empty_tables_fail_at_construction(tmp_path):
@@ -198,3 +199,15 @@ def test_split_by_image_refuses_fractions_that_leave_a_side_empty(tmp_path):
         pairs.split_by_image(0.9)
     kept, held = pairs.split_by_image(0.01)
     assert len(held) == 1 and len(kept) == 1              # at least one image is held out
+
+
+def test_training_pairs_from_a_table_or_a_folder_are_upright(tmp_path):
+    """A photo taken with the camera turned (EXIF Orientation 6, stored 80 × 40) is trained on as 40 × 80."""
+    image = Image.fromarray(numpy.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=numpy.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "turned.jpg", "JPEG", exif=exif.tobytes())
+    (tmp_path / "turned.txt").write_text("a turned photo", encoding="utf-8")
+    (tmp_path / "pairs.csv").write_text("filepath,title\nturned.jpg,a turned photo\n", encoding="utf-8")
+    for pairs in (CSVCaptions(tmp_path / "pairs.csv"), FolderCaptions(tmp_path)):
+        assert pairs.load(0).size == (40, 80), pairs

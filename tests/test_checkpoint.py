@@ -303,7 +303,7 @@ def test_hugging_face_config_defaults_and_conflicts():
         checkpoint.config_from_hf({"model_type": "clip", "text_config": {"hidden_act": "gelu", "eos_token_id": 2}})
 
 
-# ---- parity with transformers, where installed ------------------------------------------
+# ---- parity with transformers, where installed (committed outputs: test_reference_outputs.py) --
 
 def hf_tiny(kind):
     transformers = pytest.importorskip("transformers")
@@ -318,6 +318,7 @@ def hf_tiny(kind):
     return transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision, text_config=text))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kind", ["clip", "clip-legacy", "siglip"])
 def test_parity_with_transformers(tmp_path, kind):
     torch = pytest.importorskip("torch")

@@ -244,3 +244,100 @@ def test_the_first_progress_line_comes_at_the_first_step(tmp_path, capsys):
                  "--eval-pairs", "8", "--tokenizer-captions", "100", "--no-plots", "--out", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["1/3", "3/3"]
+
+
+# issue 12: SigLIP's tokenizer, batches with progress, upright photos, column flags
+# ---------------------------------------------------------------------------------
+
+HF_SIGLIP = REPO_ROOT / "tests" / "fixtures" / "hf-siglip"     # a small Hugging Face SigLIP folder (no tokenizer)
+
+
+def test_a_hugging_face_siglip_folder_without_its_tokenizer_asks_for_spiece_model(model_folder, tmp_path, capsys):
+    image = str(model_folder / "red.png")
+    for extra in ([], ["--bpe", str(model_folder / "clip" / "tokenizer.tinyclip.json")]):
+        assert main(["zeroshot", "--model", str(HF_SIGLIP), "--images", image, "--labels", "cat", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Hugging Face SigLIP model" in err and "SentencePiece" in err and "spiece.model" in err
+        assert "bpe_simple_vocab" not in err
+    assert main(["embed", "--model", str(HF_SIGLIP), "--texts", "a cat", "--out", str(tmp_path / "t.npz")]) == 2
+    assert "SentencePiece" in capsys.readouterr().err
+    # its images need no tokenizer
+    assert main(["embed", "--model", str(HF_SIGLIP), "--images", image, "--out", str(tmp_path / "i.npz")]) == 0
+    with np.load(tmp_path / "i.npz") as saved:
+        assert saved["image_emb"].shape == (1, 16) and list(saved) == ["image_emb"]
+
+
+@pytest.fixture
+def many_images(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(11):
+        path = tmp_path / f"image{index:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (20 + index, 30, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_zeroshot_and_embed_work_in_bounded_batches_with_progress(model_folder, many_images, tmp_path, capsys,
+                                                                   monkeypatch):
+    import tinyclip.data
+    from tinyclip import cli
+    sizes = []
+    original = tinyclip.data.preprocess_batch
+
+    def counted(images, *args, **kwargs):
+        sizes.append(len(images))
+        return original(images, *args, **kwargs)
+
+    model = str(model_folder / "clip")
+    labels = ["cat", "dog", "bird"]
+    assert main(["zeroshot", "--model", model, "--images", *many_images, "--labels", *labels]) == 0
+    whole = capsys.readouterr()
+    assert main(["embed", "--model", model, "--images", *many_images, "--out", str(tmp_path / "whole.npz")]) == 0
+    capsys.readouterr()
+
+    monkeypatch.setattr(cli, "IMAGE_BATCH", 4)
+    monkeypatch.setattr(tinyclip.data, "preprocess_batch", counted)
+    assert main(["zeroshot", "--model", model, "--images", *many_images, "--labels", *labels]) == 0
+    batched = capsys.readouterr()
+    assert sizes == [4, 4, 3]                                  # never more than one batch of pixels at a time
+    assert printed_scores(batched.out) == printed_scores(whole.out)
+    assert [line.split(":")[0] for line in batched.out.splitlines()] == many_images      # in the order given
+    progress = [line for line in batched.err.splitlines() if not line.startswith("scores:")]
+    assert progress == ["images 4/11", "images 8/11", "images 11/11"]
+    assert whole.err == "scores: softmax over the labels (clip)\n"     # one batch: no progress lines
+    sizes.clear()
+    assert main(["embed", "--model", model, "--images", *many_images, "--out", str(tmp_path / "batched.npz")]) == 0
+    assert sizes == [4, 4, 3]
+    with np.load(tmp_path / "whole.npz") as expected, np.load(tmp_path / "batched.npz") as got:
+        assert got["image_emb"].shape == (11, 8)
+        np.testing.assert_allclose(got["image_emb"], expected["image_emb"], rtol=1e-5, atol=1e-6)
+
+
+def test_zeroshot_and_embed_see_a_turned_photo_upright(model_folder, tmp_path, capsys):
+    from PIL import Image
+    stored = np.random.default_rng(1).integers(0, 256, (40, 80, 3), dtype=np.uint8)   # 80 wide, 40 high
+    photo = Image.fromarray(stored)
+    exif = photo.getexif()
+    exif[0x0112] = 6                                            # the camera was turned: rotate clockwise to view
+    photo.save(tmp_path / "turned.jpg", "JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(tmp_path / "turned.jpg") as decoded:         # the stored pixels as decoded, then turned by hand
+        upright = np.rot90(np.asarray(decoded.convert("RGB")), -1)
+    Image.fromarray(np.ascontiguousarray(upright)).save(tmp_path / "upright.png")        # 40 wide, 80 high
+    images = [str(tmp_path / "turned.jpg"), str(tmp_path / "upright.png")]
+    model = str(model_folder / "clip")
+    assert main(["embed", "--model", model, "--images", *images, "--out", str(tmp_path / "e.npz")]) == 0
+    with np.load(tmp_path / "e.npz") as saved:
+        np.testing.assert_allclose(saved["image_emb"][0], saved["image_emb"][1], rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert main(["zeroshot", "--model", model, "--images", *images, "--labels", "cat", "dog", "bird"]) == 0
+    scores = printed_scores(capsys.readouterr().out)
+    assert scores[images[0]] == pytest.approx(scores[images[1]], abs=1.5e-3)   # printed to three decimals
+
+
+def test_a_wrong_column_name_is_reported_with_the_flags(tmp_path, capsys):
+    (tmp_path / "pairs.csv").write_text("path,caption\na.png,a cat\n", encoding="utf-8")
+    assert main(["train", "--data", str(tmp_path / "pairs.csv"), "--steps", "2", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'filepath', 'title'" in err and "--image-column" in err and "--caption-column" in err

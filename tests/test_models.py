@@ -249,3 +249,45 @@ def test_a_model_built_without_values_has_the_shapes_and_no_storage(family):
     large = CLIP(preset("ViT-L-14"), values=False)             # 428 million parameters, nothing allocated
     assert sum(parameter.data.size for parameter in large.parameters()) > 4e8
     assert sum(parameter.data.base.nbytes for parameter in large.parameters()) < 1e5
+
+
+# ---- padding length (issue 12): the same embedding at every padding, or an error that says why ----------------
+
+TEXT_TOWERS = {   # (causal, text_pooling) → whether the embedding may be computed from a shorter padding
+    (True, "argmax"): True, (True, "eos"): True, (True, "last"): False,
+    (False, "argmax"): False, (False, "eos"): False, (False, "last"): False,
+}
+
+
+@given(seed=seeds, end=st.integers(0, 14), length=st.integers(1, 15),
+       tower=st.sampled_from(sorted(TEXT_TOWERS)))
+def test_the_embedding_never_depends_on_how_far_captions_are_padded(seed, end, length, tower):
+    causal, pooling = tower
+    config = preset("tiny", context_length=16, causal=causal, text_pooling=pooling, eos_id=63)
+    model = CLIP(config, seed=seed % 7)
+    rng = numpy.random.default_rng(seed)
+    full = numpy.zeros((2, 16), dtype=numpy.int64)            # start, words, end of text (63, the largest id), 0s
+    full[:, :end + 1] = rng.integers(1, 62, (2, end + 1))
+    full[:, end] = 63
+    whole = model.encode_text(full).numpy()
+    shorter = full[:, :max(length, end + 1)]
+    if shorter.shape[1] == 16:
+        return
+    if TEXT_TOWERS[tower]:
+        numpy.testing.assert_allclose(model.encode_text(shorter).numpy(), whole, rtol=1e-5, atol=1e-6)
+    else:
+        with pytest.raises(ValueError, match=f"padded to its full context of 16 tokens, got {shorter.shape[1]}"):
+            model.encode_text(shorter)
+
+
+def test_siglips_text_tower_refuses_a_short_padding_and_says_why():
+    config = preset("tiny", **SIGLIP_TINY, context_length=16)
+    model = CLIP(config, seed=0)
+    tokens = numpy.zeros((1, 10), dtype=numpy.int64)
+    tokens[0, :4] = [5, 6, 7, 63]
+    with pytest.raises(ValueError, match=r"causal=False, text_pooling='last'.*every position attends to the padding"
+                                         r".*context_length=16"):
+        model.encode_text(tokens)
+    padded = numpy.zeros((1, 16), dtype=numpy.int64)
+    padded[:, :10] = tokens
+    assert numpy.isfinite(model.encode_text(padded).numpy()).all()

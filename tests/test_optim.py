@@ -7,6 +7,7 @@ cosine schedule at known steps; gradient clipping; and state_dict round trips
 that continue exactly where they stopped.
 """
 
+import dataclasses
 import math
 
 import numpy
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import tinyclip as tc
-from tinyclip import backend, nn, optim
+from tinyclip import backend, models, nn, optim
 
 from .strategies import normal, seeds
 
@@ -202,31 +203,107 @@ def test_param_groups_for_decay_rule():
             "patch_proj.bias", "blocks.blocks.0.ln1.weight"} <= set(kept)
     optimizer = optim.AdamW(groups, lr=1e-3, weight_decay=0.5)   # the groups' own decay wins over the default
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.2, 0.0]
-    only_matrices = optim.param_groups_for_decay(model.named_parameters(), 0.1, no_decay=())
-    assert any(p is model.token_embedding.weight for p in only_matrices[0]["params"])
+    named = optim.param_groups_for_decay(model.named_parameters(), 0.1, no_decay=("mlp",))
+    assert sorted(names[id(p)] for p in named[0]["params"]) == [name for name in decayed if "mlp" not in name]
+
+
+def small(name):
+    """The preset with every switch as published but tiny widths and one or two layers, so it builds in a moment."""
+    config = models.preset(name)
+    vision_width = 2 * config.vision_heads
+    changes = dict(vision_width=vision_width, vision_layers=min(config.vision_layers, 2),
+                   text_width=2 * config.text_heads, text_layers=min(config.text_layers, 2),
+                   vocab_size=config.eos_id + 1 if config.eos_id > 16 else 16, context_length=8,
+                   embed_dim=8 if config.vision_projection else vision_width)
+    if config.vision_type == "cnn":
+        changes["conv_channels"] = tuple(2 + n for n in range(len(config.conv_channels)))
+    else:
+        changes["image_size"] = 2 * config.patch_size
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_only_the_weight_matrices_of_linear_and_convolution_layers_decay_on_every_preset(name):
+    model = models.CLIP(small(name), seed=0)
+    matrices = {id(module.weight) for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+    names = dict((id(p), n) for n, p in model.named_parameters())
+    groups = optim.param_groups_for_decay(model.named_parameters(), weight_decay=0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decayed == matrices, sorted(names[i] for i in decayed ^ matrices)
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)
+    kept = {names[id(p)] for p in groups[1]["params"]}
+    config = model.config
+    expected_kept = {"log_scale", "text.position_embedding", "text.token_embedding.weight", "text.ln_final.weight"}
+    if config.init_bias is not None:
+        expected_kept.add("bias")
+    if config.vision_pooling == "map":
+        expected_kept.add("visual.head.probe")                 # (1, 1, W): a query, not a weight matrix
+    if config.vision_type == "vit":
+        expected_kept.add("visual.position_embedding")
+        if config.class_token:
+            expected_kept.add("visual.class_embedding")
+    assert expected_kept <= kept, expected_kept - kept
+    assert all(n.endswith("bias") or ".ln" in n or "norm" in n for n in kept - expected_kept), kept - expected_kept
 
 
 def test_warmup_cosine_at_known_steps():
     schedule = optim.WarmupCosine(2.0, warmup_steps=10, total_steps=110, min_lr=0.2)
-    assert schedule.lr_at(0) == 0.0
-    assert schedule.lr_at(5) == pytest.approx(1.0)
+    assert schedule.lr_at(0) == pytest.approx(0.2)               # the first update already moves the weights
+    assert schedule.lr_at(4) == pytest.approx(1.0)
+    assert schedule.lr_at(9) == pytest.approx(2.0)               # the peak at the warm-up's last update
     assert schedule.lr_at(10) == pytest.approx(2.0)
     assert schedule.lr_at(60) == pytest.approx(1.1)              # half way down: (2 + 0.2) / 2
     assert schedule.lr_at(35) == pytest.approx(0.2 + 1.8 * (1 + math.cos(math.pi / 4)) / 2)
     assert schedule.lr_at(110) == pytest.approx(0.2)
     assert schedule.lr_at(500) == pytest.approx(0.2)
     values = [schedule.lr_at(step) for step in range(111)]
-    assert all(a <= b for a, b in zip(values[:10], values[1:11]))   # rises through the warm-up
+    assert all(a < b for a, b in zip(values[:9], values[1:10]))     # rises through the warm-up
     assert all(a >= b for a, b in zip(values[10:], values[11:]))    # then only falls
+
+
+def test_warmup_cosine_the_issue_example():
+    schedule = optim.WarmupCosine(1e-3, warmup_steps=4, total_steps=10)
+    rates = [schedule.lr_at(0)] + [schedule.step() for _ in range(9)]      # the rate of each of the 10 updates
+    assert rates[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert rates[5:] == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * e / 6)) for e in range(1, 6)])
+
+
+@given(warmup=st.integers(0, 30), extra=st.integers(1, 60), base=st.floats(1e-6, 10.0),
+       floor=st.floats(0.0, 1.0))
+def test_warmup_cosine_is_the_formula_at_every_update(warmup, extra, base, floor):
+    total, min_lr = warmup + extra, base * floor
+    schedule = optim.WarmupCosine(base, warmup_steps=warmup, total_steps=total, min_lr=min_lr)
+    got = [schedule.lr_at(0)] + [schedule.step() for _ in range(total + 2)]
+    for s, rate in enumerate(got):
+        if s < warmup:
+            expected = base * (s + 1) / warmup
+        else:
+            expected = min_lr + (base - min_lr) * (1 + math.cos(math.pi * min(s - warmup, extra) / extra)) / 2
+        assert rate == pytest.approx(expected, rel=1e-12, abs=1e-15), s
+    assert got[0] > 0 and max(got) == pytest.approx(base)
+    assert got[max(warmup - 1, 0)] == pytest.approx(base)
+
+
+def test_warmup_cosine_equals_open_clips_cosine_lr():
+    scheduler = pytest.importorskip("open_clip_train.scheduler")
+
+    class Groups:   # what open_clip's schedule writes into
+        param_groups = [{"lr": None}]
+
+    for warmup, total in [(4, 10), (0, 7), (50, 700), (1, 2)]:
+        reference = scheduler.cosine_lr(Groups, 3e-3, warmup, total)
+        schedule = optim.WarmupCosine(3e-3, warmup_steps=warmup, total_steps=total)
+        mine = [schedule.lr_at(0)] + [schedule.step() for _ in range(total - 1)]
+        assert mine == pytest.approx([reference(step) for step in range(total)], rel=1e-12), (warmup, total)
 
 
 def test_warmup_cosine_writes_each_groups_rate(xp):
     first, second = make_params(xp, 0, shapes=((2,), (2,)))
     optimizer = optim.SGD([{"params": [first], "lr": 1.0}, {"params": [second], "lr": 0.1}], lr=1.0)
     schedule = optim.WarmupCosine(optimizer, warmup_steps=4, total_steps=8)
-    assert [group["lr"] for group in optimizer.param_groups] == [0.0, 0.0]
-    for _ in range(2):
-        schedule.step()
+    assert [group["lr"] for group in optimizer.param_groups] == [0.25, 0.025]
+    schedule.step()
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.5, 0.05])
     for _ in range(2):
         schedule.step()

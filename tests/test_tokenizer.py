@@ -6,10 +6,15 @@ tests build small merges files of the same format (by hand and from
 for CLIP's tokenizer where they do not depend on the merges (single bytes,
 the special tokens). Where open_clip is importable, or ``TINYCLIP_CLIP_BPE``
 names CLIP's ``bpe_simple_vocab_16e6.txt.gz``, ids are compared with the
-reference on a varied caption set; otherwise those tests skip.
+reference on a varied caption set; otherwise those tests skip. Always run:
+the ids OpenAI's own tokenizer gave on a small merges file, committed in
+tests/fixtures/tokenizer.json by tests/make_reference_outputs.py, and the
+text ftfy repairs (curly quotes, combining accents, ligatures, full-width
+letters, mojibake, control characters), which must give the repaired text's
+ids whatever is installed.
 
 "Cleaned" text, for the round trips, is what CLIP's decode can give back:
-``clean_text`` (ftfy where installed, HTML unescaped twice, whitespace
+``clean_text`` (ftfy, HTML unescaped twice, whitespace
 collapsed, lowercased), split into pre-tokens, each followed by one space.
 That is where decode is lossy: a space after every word and between letters,
 digits and punctuation that were written together (``"Cat." → "cat . "``,
@@ -22,7 +27,11 @@ import itertools
 import json
 import os
 import random
+import subprocess
+import sys
+import unicodedata
 from collections import Counter
+from pathlib import Path
 
 import numpy
 import pytest
@@ -40,6 +49,8 @@ from tinyclip.tokenizer import (
     pre_tokens,
     word_symbols,
 )
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 CAPTIONS = [
     "A photo of a cat.", "a photo of a dog", "Two dogs playing in the snow!", "A red car parked near a tree",
@@ -329,6 +340,67 @@ def test_other_bad_input_is_refused(trained):
         Tokenizer.train(CAPTIONS, 512)
 
 
+# text that ftfy repairs: the ids are those of the repaired text, on every install
+
+BROKEN_AND_CLEAN = [                       # the kinds reported against other CLIP tokenizers
+    ("it\u2019s raining", "it's raining"),                             # U+2019 apostrophe
+    ("\u201ca cat\u201d on \u2018a mat\u2019", "\"a cat\" on 'a mat'"),  # curly quotes
+    (unicodedata.normalize("NFD", "café naïve résumé"), "café naïve résumé"),   # combining accents (macOS names)
+    ("a \ufb01ne \ufb02ower", "a fine flower"),                           # ligatures
+    ("\uff21 \uff50\uff48\uff4f\uff54\uff4f \uff11\uff12", "A photo 12"),  # full-width letters and digits
+    ("caf\u00c3\u00a9 au lait", "café au lait"),                        # UTF-8 read as Windows-1252
+    ("a\x07 cat\x00 on a\x1b[31m mat", "a cat on a mat"),             # control characters, a terminal escape
+]
+
+
+@pytest.mark.parametrize("broken, clean", BROKEN_AND_CLEAN)
+def test_text_that_ftfy_repairs_gets_the_repaired_texts_ids(trained, broken, clean):
+    assert trained.encode(broken) == trained.encode(clean)
+    assert trained(broken).tolist() == trained(clean).tolist()
+
+
+FULL_WIDTH = {c: chr(ord(c) + 0xFEE0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"}
+
+
+@given(words=st.lists(st.sampled_from(["it's", "don't", "we'll", "cat", "fish", "flat", "café", "naïve", "über",
+                                       "A", "Photo", "of", "42", "résumé"]), min_size=1, max_size=6),
+       kinds=st.sets(st.sampled_from(["apostrophe", "width", "nfd", "ligature", "control"]), min_size=1))
+def test_any_mix_of_repairable_kinds_tokenises_as_the_clean_text(trained, words, kinds):
+    clean = " ".join(words)
+    broken = clean
+    if "apostrophe" in kinds:
+        broken = broken.replace("'", "\u2019")
+    if "ligature" in kinds:
+        broken = broken.replace("fi", "\ufb01").replace("fl", "\ufb02")
+    if "width" in kinds:
+        broken = "".join(FULL_WIDTH.get(c, c) for c in broken)
+    if "nfd" in kinds:
+        broken = unicodedata.normalize("NFD", broken)
+    if "control" in kinds:
+        broken = broken.replace(" ", "\x07 ")
+    assert trained.encode(broken) == trained.encode(clean), (broken, clean)
+
+
+def test_the_tokenizer_needs_ftfy_rather_than_giving_other_ids():
+    """No silent fallback: without ftfy, "it’s" would tokenise unlike "it's" (issue 12)."""
+    code = "import sys; sys.modules['ftfy'] = None; import tinyclip.tokenizer"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ftfy" in result.stderr
+
+
+def test_ids_equal_openais_tokenizer_on_committed_reference_ids():
+    """OpenAI's ``simple_tokenizer`` (as open_clip ships it, ftfy installed), run by tests/make_reference_outputs.py
+    on a small merges file, gave these ids; the merges are committed beside them."""
+    reference = json.loads((FIXTURES / "tokenizer.json").read_text(encoding="utf-8"))
+    tok = Tokenizer([tuple(merge) for merge in reference["merges"]])
+    assert len(reference["texts"]) >= 40
+    for text, ids in zip(reference["texts"], reference["ids"]):
+        assert [tok.sot_id, *tok.encode(text), tok.eot_id] == ids, repr(text)
+    for text, rows in zip(reference["texts"], reference["tokens_16"]):
+        assert tok(text, 16).tolist() == [rows], repr(text)
+
+
 # the reference tokenizer, where it is available
 
 REFERENCE_IDS = {   # ids published for CLIP's tokenizer (OpenAI's, Hugging Face's CLIPTokenizer)
@@ -344,6 +416,14 @@ REFERENCE_IDS = {   # ids published for CLIP's tokenizer (OpenAI's, Hugging Face
     "    \t\n": [],
     "Special characters: !@#$%^&*()": [1689, 6564, 281, 0, 31, 2, 3, 4, 61, 5, 9, 8475],
     "😀 😃 😄": [7334, 8520, 7624],
+    # text ftfy repairs, ids from OpenAI's tokenizer (issue 12): "it’s" is "it's"
+    "it\u2019s": [585, 568],
+    "it's": [585, 568],
+    unicodedata.normalize("NFD", "café naïve Zürich"): [15304, 1097, 35689, 563, 89, 6522, 4021],
+    "\ufb01ne \ufb02ower": [3797, 4055],
+    "\uff46\uff55\uff4c\uff4c \uff57\uff49\uff44\uff54\uff48 \uff11\uff12\uff13": [1476, 23571, 272, 273, 274],
+    "caf\u00c3\u00a9": [15304],
+    "bell\x07 and\x00 nul\x1b[31m red": [3718, 537, 1156, 331, 736],
     "你好世界": [47466, 254, 29290, 121, 19759, 244, 163, 243, 490],
     ("A very long sentence that goes on and on and should definitely exceed the normal context length to see how "
      "the tokenizer handles truncation when we have way too many tokens"): [
@@ -373,6 +453,7 @@ def test_ids_match_open_clip():
     numpy.testing.assert_array_equal(tok(texts, 16), open_clip.tokenize(texts, context_length=16).numpy())
 
 
+@pytest.mark.parity
 def test_same_ids_as_transformers_clip_tokenizer(tmp_path):
     """transformers' Python CLIPTokenizer, given our trained merges in its vocab.json / merges.txt layout.
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tinyclip.data import load_image, preprocess, preprocess_batch, to_rgb
+from tinyclip.data import transforms
 from tinyclip.data.transforms import CLIP_MEAN, CLIP_STD, normalize, random_crop_box, random_resized_crop
 
 MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "I;16", "I;16B", "I", "F", "YCbCr", "HSV", "LAB",
@@ -205,3 +206,62 @@ def test_normalize_takes_only_uint8_rgb():
         normalize(numpy.zeros((4, 4, 4), numpy.uint8))
     with pytest.raises(ValueError, match="normalize: family"):
         normalize(numpy.zeros((4, 4, 3), numpy.uint8), "dino")
+
+
+# ---- EXIF orientation (issue 12): every path that opens an image uses it upright --------------------------------
+
+# what each EXIF Orientation asks a viewer to do to the stored pixels, written with NumPy (not PIL) as the oracle
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],                       # mirrored left-right
+    3: lambda a: a[::-1, ::-1],                    # upside down
+    4: lambda a: a[::-1],                          # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),             # mirrored along the main diagonal
+    6: lambda a: numpy.rot90(a, -1),               # the camera turned a quarter: rotate clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored along the other diagonal
+    8: lambda a: numpy.rot90(a, 1),                # rotate anticlockwise
+}
+
+
+def write_oriented_jpeg(path, orientation, width=80, height=40):
+    """An 80 × 40 JPEG whose EXIF says ``orientation``; its stored pixels, decoded, are returned."""
+    blocks = numpy.random.default_rng(orientation).integers(0, 256, (height // 8, width // 8, 3), dtype=numpy.uint8)
+    pixels = numpy.repeat(numpy.repeat(blocks, 8, axis=0), 8, axis=1)     # flat 8 × 8 blocks survive JPEG well
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, "JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(path) as stored:                                       # the pixels as stored, not turned
+        return numpy.asarray(stored.convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_load_image_turns_every_exif_orientation_upright(tmp_path, orientation):
+    stored = write_oriented_jpeg(tmp_path / "photo.jpg", orientation)
+    image = load_image(tmp_path / "photo.jpg")
+    assert image.size == ((80, 40) if orientation < 5 else (40, 80))     # (width, height) as a viewer shows it
+    numpy.testing.assert_array_equal(numpy.asarray(image), UPRIGHT[orientation](stored))
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_preprocess_of_a_path_or_an_opened_image_is_upright(tmp_path, orientation, family):
+    stored = write_oriented_jpeg(tmp_path / "photo.jpg", orientation)
+    expected = preprocess(Image.fromarray(numpy.ascontiguousarray(UPRIGHT[orientation](stored))), 24, family)
+    numpy.testing.assert_array_equal(preprocess(tmp_path / "photo.jpg", 24, family), expected)
+    with Image.open(tmp_path / "photo.jpg") as opened:                   # a PIL image straight from Image.open
+        numpy.testing.assert_array_equal(preprocess(opened, 24, family), expected)
+    numpy.testing.assert_array_equal(preprocess_batch([tmp_path / "photo.jpg"], 24, family)[0], expected)
+    rng = numpy.random.default_rng(0)
+    crop = random_resized_crop(tmp_path / "photo.jpg", 24, numpy.random.default_rng(0), family)
+    assert crop.shape == (24, 24, 3)
+    upright_crop = random_resized_crop(Image.fromarray(numpy.ascontiguousarray(UPRIGHT[orientation](stored))), 24,
+                                       rng, family)
+    numpy.testing.assert_array_equal(crop, upright_crop)
+
+
+def test_upright_twice_is_upright_once(tmp_path):
+    write_oriented_jpeg(tmp_path / "photo.jpg", 6)
+    once = load_image(tmp_path / "photo.jpg")
+    numpy.testing.assert_array_equal(numpy.asarray(transforms.upright(once)), numpy.asarray(once))
+    assert transforms.upright(once).size == (40, 80)

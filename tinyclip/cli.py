@@ -86,14 +86,39 @@ class CommandError(Exception):
     """A problem with the command's inputs: printed as one line, exit code 2."""
 
 
+def _hugging_face_model_type(model_dir):
+    """The ``model_type`` of a Hugging Face model folder ("clip", "siglip", ...); None for tinyclip's own or unknown."""
+    import json
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, ValueError):          # no or unreadable config: loading the model reports it
+        return None
+    if not isinstance(config, dict) or "tinyclip_format" in config:
+        return None
+    return config.get("model_type")
+
+
 def _load_tokenizer(model_dir, bpe):
-    """The tokenizer given by --bpe, or the one saved in the model's folder (tokenizer.find_tokenizer)."""
-    from .tokenizer import TOKENIZER_FILES, find_tokenizer, load_tokenizer
+    """The tokenizer given by --bpe, or the one saved in the model's folder (tokenizer.find_tokenizer).
+
+    Raises CommandError when there is none, naming the files looked for (for a
+    Hugging Face SigLIP folder: its SentencePiece model, which CLIP's BPE
+    cannot stand in for, having another vocabulary).
+    """
+    from .tokenizer import SPIECE_FILE, TOKENIZER_FILES, find_tokenizer, load_tokenizer
     if bpe:
+        if _hugging_face_model_type(model_dir) == "siglip" and not bpe.endswith(".model"):
+            raise CommandError(f"--bpe {bpe}: {model_dir} is a Hugging Face SigLIP model, whose tokenizer is "
+                               f"SentencePiece ({SPIECE_FILE}); CLIP's BPE has another vocabulary")
         if not os.path.isfile(bpe):
             raise CommandError(f"--bpe {bpe}: no such file")
         return load_tokenizer(bpe)
     tokenizer = find_tokenizer(model_dir)
+    if tokenizer is None and _hugging_face_model_type(model_dir) == "siglip":
+        raise CommandError(f"{model_dir} is a Hugging Face SigLIP model without its tokenizer: copy {SPIECE_FILE} "
+                           f"(SentencePiece) from the published model into it, or give --bpe PATH/{SPIECE_FILE}; "
+                           f"CLIP's BPE has another vocabulary and cannot stand in for it")
     if tokenizer is None:
         raise CommandError(f"no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)}): give --bpe "
                            "PATH, CLIP's bpe_simple_vocab_16e6.txt.gz, SigLIP's spiece.model or a tokenizer saved "
@@ -110,13 +135,47 @@ def _prompt_template(template):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _load_model_and_images(args):
+IMAGE_BATCH = 64   # images read, preprocessed and encoded at a time: memory holds one batch, whatever the count
+
+
+def _load_model(path, image_size=None):
     from . import hub
-    from .data import preprocess_batch
-    model = hub.load_model(args.model, image_size=args.image_size)
+    model = hub.load_model(path, image_size=image_size)
     model.eval()
-    images = preprocess_batch(args.images, model.config.image_size, model.config.image_normalization) if args.images else None
-    return model, images
+    return model
+
+
+class _Progress:
+    """Progress on stderr, a line such as "images 128/1000", only for inputs of more than one batch.
+
+    A line about every tenth of the work and one at the end, so a log holds a
+    dozen at most; whole lines, so they never garble zeroshot's results on stdout.
+    """
+
+    def __init__(self, total, what, batch_size, stream=None):
+        self.total, self.what, self.done, self.shown = total, what, 0, 0
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = total > batch_size
+
+    def update(self, count):
+        self.done += count
+        if self.enabled and (self.done >= self.total or self.done - self.shown >= self.total / 10):
+            self.shown = self.done
+            self.stream.write(f"{self.what} {self.done}/{self.total}\n")
+            self.stream.flush()
+
+
+def _image_embeddings(model, paths, batch_size=None):
+    """(paths of the batch, their unit image embeddings (b, D) NumPy), one batch at a time, with progress."""
+    from . import evaluate
+    from .data import preprocess_batch
+    batch_size = IMAGE_BATCH if batch_size is None else batch_size
+    progress = _Progress(len(paths), "images", batch_size)
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        pixels = preprocess_batch(batch, model.config.image_size, model.config.image_normalization)   # (b, H, W, 3)
+        yield batch, backend.to_numpy(evaluate.encode_images(model, pixels, batch_size=batch_size))
+        progress.update(len(batch))
 
 
 def _logits(model, image_emb, text_emb):
@@ -126,53 +185,63 @@ def _logits(model, image_emb, text_emb):
 
 
 def run_zeroshot(args):
-    """Score every image against every label (its prompts ensembled) and print the best labels."""
+    """Score every image against every label (its prompts ensembled) and print the best labels, batch by batch."""
     from . import evaluate
-    model, images = _load_model_and_images(args)
-    tokenizer = _load_tokenizer(args.model, args.bpe)
+    tokenizer = _load_tokenizer(args.model, args.bpe)     # first: a missing tokenizer fails before any work
+    model = _load_model(args.model, args.image_size)
     templates = args.template or evaluate.DEFAULT_TEMPLATES
     # each label's prompts are encoded, normalised and averaged into one class embedding (CLIP §3.1.4)
     class_emb = backend.to_numpy(evaluate.encode_classes(model, tokenizer, args.labels, templates))  # (labels, D)
-    image_emb = backend.to_numpy(evaluate.encode_images(model, images))                             # (images, D)
-    logits = _logits(model, image_emb, class_emb)                              # (images, labels)
-    if model.config.family == "clip":   # a softmax over the labels: which one fits best
-        scores = numpy.exp(logits - logits.max(axis=1, keepdims=True))
-        scores /= scores.sum(axis=1, keepdims=True)
-    else:                                # SigLIP: each label's own probability of matching
-        scores = 1 / (1 + numpy.exp(-logits))
     method = "softmax over the labels" if model.config.family == "clip" else "sigmoid per label"
-    if args.json:   # every label's full-precision score, for scripts
-        print(json.dumps({"scores": method.split()[0], "labels": list(args.labels),
-                          "images": {path: dict(zip(args.labels, map(float, row)))
-                                     for path, row in zip(args.images, scores)}}, indent=2))
-        return 0
     print(f"scores: {method} ({model.config.family})", file=sys.stderr)
+    every_score = {}                     # --json: every label's full-precision score, for scripts
     top = min(args.top, len(args.labels))
-    for path, row in zip(args.images, scores):
-        ranked = numpy.argsort(-row)[:top]
-        print(f"{path}: " + ", ".join(f"{args.labels[i]} {row[i]:.3f}" for i in ranked))
+    for paths, image_emb in _image_embeddings(model, args.images):                   # (b, D)
+        logits = _logits(model, image_emb, class_emb)                              # (b, labels)
+        if model.config.family == "clip":   # a softmax over the labels: which one fits best
+            scores = numpy.exp(logits - logits.max(axis=1, keepdims=True))
+            scores /= scores.sum(axis=1, keepdims=True)
+        else:                                # SigLIP: each label's own probability of matching
+            scores = 1 / (1 + numpy.exp(-logits))
+        for path, row in zip(paths, scores):
+            if args.json:
+                every_score[path] = dict(zip(args.labels, map(float, row)))
+                continue
+            ranked = numpy.argsort(-row)[:top]
+            print(f"{path}: " + ", ".join(f"{args.labels[i]} {row[i]:.3f}" for i in ranked), flush=True)
+    if args.json:
+        print(json.dumps({"scores": method.split()[0], "labels": list(args.labels), "images": every_score},
+                         indent=2))
     return 0
 
 
 def run_embed(args):
-    """Write normalised embeddings of the images and/or texts to an .npz file."""
-    from . import autograd
+    """Write normalised embeddings of the images and/or texts to an .npz file, encoding a batch at a time."""
+    from . import evaluate
+    from .checkpoint import staged_file
     if not args.images and not args.texts:
         raise CommandError("give --images and/or --texts to embed")
-    model, images = _load_model_and_images(args)
+    tokenizer = _load_tokenizer(args.model, args.bpe) if args.texts else None
+    model = _load_model(args.model, args.image_size)
     arrays = {}
-    with autograd.no_grad():
-        if images is not None:
-            arrays["image_emb"] = model.encode_image(images).numpy()
-        if args.texts:
-            tokens = _load_tokenizer(args.model, args.bpe)(args.texts, context_length=model.config.context_length)
-            arrays["text_emb"] = model.encode_text(tokens).numpy()
-    numpy.savez(args.out, **arrays)
+    if args.images:
+        image_emb, done = None, 0
+        for paths, batch_emb in _image_embeddings(model, args.images):
+            if image_emb is None:
+                image_emb = numpy.empty((len(args.images), batch_emb.shape[1]), batch_emb.dtype)   # (images, D)
+            image_emb[done:done + len(paths)] = batch_emb
+            done += len(paths)
+        arrays["image_emb"] = image_emb
+    if args.texts:
+        arrays["text_emb"] = backend.to_numpy(evaluate.encode_texts(model, tokenizer, args.texts))   # (texts, D)
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"     # the name numpy.savez would give
+    with staged_file(out) as staging:    # renamed over the target when complete: never a half-written file
+        numpy.savez(staging, **arrays)
     if args.json:
-        print(json.dumps({"out": os.path.abspath(args.out),
+        print(json.dumps({"out": os.path.abspath(out),
                           "arrays": {name: list(array.shape) for name, array in arrays.items()}}))
     else:
-        print(f"wrote {', '.join(f'{name} {array.shape}' for name, array in arrays.items())} to {args.out}")
+        print(f"wrote {', '.join(f'{name} {array.shape}' for name, array in arrays.items())} to {out}")
     return 0
 
 

@@ -30,10 +30,16 @@ from .autograd import Tensor
 
 
 class Parameter(Tensor):
-    """A leaf Tensor that a Module owns and an optimiser updates (requires_grad=True)."""
+    """A leaf Tensor that a Module owns and an optimiser updates (requires_grad=True).
 
-    def __init__(self, data):
+    ``weight_matrix`` is True for the weight matrix of a linear or convolution
+    layer (big_vision's "kernel"), the parameters weight decay applies to
+    (``optim.param_groups_for_decay``); Linear and Conv2d set it.
+    """
+
+    def __init__(self, data, weight_matrix=False):
         super().__init__(data, requires_grad=True)
+        self.weight_matrix = bool(weight_matrix)
 
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, backend={self.backend})"
@@ -278,9 +284,9 @@ class _Init:
         """Keyword arguments that make a sub-layer draw from the same stream onto the same backend."""
         return {"dtype": self.dtype, "backend": self.backend, "rng": self.rng}
 
-    def normal(self, shape, std):
+    def normal(self, shape, std, weight_matrix=False):
         draw = self.rng.normal(shape, std=std, dtype=self.dtype)
-        return Parameter(_backend.asarray(draw, self.backend, self.dtype))
+        return Parameter(_backend.asarray(draw, self.backend, self.dtype), weight_matrix=weight_matrix)
 
     def filled(self, shape, value):
         """An array of ``value`` (a placeholder without values when the rng is a ``NoValues``)."""
@@ -303,7 +309,7 @@ class Linear(Module):
         super().__init__()
         init = _Init(dtype, backend, rng, seed)
         self.in_features, self.out_features = in_features, out_features
-        self.weight = init.normal((out_features, in_features), std)   # (out, in)
+        self.weight = init.normal((out_features, in_features), std, weight_matrix=True)   # (out, in)
         self.bias = init.constant((out_features,), 0.0) if bias else None
 
     def forward(self, x):
@@ -346,7 +352,7 @@ class Conv2d(Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel, self.stride, self.padding = kernel, stride, padding
         fan_in = kernel * kernel * in_channels
-        self.weight = init.normal((out_channels, fan_in), fan_in ** -0.5)   # (out, k·k·in)
+        self.weight = init.normal((out_channels, fan_in), fan_in ** -0.5, weight_matrix=True)   # (out, k·k·in)
         self.bias = init.constant((out_channels,), 0.0) if bias else None
 
     def forward(self, x):

@@ -6,10 +6,12 @@
   (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"),
   step for step the update of ``torch.optim.AdamW``, which CLIP and SigLIP
   train with.
-* ``param_groups_for_decay``: the usual split that keeps gains, biases,
-  embeddings and the temperature out of weight decay (CLIP paper, §2.5).
-* ``WarmupCosine``: linear warm-up, then the cosine decay of SGDR
-  (Loshchilov & Hutter 2017) without restarts.
+* ``param_groups_for_decay``: weight decay on the weight matrices of linear
+  and convolution layers only; gains, biases, embeddings, SigLIP's probe
+  and the temperature are kept out (CLIP paper, §2.5; big_vision).
+* ``WarmupCosine``: linear warm-up whose first update is already non-zero,
+  then the cosine decay of SGDR (Loshchilov & Hutter 2017) without
+  restarts, as open_clip's ``cosine_lr``.
 * ``clip_grad_norm``: rescale all gradients together so their global L2
   norm is at most ``max_norm`` (Pascanu et al. 2013).
 
@@ -231,38 +233,45 @@ class AdamW(Optimizer):
             p.data -= (lr / bias1) * m / denominator
 
 
-DEFAULT_NO_DECAY = ("token_embedding", "position_embedding", "positional_embedding", "pos_embed",
-                    "class_embedding", "cls_token")
+def param_groups_for_decay(named_parameters, weight_decay, no_decay=()):
+    """Split parameters into a group with ``weight_decay`` and one without: only weight matrices decay.
 
-
-def param_groups_for_decay(named_parameters, weight_decay, no_decay=DEFAULT_NO_DECAY):
-    """Split parameters into a group with ``weight_decay`` and one without.
-
-    The rule: a parameter is kept out of weight decay when it has fewer than
-    two dimensions (layer-norm gains and shifts, biases, the scalar
-    ``log_scale`` and ``bias`` of the contrastive head) or when its dotted name
-    contains one of the ``no_decay`` substrings (by default the token,
-    position and class embeddings). Every other weight matrix decays; that
-    includes the patch projection, a linear map like any other.
-    ``named_parameters`` is an iterable of (name, Tensor) pairs, e.g.
-    ``model.named_parameters()``. Empty groups are left out.
+    The rule is by a parameter's role, not its shape: a parameter decays when
+    it is the weight matrix of a linear or convolution layer (``nn.Linear``,
+    ``nn.Conv2d``: ``Parameter.weight_matrix`` is True), as big_vision decays
+    only kernels. So biases, layer-norm gains and shifts, batch-norm scales,
+    the token, position and class embeddings, SigLIP's attention-pool probe
+    (a (1, 1, W) array) and the contrastive head's ``log_scale`` and ``bias``
+    never decay. ``named_parameters`` is an iterable of (name, Tensor) pairs,
+    e.g. ``model.named_parameters()``; a dotted name containing one of the
+    ``no_decay`` substrings is kept out as well. Empty groups are left out.
+    Returns [{"params": [...], "weight_decay": weight_decay}, {"params": [...], "weight_decay": 0.0}].
     """
     decay, keep = [], []
     for name, p in named_parameters:
-        excluded = p.ndim < 2 or any(pattern in name for pattern in no_decay)
-        (keep if excluded else decay).append(p)
+        decays = getattr(p, "weight_matrix", False) and not any(pattern in name for pattern in no_decay)
+        (decay if decays else keep).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
 
 class WarmupCosine:
-    """lr(s) = base · s / W for s < W; then min + (base - min) · (1 + cos(π (s - W) / (S - W))) / 2; min after S.
+    """lr(s) = base · (s + 1) / W for s < W; then min + (base - min) · (1 + cos(π (s - W) / (S - W))) / 2; min after S.
 
-    ``W`` = ``warmup_steps``, ``S`` = ``total_steps``. Given an optimiser, the
-    base of each group is that group's lr when the schedule is made, the
-    schedule writes lr(0) into the groups at once, and each ``step()``
-    advances s by one and writes lr(s): call it after each optimiser step.
-    Given a number, it is the base and ``step()`` only counts and returns lr(s).
+    ``s`` counts the updates made so far (0 for the first update), ``W`` =
+    ``warmup_steps``, ``S`` = ``total_steps``. The convention is open_clip's
+    ``cosine_lr`` (``open_clip_train/scheduler.py``, with ``min_lr`` added):
+    the first update already runs at base / W and the warm-up's last update,
+    s = W - 1, at the peak, so with S=10, W=4, base 1e-3 the updates run at
+    2.5e-4, 5e-4, 7.5e-4, 1e-3, then the cosine from 1e-3 (s = W) down to
+    min + (base - min)(1 + cos(π (S - 1 - W) / (S - W))) / 2 at the last
+    update, s = S - 1, as open_clip's does. Given an optimiser, the base of
+    each group is that group's lr when the schedule is made, the schedule
+    writes lr(0) into the groups at once, and each ``step()`` advances s by
+    one and writes lr(s): call it after each optimiser step. Given a number,
+    it is the base and ``step()`` only counts and returns lr(s).
+
+    Raises ValueError unless 0 <= warmup_steps < total_steps and 0 <= min_lr <= base.
     """
 
     def __init__(self, optimizer_or_base_lr, warmup_steps, total_steps, min_lr=0.0):
@@ -285,7 +294,7 @@ class WarmupCosine:
         """The learning rate at ``step`` for ``base_lr`` (default: the first group's base)."""
         base = self.base_lrs[0] if base_lr is None else base_lr
         if step < self.warmup_steps:
-            return base * step / self.warmup_steps
+            return base * (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -4,9 +4,13 @@ The algorithm is byte-pair encoding (Sennrich et al. 2016) over bytes, as in
 GPT-2, with CLIP's choices, matching OpenAI's ``clip/simple_tokenizer.py``
 and open_clip's ``SimpleTokenizer`` id for id:
 
-* cleanup: ``ftfy.fix_text`` where ftfy is installed, HTML entities
-  unescaped twice, runs of whitespace collapsed to one space, stripped,
-  lowercased;
+* cleanup, OpenAI's ``basic_clean`` then ``whitespace_clean``: ``ftfy.fix_text``
+  (curly quotes and apostrophes to straight ones, NFC, ligatures and
+  full-width letters unfolded, mojibake repaired, control characters
+  dropped), HTML entities unescaped twice, stripped, runs of whitespace
+  collapsed to one space, stripped, lowercased. ftfy is a required
+  dependency: without it "it’s" would tokenise differently from "it's";
+
 * pre-tokenisation by ``PATTERN``: the two special tokens, the English
   contraction suffixes, runs of letters, single digits, runs of anything
   else but whitespace. Whitespace itself is never a token: every word
@@ -35,20 +39,12 @@ import uuid
 import zlib
 from collections import Counter, defaultdict
 
+import ftfy
 import numpy
 import regex
+import sentencepiece
 
 from . import files
-
-try:
-    import ftfy
-except ImportError:   # ftfy repairs mojibake, curly quotes, ligatures, NFC; text needing none tokenises the same
-    ftfy = None
-
-try:
-    import sentencepiece
-except ImportError:   # only SigLIP's tokenizer needs it; SiglipTokenizer.from_file says how to install it
-    sentencepiece = None
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -83,9 +79,8 @@ def bytes_to_unicode():
 
 
 def clean_text(text):
-    """CLIP's text cleanup: ftfy (when installed), HTML unescaped twice, whitespace collapsed, stripped, lowercased."""
-    if ftfy is not None:
-        text = ftfy.fix_text(text)
+    """CLIP's text cleanup: ftfy, HTML unescaped twice, whitespace collapsed, stripped, lowercased (str → str)."""
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()   # twice: captions scraped from HTML are often escaped twice
     return WHITESPACE.sub(" ", text).strip().lower()
 
@@ -413,8 +408,6 @@ class SiglipTokenizer:
     """
 
     def __init__(self, model_proto, lowercase=True, name="<bytes>"):
-        if sentencepiece is None:
-            raise ImportError("SigLIP's tokenizer needs the sentencepiece package: pip install sentencepiece")
         self.model_proto = bytes(model_proto)
         self.lowercase = lowercase
         self.processor = sentencepiece.SentencePieceProcessor()

@@ -163,7 +163,8 @@ class CSVCaptions(CaptionSet):
             missing = [name for name in (image_column, caption_column) if name not in columns]
             if missing:
                 raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; the columns are "
-                                 f"{columns} (choose with image_column= and caption_column=)")
+                                 f"{columns} (choose with --image-column and --caption-column, or image_column= "
+                                 f"and caption_column= in Python)")
             for row in rows:
                 # a short row gives None for its missing fields
                 image_path = (row[image_column] or "").strip()

@@ -11,7 +11,12 @@ std = 0.5, which maps pixels to [-1, 1].
 Images come out as (H, W, 3) float32 NumPy arrays, the layout the vision
 tower takes; ``preprocess_batch`` stacks them to (B, H, W, 3).
 
-Every PIL mode becomes 8-bit RGB first (``to_rgb``). Transparent images are
+Every image is used upright (``upright``): a photo whose EXIF Orientation
+says the camera was turned is rotated / flipped as a photo viewer and
+transformers' ``load_image`` show it (``PIL.ImageOps.exif_transpose``);
+``load_image`` is the one place tinyclip opens an image file, and a PIL
+image given directly is made upright too. Every PIL mode becomes 8-bit RGB
+(``to_rgb``). Transparent images are
 composited on white: OpenAI's ``.convert("RGB")`` drops the alpha channel
 and shows whatever colour the encoder left under transparent pixels (often
 black), which carries no meaning; white is what a viewer shows. 16-bit
@@ -29,7 +34,7 @@ import math
 import os
 
 import numpy
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .. import backend
 
@@ -40,17 +45,37 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 FAMILIES = ("clip", "siglip")
 
 
+EXIF_ORIENTATION = 0x0112   # the EXIF tag: 1 upright, 2-8 the flips and quarter turns that make it upright
+
+
 def load_image(path):
-    """The image at ``path`` as an RGB PIL image; a ValueError naming the file if it cannot be decoded."""
+    """The image at ``path`` as an upright RGB PIL image (EXIF orientation applied).
+
+    Raises FileNotFoundError when there is no file at ``path`` and a
+    ValueError naming the file when it cannot be decoded.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no image file at {path!r}")
     try:
         with Image.open(path) as image:
             image.load()                       # decode now, so a truncated file fails here
-            return to_rgb(image)
+            return to_rgb(upright(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot decode image {path!r}: {error}") from None
+
+
+def upright(image):
+    """A PIL image as it is meant to be seen: transposed by its EXIF Orientation tag (2-8), else itself.
+
+    An 80 × 40 JPEG with Orientation 6 (the camera turned a quarter) becomes
+    40 × 80, as ``PIL.ImageOps.exif_transpose``, photo viewers and
+    transformers' ``load_image`` show it. The result carries no Orientation
+    tag, so making an image upright twice changes nothing.
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def to_rgb(image):
@@ -106,7 +131,7 @@ def _checked_rgb_image(image, image_size, family, caller):
     elif not isinstance(image, Image.Image):
         raise TypeError(f"{caller}: expected a PIL image or a path, got {type(image).__name__}")
     else:
-        image = to_rgb(image)
+        image = to_rgb(upright(image))
     if min(image.size) == 0:
         raise ValueError(f"{caller}: the image is empty (size {image.size})")
     return image
