@@ -9,6 +9,9 @@ reports enabled()" idea from CMU's needle).
 The default backend comes from ``set_backend(name)`` or the environment
 variable ``TINYCLIP_BACKEND`` (``numpy`` or ``cupy``); the default float type
 is float32 (``set_default_dtype``), float64 is used for gradient checks.
+
+Importing it changes nothing outside tinyclip: ``tune_malloc()``, which
+changes glibc's malloc for the whole process, is an explicit call.
 """
 
 import contextlib
@@ -22,8 +25,11 @@ import numpy
 BACKENDS = ("numpy", "cupy")
 
 
-def _keep_freed_memory_in_the_heap():
-    """Ask glibc to recycle large freed arrays instead of returning them to the kernel.
+MALLOC_TUNED = False    # whether tune_malloc() has changed glibc's malloc in this process
+
+
+def tune_malloc():
+    """Ask glibc to recycle large freed arrays instead of returning them to the kernel; returns whether it did.
 
     NumPy allocates a fresh array for every intermediate result. glibc serves
     allocations above its mmap threshold (at most 32 MB by default) with a
@@ -31,9 +37,15 @@ def _keep_freed_memory_in_the_heap():
     transformer MLP costs thousands of page faults and a zero-fill every time:
     a third of a CPU training step in ``benchmarks/block.py``. Raising the mmap
     and trim thresholds to 1 GB keeps freed blocks in the heap for the next
-    array of the same size. Set TINYCLIP_MALLOC_TUNING=0 to leave malloc alone.
-    Returns whether the setting was applied.
+    array of the same size.
+
+    This changes malloc for the whole process, so importing tinyclip never
+    does it: the ``tinyclip`` command, ``tinyclip.train.train`` and the
+    benchmarks call it; a program that embeds tinyclip may. It does nothing
+    (and returns False) off glibc, or when TINYCLIP_MALLOC_TUNING=0; calling
+    it again is harmless. ``MALLOC_TUNED`` records the outcome. Raises nothing.
     """
+    global MALLOC_TUNED
     if os.environ.get("TINYCLIP_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -42,10 +54,9 @@ def _keep_freed_memory_in_the_heap():
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3     # from glibc's <malloc.h>
     one_gigabyte = ctypes.c_int(1 << 30)
-    return mallopt(m_mmap_threshold, one_gigabyte) == 1 and mallopt(m_trim_threshold, one_gigabyte) == 1
+    MALLOC_TUNED = mallopt(m_mmap_threshold, one_gigabyte) == 1 and mallopt(m_trim_threshold, one_gigabyte) == 1
+    return MALLOC_TUNED
 
-
-MALLOC_TUNED = _keep_freed_memory_in_the_heap()
 
 _cupy = None           # the cupy module once imported and a device was found
 _cupy_error = None     # why CuPy is unavailable, for the error message

@@ -47,7 +47,7 @@ from . import backend
 from .autograd import Function
 from .losses import clip_loss_of
 from .tiles import (TiledLogits, RunningLSE, as_array, check_inputs, clip_gradient_sweep, clip_lse_sweep,
-                    resolve_tile, scalar_input, scalar_like, scale_saved_gradients, siglip_sweep)
+                    diagonal_of, resolve_tile, scalar_input, scalar_like, scale_saved_gradients, siglip_sweep)
 
 METHODS = ("ring", "gather")
 
@@ -231,7 +231,7 @@ def _cuda_aware_guess():
 
 
 # ---------------------------------------------------------------------------------
-# world(): the job's communicator, the GPU per rank, and abort on error
+# world(): the job's communicator and the GPU per rank; abort on error, when asked
 # ---------------------------------------------------------------------------------
 
 _world = None
@@ -250,8 +250,11 @@ def world():
     """The job's communicator: MPI's world under ``mpiexec``, a one-process stand-in otherwise.
 
     Under MPI, each rank also takes the GPU of its node-local rank (when the
-    default backend is cupy), and an uncaught exception on any rank aborts the
-    whole job instead of leaving the others waiting.
+    default backend is cupy). It installs no exception hook: a program that
+    wants an error on one rank to end the whole job calls
+    ``install_abort_on_error(comm)`` (the ``tinyclip`` command and
+    ``tinyclip.train.train`` do). Raises RuntimeError when an MPI launcher
+    started the process but mpi4py cannot be imported.
     """
     global _world
     if _world is not None:
@@ -266,8 +269,6 @@ def world():
                            f"but mpi4py cannot be imported ({error}): install it with "
                            "pip install 'tinyclip[mpi]', or run without mpiexec") from error
     _world = Communicator(MPI.COMM_WORLD)
-    if _world.size > 1:
-        _abort_on_uncaught_exception(_world)
     if backend.default_backend() == "cupy":
         select_gpu(_world)
     return _world
@@ -281,8 +282,20 @@ def select_gpu(comm):
     return device
 
 
-def _abort_on_uncaught_exception(comm):
-    """An uncaught exception on any rank prints its traceback once, from that rank, and aborts the job."""
+def install_abort_on_error(comm):
+    """Make an uncaught exception on this rank print its traceback once, from this rank, and abort the whole job.
+
+    Without it, a rank that dies leaves the others waiting in a collective
+    for ever (DESIGN.md: a run never hangs). It replaces ``sys.excepthook``
+    and ``threading.excepthook`` of this process, which is why importing
+    tinyclip or calling ``world()`` never does it: the ``tinyclip`` command
+    and ``tinyclip.train.train`` call it, and a program of one's own may.
+    Does nothing for a communicator of one process. Returns whether the
+    hooks were installed. Raises nothing.
+    """
+    if comm.size <= 1:
+        return False
+
     def report_and_abort(kind, value, trace):
         message = "".join(traceback.format_exception(kind, value, trace))
         sys.stderr.write(f"[rank {comm.rank} of {comm.size}] {message}"
@@ -292,6 +305,7 @@ def _abort_on_uncaught_exception(comm):
 
     sys.excepthook = report_and_abort
     threading.excepthook = lambda hook: report_and_abort(hook.exc_type, hook.exc_value, hook.exc_traceback)
+    return True
 
 
 # ---------------------------------------------------------------------------------
@@ -446,12 +460,12 @@ class RingSigLIPLoss(Function):
         grad_texts = xp.zeros_like(home_texts) if want_grad else None
         sums = [xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.float64)]   # Σ softplus, Σ σ
 
-        def visit(cargo, grad_visiting):
+        def visit(cargo, grad_visiting, positives=False):
             tiles.use_texts(cargo[0])
-            for total, part in zip(sums, siglip_sweep(tiles, grad_images, grad_visiting)):
+            for total, part in zip(sums, siglip_sweep(tiles, grad_images, grad_visiting, positives=positives)):
                 total += part
 
-        visit([home_texts], grad_texts)                                  # the block with the positives
+        visit([home_texts], grad_texts, positives=True)                  # the block with the positives
         accumulator = ((lambda rows: (rows, dim)), (lambda rows: xp.zeros((rows, dim), dtype=tiles.work)))
         for grad_home in _round_trip(comm, sizes, [home_texts], lambda rows: [(rows, dim)], visit,
                                      accumulator if want_grad else None, bidirectional):
@@ -459,7 +473,7 @@ class RingSigLIPLoss(Function):
 
         tiles.use_texts(home_texts)
         loss_sum, sigma_sum = sums
-        loss = (loss_sum - tiles.positives().sum()) / batch      # positives were scored as negatives
+        loss = loss_sum / batch
         if want_grad:
             grads = tiles.gradients(grad_images, grad_texts, 1.0, log_scale, batch=batch)
             grad_bias = scalar_like(xp, (sigma_sum - x.shape[0]) / batch, bias)
@@ -573,7 +587,7 @@ class GatherCLIPLoss(Function):
             everyone = xp.zeros_like(tiles.texts) if want_grad else None
             for start, stop in tiles.ranges():
                 block, probs = tiles.compute(start, stop), tiles.work_buffer(start, stop)   # (n, B)
-                positives[start:stop] = xp.diagonal(block, offset=offset + start)
+                positives[start:stop] = diagonal_of(block, offset + start)
                 stats.update(block, 1, probs, slice(start, stop))                           # probs = e^(l − max)
                 if want_grad:
                     probs /= stats.stats[1, start:stop, None]                               # softmax over the row

@@ -79,6 +79,10 @@ class Add(Function):
         return unbroadcast(g, a_shape), unbroadcast(g, b_shape)
 
 
+def add(a, b):
+    return Add.apply(a, b)
+
+
 class Sub(Function):
     @staticmethod
     def forward(ctx, a, b):
@@ -92,6 +96,10 @@ class Sub(Function):
         """df/da = 1, df/db = -1"""
         a_shape, b_shape = ctx.shapes
         return unbroadcast(g, a_shape), (unbroadcast(-g, b_shape) if ctx.needs_input_grad[1] else None)
+
+
+def sub(a, b):
+    return Sub.apply(a, b)
 
 
 class Mul(Function):
@@ -109,6 +117,10 @@ class Mul(Function):
         da = unbroadcast(g * b, a.shape) if ctx.needs_input_grad[0] else None
         db = unbroadcast(g * a, b.shape) if ctx.needs_input_grad[1] else None
         return da, db
+
+
+def mul(a, b):
+    return Mul.apply(a, b)
 
 
 class Div(Function):
@@ -129,6 +141,10 @@ class Div(Function):
         return da, db
 
 
+def div(a, b):
+    return Div.apply(a, b)
+
+
 class Neg(Function):
     @staticmethod
     def forward(ctx, x):
@@ -139,6 +155,10 @@ class Neg(Function):
     def backward(ctx, g):
         """f'(x) = -1"""
         return -g
+
+
+def neg(x):
+    return Neg.apply(x)
 
 
 class Pow(Function):
@@ -155,26 +175,6 @@ class Pow(Function):
         (x,) = ctx.saved_tensors
         p = ctx.exponent
         return g * (p * x ** (p - 1))
-
-
-def add(a, b):
-    return Add.apply(a, b)
-
-
-def sub(a, b):
-    return Sub.apply(a, b)
-
-
-def mul(a, b):
-    return Mul.apply(a, b)
-
-
-def div(a, b):
-    return Div.apply(a, b)
-
-
-def neg(x):
-    return Neg.apply(x)
 
 
 def pow(x, exponent):
@@ -203,6 +203,10 @@ class Exp(Function):
         return g * y
 
 
+def exp(x):
+    return Exp.apply(x)
+
+
 class Log(Function):
     @staticmethod
     def forward(ctx, x):
@@ -215,6 +219,10 @@ class Log(Function):
         """f'(x) = 1/x"""
         (x,) = ctx.saved_tensors
         return g / x
+
+
+def log(x):
+    return Log.apply(x)
 
 
 class Sqrt(Function):
@@ -232,6 +240,10 @@ class Sqrt(Function):
         return g / (2 * y)
 
 
+def sqrt(x):
+    return Sqrt.apply(x)
+
+
 class Tanh(Function):
     @staticmethod
     def forward(ctx, x):
@@ -245,6 +257,10 @@ class Tanh(Function):
         """f'(x) = 1 - tanh² x"""
         (y,) = ctx.saved_tensors
         return g * (1 - y * y)
+
+
+def tanh(x):
+    return Tanh.apply(x)
 
 
 class Sigmoid(Function):
@@ -262,6 +278,10 @@ class Sigmoid(Function):
         return g * y * (1 - y)
 
 
+def sigmoid(x):
+    return Sigmoid.apply(x)
+
+
 class LogSigmoid(Function):
     @staticmethod
     def forward(ctx, x):
@@ -275,6 +295,10 @@ class LogSigmoid(Function):
         """f'(x) = σ(-x)"""
         (x,) = ctx.saved_tensors
         return g * _stable_sigmoid(_xp(x), -x)
+
+
+def log_sigmoid(x):
+    return LogSigmoid.apply(x)
 
 
 class Softplus(Function):
@@ -292,6 +316,10 @@ class Softplus(Function):
         return g * _stable_sigmoid(_xp(x), x)
 
 
+def softplus(x):
+    return Softplus.apply(x)
+
+
 class ReLU(Function):
     @staticmethod
     def forward(ctx, x):
@@ -304,6 +332,10 @@ class ReLU(Function):
         """f'(x) = 1 if x > 0 else 0"""
         (positive,) = ctx.saved_tensors
         return g * positive
+
+
+def relu(x):
+    return ReLU.apply(x)
 
 
 class GELUTanh(Function):
@@ -361,6 +393,15 @@ class GELU(Function):
         return g * (cdf + x * pdf)
 
 
+def gelu(x, approximate="tanh"):
+    """GELU; ``approximate='tanh'`` (SigLIP, GPT-2) or ``'none'`` (exact, erf-based)."""
+    if approximate == "tanh":
+        return GELUTanh.apply(x)
+    if approximate == "none":
+        return GELU.apply(x)
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
+
+
 class QuickGELU(Function):
     @staticmethod
     def forward(ctx, x):
@@ -385,47 +426,6 @@ class QuickGELU(Function):
         dx *= s
         dx *= g
         return dx
-
-
-def exp(x):
-    return Exp.apply(x)
-
-
-def log(x):
-    return Log.apply(x)
-
-
-def sqrt(x):
-    return Sqrt.apply(x)
-
-
-def tanh(x):
-    return Tanh.apply(x)
-
-
-def sigmoid(x):
-    return Sigmoid.apply(x)
-
-
-def log_sigmoid(x):
-    return LogSigmoid.apply(x)
-
-
-def softplus(x):
-    return Softplus.apply(x)
-
-
-def relu(x):
-    return ReLU.apply(x)
-
-
-def gelu(x, approximate="tanh"):
-    """GELU; ``approximate='tanh'`` (SigLIP, GPT-2) or ``'none'`` (exact, erf-based)."""
-    if approximate == "tanh":
-        return GELUTanh.apply(x)
-    if approximate == "none":
-        return GELU.apply(x)
-    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
 
 
 def quick_gelu(x):
@@ -475,7 +475,13 @@ class MatMul(Function):
         return da, db
 
 
+def matmul(a, b):
+    return MatMul.apply(a, b)
+
+
 class Linear(Function):
+    optional_inputs = (2,)     # bias may be None
+
     @staticmethod
     def forward(ctx, x, weight, bias=None):
         """f(x) = x·Wᵀ + b with W (out, in): PyTorch's layout, so published weights load as they are"""
@@ -502,10 +508,6 @@ class Linear(Function):
         dweight = g2d.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None  # (out, in)
         dbias = g2d.sum(axis=0) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias
-
-
-def matmul(a, b):
-    return MatMul.apply(a, b)
 
 
 def linear(x, weight, bias=None):
@@ -538,6 +540,10 @@ class Sum(Function):
         return _xp(g).broadcast_to(g, ctx.shape)
 
 
+def sum(x, axis=None, keepdims=False):
+    return Sum.apply(x, axis=axis, keepdims=keepdims)
+
+
 class Mean(Function):
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
@@ -553,6 +559,10 @@ class Mean(Function):
         count = math.prod(ctx.shape[a] for a in ctx.axes)
         g = _expand_reduced(g, ctx.shape, ctx.axes, ctx.keepdims) / count
         return _xp(g).broadcast_to(g, ctx.shape)
+
+
+def mean(x, axis=None, keepdims=False):
+    return Mean.apply(x, axis=axis, keepdims=keepdims)
 
 
 class Max(Function):
@@ -574,14 +584,6 @@ class Max(Function):
         g = _expand_reduced(g, ctx.shape, ctx.axes, ctx.keepdims)
         ties = is_max.sum(axis=ctx.axes, keepdims=True)
         return g * is_max / ties
-
-
-def sum(x, axis=None, keepdims=False):
-    return Sum.apply(x, axis=axis, keepdims=keepdims)
-
-
-def mean(x, axis=None, keepdims=False):
-    return Mean.apply(x, axis=axis, keepdims=keepdims)
 
 
 def max(x, axis=None, keepdims=False):
@@ -610,6 +612,10 @@ class Reshape(Function):
         return g.reshape(ctx.shape)
 
 
+def reshape(x, shape):
+    return Reshape.apply(x, shape=tuple(shape) if not isinstance(shape, int) else (shape,))
+
+
 class Transpose(Function):
     float_inputs = False
 
@@ -631,6 +637,14 @@ class Transpose(Function):
         return g.transpose(inverse)
 
 
+def transpose(x, axes=None):
+    return Transpose.apply(x, axes=None if axes is None else tuple(axes))
+
+
+def permute(x, axes):
+    return Transpose.apply(x, axes=tuple(axes))
+
+
 class BroadcastTo(Function):
     @staticmethod
     def forward(ctx, x, shape):
@@ -645,6 +659,10 @@ class BroadcastTo(Function):
     def backward(ctx, g):
         """the gradient is summed over the copies"""
         return unbroadcast(g, ctx.shape)
+
+
+def broadcast_to(x, shape):
+    return BroadcastTo.apply(x, shape=tuple(shape))
 
 
 def _unwrap_index(index):
@@ -680,6 +698,10 @@ class GetItem(Function):
         return dx
 
 
+def getitem(x, index):
+    return GetItem.apply(x, index=_unwrap_index(index))
+
+
 class Concatenate(Function):
     float_inputs = False
 
@@ -705,6 +727,12 @@ class Concatenate(Function):
                      for start, stop in zip(offsets[:-1], offsets[1:]))
 
 
+def concatenate(tensors, axis=0):
+    if len(tensors) == 0:
+        raise ValueError("concatenate: needs at least one tensor")
+    return Concatenate.apply(*tensors, axis=axis)
+
+
 class Stack(Function):
     float_inputs = False
 
@@ -724,6 +752,12 @@ class Stack(Function):
         return tuple(g.take(i, axis=ctx.axis) for i in range(ctx.count))
 
 
+def stack(tensors, axis=0):
+    if len(tensors) == 0:
+        raise ValueError("stack: needs at least one tensor")
+    return Stack.apply(*tensors, axis=axis)
+
+
 class Cast(Function):
     @staticmethod
     def forward(ctx, x, dtype):
@@ -735,38 +769,6 @@ class Cast(Function):
     def backward(ctx, g):
         """the gradient is cast back to the input's type"""
         return g.astype(ctx.dtype)
-
-
-def reshape(x, shape):
-    return Reshape.apply(x, shape=tuple(shape) if not isinstance(shape, int) else (shape,))
-
-
-def transpose(x, axes=None):
-    return Transpose.apply(x, axes=None if axes is None else tuple(axes))
-
-
-def permute(x, axes):
-    return Transpose.apply(x, axes=tuple(axes))
-
-
-def broadcast_to(x, shape):
-    return BroadcastTo.apply(x, shape=tuple(shape))
-
-
-def getitem(x, index):
-    return GetItem.apply(x, index=_unwrap_index(index))
-
-
-def concatenate(tensors, axis=0):
-    if len(tensors) == 0:
-        raise ValueError("concatenate: needs at least one tensor")
-    return Concatenate.apply(*tensors, axis=axis)
-
-
-def stack(tensors, axis=0):
-    if len(tensors) == 0:
-        raise ValueError("stack: needs at least one tensor")
-    return Stack.apply(*tensors, axis=axis)
 
 
 def cast(x, dtype):
@@ -803,6 +805,10 @@ class Softmax(Function):
         return gy - y * gy.sum(axis=ctx.axis, keepdims=True)
 
 
+def softmax(x, axis=-1):
+    return Softmax.apply(x, axis=axis)
+
+
 class LogSoftmax(Function):
     @staticmethod
     def forward(ctx, x, axis=-1):
@@ -817,6 +823,10 @@ class LogSoftmax(Function):
         """dx = g - softmax(x) · Σ_j g_j"""
         (y,) = ctx.saved_tensors
         return g - _xp(y).exp(y) * g.sum(axis=ctx.axis, keepdims=True)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax.apply(x, axis=axis)
 
 
 class LogSumExp(Function):
@@ -836,6 +846,10 @@ class LogSumExp(Function):
         if not ctx.keepdims:
             g = _xp(g).expand_dims(g, ctx.axis)
         return g * _xp(x).exp(x - lse)
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    return LogSumExp.apply(x, axis=axis, keepdims=keepdims)
 
 
 class L2Normalize(Function):
@@ -858,7 +872,13 @@ class L2Normalize(Function):
         return (g - y * projection) / denominator
 
 
+def l2_normalize(x, axis=-1, eps=1e-12):
+    return L2Normalize.apply(x, axis=axis, eps=eps)
+
+
 class LayerNorm(Function):
+    optional_inputs = (1, 2)     # weight and bias may be None
+
     @staticmethod
     def forward(ctx, x, weight=None, bias=None, eps=1e-5):
         """f(x) = (x - μ) / √(σ² + eps) · w + b over the last axis"""
@@ -894,6 +914,11 @@ class LayerNorm(Function):
         return (dx, *_scale_shift_grads(g2d, xhat2d, needs))
 
 
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """Layer norm over the last axis; weight and bias of shape (D,), either may be None."""
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
 def _scale_shift(xhat, weight, bias):
     """y = x̂ · w + b, either of w and b may be None (the affine end of layer norm and batch norm)."""
     y = xhat * weight if weight is not None else xhat.copy()
@@ -908,27 +933,6 @@ def _scale_shift_grads(g2d, xhat2d, needs):
     dweight = xp.einsum("nc,nc->c", g2d, xhat2d) if needs[1] else None
     dbias = g2d.sum(axis=0) if needs[2] else None
     return dweight, dbias
-
-
-def softmax(x, axis=-1):
-    return Softmax.apply(x, axis=axis)
-
-
-def log_softmax(x, axis=-1):
-    return LogSoftmax.apply(x, axis=axis)
-
-
-def logsumexp(x, axis=-1, keepdims=False):
-    return LogSumExp.apply(x, axis=axis, keepdims=keepdims)
-
-
-def l2_normalize(x, axis=-1, eps=1e-12):
-    return L2Normalize.apply(x, axis=axis, eps=eps)
-
-
-def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """Layer norm over the last axis; weight and bias of shape (D,), either may be None."""
-    return LayerNorm.apply(x, weight, bias, eps=eps)
 
 
 # ---------------------------------------------------------------------------------
@@ -1093,14 +1097,6 @@ class Patches(Function):
         return dpadded[:, padding:padding + height, padding:padding + width]
 
 
-def _kernel_offsets(kernel, stride, out_h, out_w):
-    """(ky, kx, rows, columns) per kernel offset: the padded input's pixels that offset reads, as slices."""
-    for ky in range(kernel):
-        for kx in range(kernel):
-            yield (ky, kx, slice(ky, ky + stride * (out_h - 1) + 1, stride),
-                   slice(kx, kx + stride * (out_w - 1) + 1, stride))
-
-
 def patches(x, kernel, stride=1, padding=0):
     """im2col, channels last: (B, H, W, C) → (B, Ho, Wo, k·k·C),  Ho = (H + 2·padding − k)//stride + 1,  k = kernel.
 
@@ -1111,12 +1107,24 @@ def patches(x, kernel, stride=1, padding=0):
     return Patches.apply(x, kernel=kernel, stride=stride, padding=padding)
 
 
+def _kernel_offsets(kernel, stride, out_h, out_w):
+    """(ky, kx, rows, columns) per kernel offset: the padded input's pixels that offset reads, as slices."""
+    for ky in range(kernel):
+        for kx in range(kernel):
+            yield (ky, kx, slice(ky, ky + stride * (out_h - 1) + 1, stride),
+                   slice(kx, kx + stride * (out_w - 1) + 1, stride))
+
+
 class BatchNorm(Function):
+    optional_inputs = (1, 2)     # weight and bias may be None
+
     @staticmethod
-    def forward(ctx, x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True, comm=None):
+    def forward(ctx, x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True,
+                sum_over_batch=None):
         """f(x) = (x - μ) / √(σ² + eps) · w + b per channel (last axis), μ and σ² the batch's or the running ones"""
         xp = _xp(x)
-        if x.ndim < 2 or (x.size == 0 and comm is None):    # under MPI one rank's share may be empty
+        split = sum_over_batch is not None
+        if x.ndim < 2 or (x.size == 0 and not split):      # one part of a split batch may be empty
             raise ValueError(f"batch_norm: input must be non-empty with a batch axis and a channel axis (last), "
                              f"got shape {x.shape}")
         channels = x.shape[-1]
@@ -1134,10 +1142,10 @@ class BatchNorm(Function):
                              "pass running=(mean, var)")
         if training:
             flat = x.reshape(-1, channels)                      # (N, C)
-            if comm is None:
+            if not split:
                 batch_mean = flat.mean(axis=0)                  # (C,)
-            else:   # synchronised: the statistics of the whole global batch, Σx and the count from every rank
-                totals = comm.all_reduce(xp.concatenate([flat.sum(axis=0), xp.full((1,), count, flat.dtype)]))
+            else:   # the statistics of the whole batch: Σx and the count from every part
+                totals = sum_over_batch(xp.concatenate([flat.sum(axis=0), xp.full((1,), count, flat.dtype)]))
                 count = int(round(float(totals[-1])))
                 batch_mean = totals[:channels] / count if count else totals[:channels]
             if count < 2:                                       # the same count on every rank: all raise together
@@ -1146,8 +1154,8 @@ class BatchNorm(Function):
             xhat = x - batch_mean                               # centred, normalised in place below
             xhat2d = xhat.reshape(-1, channels)                 # (N, C), a view: xhat is a fresh array
             squares = xp.einsum("nc,nc->c", xhat2d, xhat2d)     # (C,)
-            if comm is not None:
-                comm.all_reduce(squares)
+            if split:
+                squares = sum_over_batch(squares)
             batch_var = squares / count                         # (C,), biased: what x̂ is divided by
             if running is not None:
                 # PyTorch's convention: the running variance is the unbiased estimate n/(n-1)·σ²
@@ -1163,7 +1171,7 @@ class BatchNorm(Function):
             rstd = 1.0 / xp.sqrt(running_var + eps)             # (C,)
         xhat *= rstd
         ctx.save_for_backward(xhat, rstd, weight)
-        ctx.training, ctx.count, ctx.comm = training, count, comm
+        ctx.training, ctx.count, ctx.sum_over_batch = training, count, sum_over_batch
         return _scale_shift(xhat, weight, bias)
 
     @staticmethod
@@ -1181,14 +1189,42 @@ class BatchNorm(Function):
                 # the batch statistics depend on every x: these two terms are their share of the gradient
                 ghat2d = ghat.reshape(-1, channels)                 # (N, C), a view
                 sums = xp.stack([ghat2d.sum(axis=0), xp.einsum("nc,nc->c", ghat2d, xhat2d)])   # (2, C)
-                if ctx.comm is not None:                            # synchronised: over the global batch
-                    ctx.comm.all_reduce(sums)
+                if ctx.sum_over_batch is not None:                  # over the whole split batch
+                    sums = ctx.sum_over_batch(sums)
                 mean_ghat, mean_ghat_xhat = sums / ctx.count        # (C,) each
                 ghat -= mean_ghat
                 ghat -= xhat * mean_ghat_xhat
             ghat *= rstd
             dx = ghat
         return (dx, *_scale_shift_grads(g2d, xhat2d, needs))
+
+
+def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True,
+               sum_over_batch=None):
+    """Batch norm over every axis but the last (channels last: (N, C), (B, H, W, C), ...).
+
+    Training normalises with the batch's mean and biased variance and, when
+    ``running`` = (mean, var) is given, moves those arrays in place towards the
+    batch's: m ← (1 − momentum)·m + momentum·μ, v ← (1 − momentum)·v + momentum·n/(n−1)·σ²
+    (n values per channel), once per call. Evaluation (``training=False``)
+    normalises with ``running`` and changes nothing. Weight and bias (C,) may be None.
+
+    A batch split into parts (one per process in data-parallel training) is
+    normalised as one when ``sum_over_batch`` is given: a function that
+    returns the sum over every part of a small per-channel array ((C + 1,)
+    and (C,) forward, (2, C) backward). The op itself knows nothing of
+    processes; ``tinyclip.nn.BatchNorm(comm=...)`` (synchronised batch norm)
+    passes its communicator's all-reduce. Without it x must be non-empty.
+
+    Raises ValueError for an input without a batch and a channel axis, an
+    empty one, weight, bias or running arrays of the wrong shape, dtype or
+    backend, momentum outside [0, 1], evaluation without ``running``, and
+    training on fewer than 2 values per channel (no variance to estimate).
+    """
+    if running is not None and isinstance(running, (tuple, list)):
+        running = tuple(r.data if isinstance(r, Tensor) else r for r in running)
+    return BatchNorm.apply(x, weight, bias, eps=eps, running=running, momentum=momentum, training=training,
+                           sum_over_batch=sum_over_batch)
 
 
 def _check_running(running, x):
@@ -1205,21 +1241,51 @@ def _check_running(running, x):
                              f"({backend.backend_of(x)}), got {backend.backend_of(array)}, {array.dtype}")
 
 
-def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True, comm=None):
-    """Batch norm over every axis but the last (channels last: (N, C), (B, H, W, C), ...).
+# ---------------------------------------------------------------------------------
+# Tensor's operators and methods, attached here (needle's ops attach theirs the same way)
+# ---------------------------------------------------------------------------------
+# autograd.py defines Tensor and the backward walk and sits below this module; the
+# operators are these ops, so they are attached from here and imports run one way only.
 
-    Training normalises with the batch's mean and biased variance and, when
-    ``running`` = (mean, var) is given, moves those arrays in place towards the
-    batch's: m ← (1 − momentum)·m + momentum·μ, v ← (1 − momentum)·v + momentum·n/(n−1)·σ²
-    (n values per channel), once per call. Evaluation (``training=False``)
-    normalises with ``running`` and changes nothing. Weight and bias (C,) may be None.
+def _reshape_method(self, *shape):
+    return reshape(self, shape[0] if len(shape) == 1 else shape)
 
-    ``comm`` (a ``tinyclip.distributed`` communicator) makes it synchronised
-    batch norm: in training the mean and variance are those of the whole
-    batch over all ranks (two all-reduces of (C,) sums forward, one of a
-    (2, C) array backward), so data-parallel training equals one process.
-    """
-    if running is not None and isinstance(running, (tuple, list)):
-        running = tuple(r.data if isinstance(r, Tensor) else r for r in running)
-    return BatchNorm.apply(x, weight, bias, eps=eps, running=running, momentum=momentum, training=training,
-                           comm=comm)
+
+def _transpose_method(self, *axes):
+    return transpose(self, axes[0] if len(axes) == 1 else (axes or None))
+
+
+def _permute_method(self, *axes):
+    return transpose(self, axes[0] if len(axes) == 1 else axes)
+
+
+Tensor.__add__ = add
+Tensor.__radd__ = lambda self, other: add(other, self)
+Tensor.__sub__ = sub
+Tensor.__rsub__ = lambda self, other: sub(other, self)
+Tensor.__mul__ = mul
+Tensor.__rmul__ = lambda self, other: mul(other, self)
+Tensor.__truediv__ = div
+Tensor.__rtruediv__ = lambda self, other: div(other, self)
+Tensor.__neg__ = neg
+Tensor.__pow__ = pow
+Tensor.__matmul__ = matmul
+Tensor.__rmatmul__ = lambda self, other: matmul(other, self)
+Tensor.__getitem__ = getitem
+Tensor.sum = sum
+Tensor.mean = mean
+Tensor.max = max
+Tensor.reshape = _reshape_method
+Tensor.transpose = _transpose_method
+Tensor.permute = _permute_method
+Tensor.T = property(lambda self: transpose(self, None))
+Tensor.exp = exp
+Tensor.log = log
+Tensor.sqrt = sqrt
+Tensor.tanh = tanh
+Tensor.sigmoid = sigmoid
+Tensor.relu = relu
+Tensor.softmax = softmax
+Tensor.log_softmax = log_softmax
+Tensor.logsumexp = logsumexp
+Tensor.astype = cast

@@ -37,6 +37,8 @@ and give a float32 loss (their gradients come back in float16).
 """
 
 import functools
+import numbers
+import operator
 
 from . import backend
 from . import functional as F
@@ -114,9 +116,8 @@ class SigLIPLoss(Function):
                                    else (None, None))
         keep = (functools.partial(_negative_mask_tile, keep_negatives=keep_negatives, negatives=negatives,
                                   seed=mask_seed) if keep_negatives < 1.0 else None)
-        loss_sum, sigma_sum = siglip_sweep(tiles, grad_images, grad_texts, keep)
-        # positives were counted as negatives above: softplus(−l) = softplus(l) − l
-        loss = (loss_sum - tiles.positives().sum()) / batch
+        loss_sum, sigma_sum = siglip_sweep(tiles, grad_images, grad_texts, keep, positives=True)
+        loss = loss_sum / batch
         if want_grad:
             # G = (m ⊙ σ(l) − I)/B: the tiles summed B·G + I, hence the share 1
             grads = tiles.gradients(grad_images, grad_texts, 1.0, log_scale)
@@ -140,7 +141,7 @@ def siglip_loss(image_emb, text_emb, log_scale, bias, tile=None, keep_negatives=
     processed at a time (default ``default_tile``): no B×B matrix is formed.
     """
     check_inputs(image_emb, text_emb, log_scale, bias, needs_bias=True)
-    _check_masking(keep_negatives, negatives)
+    _check_masking(keep_negatives, negatives, mask_seed)
     batch = as_array(image_emb).shape[0]
     tile = resolve_tile(tile, batch, image_emb)
     log_scale, bias = (scalar_input(value, image_emb, text_emb) for value in (log_scale, bias))
@@ -152,11 +153,16 @@ def siglip_loss(image_emb, text_emb, log_scale, bias, tile=None, keep_negatives=
 # Negative masking (the SigLIP paper's ablation)
 # ---------------------------------------------------------------------------------
 
-def _check_masking(keep_negatives, negatives):
-    if not 0.0 <= float(keep_negatives) <= 1.0:
-        raise ValueError(f"keep_negatives must be in [0, 1], got {keep_negatives}")
+def _check_masking(keep_negatives, negatives, mask_seed):
+    if (isinstance(keep_negatives, bool) or not isinstance(keep_negatives, (int, float))
+            or not 0.0 <= float(keep_negatives) <= 1.0):
+        raise ValueError(f"keep_negatives must be a number in [0, 1], got {keep_negatives!r}")
     if negatives not in NEGATIVE_CHOICES:
         raise ValueError(f"negatives must be one of {NEGATIVE_CHOICES}, got {negatives!r}")
+    try:
+        operator.index(mask_seed)
+    except TypeError:
+        raise ValueError(f"mask_seed must be an integer, got {mask_seed!r}") from None
 
 
 def _pair_hash(xp, rows, cols, batch, seed):
@@ -200,7 +206,7 @@ def siglip_negative_mask(image_emb, text_emb, log_scale, bias, keep_negatives, n
     It materialises B×B: meant for tests and for looking at which negatives a rule keeps.
     """
     check_inputs(image_emb, text_emb, log_scale, bias, needs_bias=True)
-    _check_masking(keep_negatives, negatives)
+    _check_masking(keep_negatives, negatives, mask_seed)
     x, y = as_array(image_emb), as_array(text_emb)
     xp = backend.get_array_module(x, y)
     batch = x.shape[0]

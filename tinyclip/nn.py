@@ -333,13 +333,17 @@ class BatchNorm(Module):
     the batch's by ``momentum``. Evaluation (``module.eval()``): the running
     statistics are used instead, so one image gives the same answer alone or
     in a batch. Statistics are those of the batch this process sees, unless
-    ``comm`` is set to a ``tinyclip.distributed`` communicator: then they are
-    the whole global batch's over all ranks (synchronised batch norm, which
-    ``tinyclip.train`` turns on under MPI, so that N ranks train exactly as
-    one process).
+    the layer owns a communicator ``comm`` (a ``tinyclip.distributed``
+    communicator, given here or by ``synchronise_batch_norm``): then they are
+    the whole global batch's over all ranks (synchronised batch norm, PyTorch's
+    SyncBatchNorm: the per-channel sums are all-reduced, two small messages
+    forward and one backward), so that N ranks train exactly as one process.
+    The op ``functional.batch_norm`` stays pure: the layer hands it the
+    communicator's all-reduce as the way to sum over the parts of the batch.
+    Raises what ``functional.batch_norm`` raises.
     """
 
-    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=None, backend=None, rng=None, seed=None):
+    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=None, backend=None, rng=None, seed=None, comm=None):
         super().__init__()
         init = _Init(dtype, backend, rng, seed)
         self.channels, self.eps, self.momentum = channels, eps, momentum
@@ -347,15 +351,31 @@ class BatchNorm(Module):
         self.bias = init.constant((channels,), 0.0)
         self.running_mean = Buffer(init.xp.zeros((channels,), dtype=init.dtype))
         self.running_var = Buffer(init.xp.ones((channels,), dtype=init.dtype))
-        self.comm = None                # a communicator: normalise over the global batch of all ranks
+        self.comm = comm                # a communicator: normalise over the global batch of all ranks
 
     def forward(self, x):
         return F.batch_norm(x, self.weight, self.bias, eps=self.eps,
                             running=(self.running_mean.data, self.running_var.data),
-                            momentum=self.momentum, training=self.training, comm=self.comm)
+                            momentum=self.momentum, training=self.training,
+                            sum_over_batch=None if self.comm is None else self.comm.all_reduce)
 
     def extra_repr(self):
-        return f"{self.channels}, eps={self.eps}, momentum={self.momentum}"
+        return f"{self.channels}, eps={self.eps}, momentum={self.momentum}" + (
+            f", comm={self.comm!r}" if self.comm is not None else "")
+
+
+def synchronise_batch_norm(model, comm):
+    """Give every ``BatchNorm`` layer in ``model`` the communicator ``comm``: synchronised batch norm.
+
+    Called where a model is built for data-parallel training (``tinyclip.train``
+    does it under MPI), so that the statistics are those of the global batch
+    and N ranks train exactly as one process. ``comm=None`` turns it off.
+    Returns the number of layers changed.
+    """
+    layers = [module for module in model.modules() if isinstance(module, BatchNorm)]
+    for layer in layers:
+        layer.comm = comm
+    return len(layers)
 
 
 class Embedding(Module):

@@ -261,15 +261,6 @@ class TiledLogits:
         grad_images[start:stop] += xp.matmul(weights, self.texts, out=self.row_product[:n])
         grad_texts += xp.matmul(weights.T, self.images[start:stop], out=self.column_product[:weights.shape[1]])
 
-    def positives(self):
-        """l_ii for every pair (row i with text i of the current texts, which must be the rows' own): (n,).
-
-        Computed by their own product, which may differ from the tiles' diagonal
-        by a rounding step; a loss that subtracts them from a log-sum-exp takes
-        the diagonal of the tiles instead (``clip_lse_sweep``'s ``positives``).
-        """
-        return self.scale * self.xp.einsum("ij,ij->i", self.images, self.texts) + self.shift
-
     def gradients(self, grad_images, grad_texts, row_share, log_scale, batch=None):
         """Finish dX = t·G·Y and dY = t·Gᵀ·X from the sums of the tiles' (row_share · B·G + I)-products.
 
@@ -354,7 +345,7 @@ def clip_lse_sweep(tiles, row_stats, column_stats, positives=None):
     for start, stop in tiles.ranges():
         block, exps = tiles.compute(start, stop), tiles.work_buffer(start, stop)     # (n, m)
         if positives is not None:
-            positives[start:stop] = tiles.xp.diagonal(block, offset=start)           # l_ii, i in start .. stop−1
+            positives[start:stop] = diagonal_of(block, start)                 # l_ii, i in start .. stop−1
         row_stats.update(block, 1, exps, slice(start, stop))
         column_stats.update(block, 0, exps)
 
@@ -376,19 +367,31 @@ def clip_gradient_sweep(tiles, row_lse, column_lse, grad_images, grad_texts, reu
         tiles.accumulate(probs, start, stop, grad_images, grad_texts)
 
 
+def diagonal_of(block, offset):
+    """block[k, offset + k] for every row k of a C-contiguous (n, m) block, as a writeable view: (n,).
+
+    A tile of rows start .. stop−1 holds its pairs' logits l_ii at offset ``start``.
+    """
+    rows, columns = block.shape
+    return block.reshape(-1)[offset:offset + (rows - 1) * (columns + 1) + 1:columns + 1]
+
+
 def _masked_sum(xp, terms, keep):
     """Σ terms, or Σ keep ⊙ terms as one dot product (no (n, B) temporary) when a mask is given."""
     return terms.sum() if keep is None else xp.vdot(terms.ravel(), keep.ravel())
 
 
-def siglip_sweep(tiles, grad_images=None, grad_texts=None, keep=None):
-    """Score every pair of the current block as a negative; return (Σ −log σ(−l), Σ σ(l)) over the counted pairs.
+def siglip_sweep(tiles, grad_images=None, grad_texts=None, keep=None, positives=False):
+    """Score every pair of the current block; return (Σ −log σ(z·l), Σ σ(l)) over the counted pairs.
 
-    With gradient buffers, also adds σ(l)·Y to grad_images and σ(l)ᵀ·X to
-    grad_texts. ``keep(block, start)`` gives a tile's 0/1 mask of counted
-    pairs (negative masking); None counts every pair. Positives are scored as
-    negatives here too: the caller corrects for them (softplus(−l) = softplus(l) − l).
-    Sums are float64 0-d arrays.
+    Pairs are negatives (z = −1, the term softplus(l)), except, with
+    ``positives`` (the current texts are the rows' own), the diagonal
+    (z = +1, the term softplus(−l) = softplus(l) − l). With gradient buffers,
+    also adds σ(l)·Y to grad_images and σ(l)ᵀ·X to grad_texts (the caller
+    adds the positives' −I). ``keep(block, start)`` gives a tile's 0/1 mask
+    of counted pairs (negative masking); None counts every pair. Every term
+    summed is ≥ 0, so the loss is too, in floating point as well. Sums are
+    float64 0-d arrays.
     """
     xp = tiles.xp
     loss_sum = xp.zeros((), dtype=xp.float64)
@@ -401,7 +404,14 @@ def siglip_sweep(tiles, grad_images=None, grad_texts=None, keep=None):
         # min(l, 0) is 0, so l − max = min and min − max = −|l| exactly: two subtractions
         # stand in for the min, abs and negate passes.
         xp.maximum(block, 0, out=other)
+        if positives:
+            # a positive's term is max(l, 0) − l = max(−l, 0), exact in floating point (one of the two
+            # is 0), so that it cannot go below 0 as a separately rounded Σ l_ii could make it
+            diagonal = diagonal_of(other, start)                             # a view, (n,)
+            diagonal -= diagonal_of(block, start)
         loss_sum += _masked_sum(xp, other, mask)
+        if positives:
+            diagonal += diagonal_of(block, start)                            # max(l, 0) again, exactly
         block -= other                                                               # min(l, 0)
         xp.subtract(block, other, out=other)                                         # −|l|
         xp.log1p(xp.exp(other, out=other), out=other)                               # log1p(e^−|l|)

@@ -475,9 +475,7 @@ class Run:
         if config.lock_image:
             lock_image_tower(self.model)
         if comm.size > 1:        # batch norm over the global batch, so that N ranks train exactly as one process
-            for module in self.model.modules():
-                if isinstance(module, nn.BatchNorm):
-                    module.comm = comm
+            nn.synchronise_batch_norm(self.model, comm)
         self.optimizer, self.schedule = build_optimizer(self.model, config)
         self.step = 0
         self.seconds_before = 0.0            # training time of the run before this process took over
@@ -581,6 +579,8 @@ def train(config, resume=None, comm=None):
     (before any training), NonFiniteLoss when the loss diverges.
     """
     comm = distributed.world() if comm is None else comm
+    backend.tune_malloc()                       # process-wide settings: asked for here, never at import
+    distributed.install_abort_on_error(comm)    # an error on one rank ends the job instead of a hang
     resume_path = checkpoint_folder(resume) if resume is not None else None
     state = read_checkpoint_state(resume_path, config) if resume_path is not None else None
     if config.out is None:
