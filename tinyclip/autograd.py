@@ -9,6 +9,11 @@ nodes in reverse topological order (micrograd's walk, on arrays), adds each
 local gradient into its inputs, and frees what the forward saved as soon as
 it has been used, so peak memory is that of one forward plus the gradients.
 
+This module knows no op: ``Tensor``'s operators and array-like methods
+(``+``, ``@``, ``[...]``, ``.sum()``, ...) are attached by
+``tinyclip.functional``, which defines the ops, so that imports run one way
+(backend → autograd → functional).
+
 Only leaf tensors with ``requires_grad=True`` (parameters, inputs) keep a
 ``.grad``; gradients of intermediate results live only during the walk.
 Backward functions must not modify their ``grad`` argument in place: one

@@ -92,7 +92,7 @@ def why_no_gpu():
 
 
 def cupy_module():
-    """The cupy module; a clear RuntimeError when no GPU can be used."""
+    """The cupy module. Raises RuntimeError, saying why, when no GPU can be used."""
     cupy = _probe_cupy()
     if cupy is None:
         raise RuntimeError(f"the cupy backend is not available on this machine ({_cupy_error}); "
@@ -128,7 +128,10 @@ def _check_backend_name(name):
 
 
 def default_backend():
-    """The backend name new arrays go to: set_backend(), else $TINYCLIP_BACKEND, else numpy."""
+    """The backend name new arrays go to: set_backend(), else $TINYCLIP_BACKEND, else numpy.
+
+    Raises ValueError when TINYCLIP_BACKEND names no backend.
+    """
     if _backend_override is not None:
         return _backend_override
     name = os.environ.get("TINYCLIP_BACKEND", "numpy").strip().lower() or "numpy"
@@ -138,7 +141,10 @@ def default_backend():
 
 
 def set_backend(name):
-    """Make ``name`` ('numpy' or 'cupy') the default backend; None restores the environment's."""
+    """Make ``name`` ('numpy' or 'cupy') the default backend; None restores the environment's.
+
+    Raises ValueError for another name, RuntimeError for 'cupy' where no GPU can be used.
+    """
     global _backend_override
     if name is not None:
         _check_backend_name(name)
@@ -149,7 +155,7 @@ def set_backend(name):
 
 @contextlib.contextmanager
 def use_backend(name):
-    """``with use_backend('cupy'):`` — the default backend inside the block."""
+    """``with use_backend('cupy'):`` — the default backend inside the block. Raises what set_backend raises."""
     previous = _backend_override
     set_backend(name)
     try:
@@ -159,13 +165,16 @@ def use_backend(name):
 
 
 def backend_module(name=None):
-    """The array module (numpy or cupy) for a backend name, or for the default."""
+    """The array module (numpy or cupy) for a backend name, or for the default.
+
+    Raises ValueError for an unknown name, RuntimeError for cupy where no GPU can be used.
+    """
     name = _check_backend_name(name) if name is not None else default_backend()
     return numpy if name == "numpy" else cupy_module()
 
 
 def get_array_module(*arrays):
-    """numpy, or cupy if any argument is a CuPy array (Tensors are unwrapped)."""
+    """numpy, or cupy if any argument is a CuPy array (Tensors are unwrapped). Raises nothing."""
     for array in arrays:
         if getattr(array, "is_tensor", False):
             array = array.data
@@ -176,7 +185,7 @@ def get_array_module(*arrays):
 
 
 def backend_of(array):
-    """'numpy' or 'cupy': where an array lives."""
+    """'numpy' or 'cupy': where an array lives. Raises nothing."""
     return "cupy" if get_array_module(array) is not numpy else "numpy"
 
 
@@ -186,6 +195,7 @@ def default_dtype():
 
 
 def set_default_dtype(dtype):
+    """Make ``dtype`` the float type of new parameters and tensors. Raises TypeError for a non-float type."""
     global _default_dtype
     dtype = numpy.dtype(dtype)
     if dtype.kind != "f":
@@ -201,7 +211,10 @@ def to_numpy(array):
 
 
 def asarray(array, backend=None, dtype=None):
-    """``array`` on the given (or default) backend, converting NumPy <-> CuPy as needed."""
+    """``array`` on the given (or default) backend, converting NumPy <-> CuPy as needed.
+
+    Raises what ``backend_module`` raises, and what NumPy/CuPy raise for data that is not an array.
+    """
     xp = backend_module(backend)
     if xp is numpy:
         array = to_numpy(array)

@@ -238,7 +238,7 @@ _world = None
 
 
 def launched_size():
-    """The number of processes the MPI launcher says it started (1 when not under a launcher)."""
+    """The number of processes the MPI launcher says it started (1 when not under a launcher). Raises nothing."""
     for name in _LAUNCHER_SIZE_VARIABLES:
         value = os.environ.get(name, "").strip()
         if value.isdigit():
@@ -275,7 +275,10 @@ def world():
 
 
 def select_gpu(comm):
-    """Make GPU (node-local rank mod GPUs on the node) this process's current CUDA device; returns its id."""
+    """Make GPU (node-local rank mod GPUs on the node) this process's current CUDA device; returns its id.
+
+    Raises RuntimeError (from ``backend.cupy_module``) when CuPy or a CUDA device is missing.
+    """
     cupy = backend.cupy_module()
     device = comm.local_rank % cupy.cuda.runtime.getDeviceCount()
     cupy.cuda.Device(device).use()
@@ -369,7 +372,7 @@ def _unpack(message, shapes):
 
 
 def ring_hops(size, bidirectional=False):
-    """(hops towards higher ranks, hops towards lower ranks) that take a chunk to every other rank once."""
+    """(hops towards higher ranks, hops towards lower ranks) that take a chunk to every other rank once. Raises nothing."""
     if not bidirectional:
         return size - 1, 0
     return size // 2, (size - 1) // 2
@@ -490,6 +493,11 @@ def siglip_loss(image_emb, text_emb, log_scale, bias, comm=None, tile=None, bidi
     ``image_emb``, ``text_emb``: this rank's (b, D) pairs; ``comm``: from
     ``world()`` (the default); ``tile``: rows of the local batch scored at a
     time; ``bidirectional``: send the text chunks both ways round the ring.
+
+    Raises on every rank (never leaving one waiting) what
+    ``tinyclip.losses.siglip_loss`` raises for bad input on any rank (the
+    rank with the bad input gives its own message), and ValueError when the
+    ranks disagree on the dimension, log_scale or bias.
     """
     comm = world() if comm is None else comm
     sizes = _agreed_sizes(comm, image_emb, text_emb, log_scale, bias, needs_bias=True)
@@ -612,6 +620,10 @@ def clip_loss(image_emb, text_emb, log_scale, comm=None, method="ring", tile=Non
 
     ``method``: "ring" (two trips round the ring, O(b·tile) logits per rank)
     or "gather" (all-gather the embeddings, O(B·D) memory per rank).
+
+    Raises ValueError for another ``method``, and on every rank what
+    ``tinyclip.losses.clip_loss`` raises for bad input on any rank, or
+    ValueError when the ranks disagree on the dimension or log_scale.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -644,6 +656,8 @@ def all_reduce_gradients(parameters, comm=None):
     Each rank's gradient is that of its share of the loss, so the sum is the
     gradient of the global loss (a sum, not a mean: the shares already carry
     the 1/B of the global batch). A parameter without a gradient counts as zero.
+    Raises what MPI raises (an error on one rank ends the job once
+    ``install_abort_on_error`` is in place).
     """
     comm = world() if comm is None else comm
     parameters = list(parameters)
@@ -662,7 +676,10 @@ def all_reduce_gradients(parameters, comm=None):
 
 
 def broadcast_parameters(parameters, comm=None, root=0):
-    """Copy rank ``root``'s parameter values to every rank (one flat buffer per dtype), so all start equal."""
+    """Copy rank ``root``'s parameter values to every rank (one flat buffer per dtype), so all start equal.
+
+    Raises what MPI raises (for instance for a root that is not a rank).
+    """
     comm = world() if comm is None else comm
     parameters = list(parameters)
     if comm.size == 1:

@@ -15,6 +15,14 @@ norm.
 Conventions: ``g`` is the gradient of the loss with respect to the op's
 output; broadcasting is undone by ``autograd.unbroadcast``; a backward
 returns one gradient per positional input (``None`` where none is needed).
+Errors: every op raises TypeError for an input that is None (unless it is an
+optional one, such as a bias), not a Tensor, array or number, integer data
+where floats are needed, or on another backend than the others
+(``autograd.Function.apply``); each function lists its own errors besides.
+
+This module also attaches ``Tensor``'s operators and methods (``+``, ``@``,
+indexing, ``.sum()``, ``.reshape()``, ...; the end of the file): they are
+these ops, and autograd, below this module, never imports it.
 
 References: the GELU paper (Hendrycks & Gimpel 2016) for GELU and its tanh
 approximation; CLIP's QuickGELU x·σ(1.702x); layer norm (Ba et al. 2016);
@@ -80,6 +88,11 @@ class Add(Function):
 
 
 def add(a, b):
+    """a + b, broadcasting.
+
+    Raises ValueError when the shapes do not broadcast; TypeError (every op) for None, a non-number, integer
+    data or inputs on two backends.
+    """
     return Add.apply(a, b)
 
 
@@ -99,6 +112,11 @@ class Sub(Function):
 
 
 def sub(a, b):
+    """a − b, broadcasting.
+
+    Raises ValueError when the shapes do not broadcast; TypeError (every op) for None, a non-number, integer
+    data or inputs on two backends.
+    """
     return Sub.apply(a, b)
 
 
@@ -120,6 +138,11 @@ class Mul(Function):
 
 
 def mul(a, b):
+    """a · b elementwise, broadcasting.
+
+    Raises ValueError when the shapes do not broadcast; TypeError (every op) for None, a non-number, integer
+    data or inputs on two backends.
+    """
     return Mul.apply(a, b)
 
 
@@ -142,6 +165,11 @@ class Div(Function):
 
 
 def div(a, b):
+    """a / b elementwise, broadcasting.
+
+    Raises ValueError when the shapes do not broadcast; TypeError (every op) for None, a non-number, integer
+    data or inputs on two backends.
+    """
     return Div.apply(a, b)
 
 
@@ -158,6 +186,10 @@ class Neg(Function):
 
 
 def neg(x):
+    """−x.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Neg.apply(x)
 
 
@@ -178,7 +210,10 @@ class Pow(Function):
 
 
 def pow(x, exponent):
-    """x ** exponent, exponent a Python number (a differentiable exponent is exp(p · log x))."""
+    """x ** exponent, exponent a Python number (a differentiable exponent is exp(p · log x)).
+
+    Raises TypeError for a Tensor or array exponent, and as every op.
+    """
     if isinstance(exponent, Tensor) or hasattr(exponent, "shape"):
         raise TypeError("pow: the exponent must be a Python number; write exp(p * log(x)) for a tensor exponent")
     return Pow.apply(x, exponent=exponent)
@@ -204,6 +239,10 @@ class Exp(Function):
 
 
 def exp(x):
+    """e^x elementwise.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Exp.apply(x)
 
 
@@ -222,6 +261,10 @@ class Log(Function):
 
 
 def log(x):
+    """log x elementwise (−inf at 0, NaN below: NumPy's own values).
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Log.apply(x)
 
 
@@ -241,6 +284,10 @@ class Sqrt(Function):
 
 
 def sqrt(x):
+    """√x elementwise.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Sqrt.apply(x)
 
 
@@ -260,6 +307,10 @@ class Tanh(Function):
 
 
 def tanh(x):
+    """tanh x elementwise.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Tanh.apply(x)
 
 
@@ -279,6 +330,10 @@ class Sigmoid(Function):
 
 
 def sigmoid(x):
+    """σ(x) = 1 / (1 + e^−x) elementwise, without overflow.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Sigmoid.apply(x)
 
 
@@ -298,6 +353,10 @@ class LogSigmoid(Function):
 
 
 def log_sigmoid(x):
+    """log σ(x) elementwise, finite for every finite x.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return LogSigmoid.apply(x)
 
 
@@ -317,6 +376,10 @@ class Softplus(Function):
 
 
 def softplus(x):
+    """log(1 + e^x) elementwise, without overflow.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Softplus.apply(x)
 
 
@@ -335,6 +398,10 @@ class ReLU(Function):
 
 
 def relu(x):
+    """max(x, 0) elementwise.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return ReLU.apply(x)
 
 
@@ -394,7 +461,10 @@ class GELU(Function):
 
 
 def gelu(x, approximate="tanh"):
-    """GELU; ``approximate='tanh'`` (SigLIP, GPT-2) or ``'none'`` (exact, erf-based)."""
+    """GELU; ``approximate='tanh'`` (SigLIP, GPT-2) or ``'none'`` (exact, erf-based).
+
+    Raises ValueError for another ``approximate``; TypeError as every op.
+    """
     if approximate == "tanh":
         return GELUTanh.apply(x)
     if approximate == "none":
@@ -429,6 +499,10 @@ class QuickGELU(Function):
 
 
 def quick_gelu(x):
+    """x · σ(1.702 x) elementwise (OpenAI CLIP's activation).
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return QuickGELU.apply(x)
 
 
@@ -476,6 +550,11 @@ class MatMul(Function):
 
 
 def matmul(a, b):
+    """A @ B over the last two axes, leading axes broadcast (1-D inputs as in NumPy).
+
+    Raises ValueError for a 0-d input, contracted axes that differ or batch axes that do not broadcast;
+    TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return MatMul.apply(a, b)
 
 
@@ -511,7 +590,11 @@ class Linear(Function):
 
 
 def linear(x, weight, bias=None):
-    """x @ weight.T + bias, fused: one GEMM forward, two (three with bias) backward."""
+    """x @ weight.T + bias, fused: one GEMM forward, two (three with bias) backward.
+
+    Raises ValueError for a weight that is not 2-D (out, in), an input whose last axis is not ``in``, or a
+    bias that is not (out,); TypeError as every op.
+    """
     return Linear.apply(x, weight, bias)
 
 
@@ -541,6 +624,11 @@ class Sum(Function):
 
 
 def sum(x, axis=None, keepdims=False):
+    """Σ x over ``axis`` (an int, a tuple, or None for all).
+
+    Raises ValueError for an axis out of range; TypeError (every op) for None, a non-number, integer data or
+    inputs on two backends.
+    """
     return Sum.apply(x, axis=axis, keepdims=keepdims)
 
 
@@ -562,6 +650,11 @@ class Mean(Function):
 
 
 def mean(x, axis=None, keepdims=False):
+    """The mean of x over ``axis`` (an int, a tuple, or None for all).
+
+    Raises ValueError for an empty input or an axis out of range; TypeError (every op) for None, a non-
+    number, integer data or inputs on two backends.
+    """
     return Mean.apply(x, axis=axis, keepdims=keepdims)
 
 
@@ -587,6 +680,11 @@ class Max(Function):
 
 
 def max(x, axis=None, keepdims=False):
+    """The maximum of x over ``axis``; the gradient is shared equally between ties.
+
+    Raises ValueError for an empty input or an axis out of range; TypeError (every op) for None, a non-
+    number, integer data or inputs on two backends.
+    """
     return Max.apply(x, axis=axis, keepdims=keepdims)
 
 
@@ -613,6 +711,10 @@ class Reshape(Function):
 
 
 def reshape(x, shape):
+    """x with another shape (one entry may be −1).
+
+    Raises ValueError when the sizes differ; TypeError for None or a non-array.
+    """
     return Reshape.apply(x, shape=tuple(shape) if not isinstance(shape, int) else (shape,))
 
 
@@ -638,10 +740,18 @@ class Transpose(Function):
 
 
 def transpose(x, axes=None):
+    """x with its axes permuted (reversed when ``axes`` is None).
+
+    Raises ValueError when ``axes`` is not a permutation of x's axes; TypeError for None or a non-array.
+    """
     return Transpose.apply(x, axes=None if axes is None else tuple(axes))
 
 
 def permute(x, axes):
+    """x with its axes in the order ``axes``.
+
+    Raises ValueError when ``axes`` is not a permutation of x's axes; TypeError for None or a non-array.
+    """
     return Transpose.apply(x, axes=tuple(axes))
 
 
@@ -662,6 +772,11 @@ class BroadcastTo(Function):
 
 
 def broadcast_to(x, shape):
+    """x repeated along new or length-1 axes up to ``shape``.
+
+    Raises ValueError when x's shape does not broadcast to ``shape``; TypeError (every op) for None, a non-
+    number, integer data or inputs on two backends.
+    """
     return BroadcastTo.apply(x, shape=tuple(shape))
 
 
@@ -699,6 +814,10 @@ class GetItem(Function):
 
 
 def getitem(x, index):
+    """x[index]: slices, integers, integer arrays (or Tensors), None, ...; repeated indices add up in the gradient.
+
+    Raises IndexError for an index out of range; TypeError for None or a non-array.
+    """
     return GetItem.apply(x, index=_unwrap_index(index))
 
 
@@ -728,6 +847,10 @@ class Concatenate(Function):
 
 
 def concatenate(tensors, axis=0):
+    """The tensors joined along ``axis``.
+
+    Raises ValueError for no tensors or shapes that do not fit together; TypeError for None or a non-array.
+    """
     if len(tensors) == 0:
         raise ValueError("concatenate: needs at least one tensor")
     return Concatenate.apply(*tensors, axis=axis)
@@ -753,6 +876,10 @@ class Stack(Function):
 
 
 def stack(tensors, axis=0):
+    """The tensors stacked along a new axis ``axis``.
+
+    Raises ValueError for no tensors or tensors of different shapes; TypeError for None or a non-array.
+    """
     if len(tensors) == 0:
         raise ValueError("stack: needs at least one tensor")
     return Stack.apply(*tensors, axis=axis)
@@ -772,6 +899,10 @@ class Cast(Function):
 
 
 def cast(x, dtype):
+    """x in another float type; the gradient comes back in x's type.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Cast.apply(x, dtype=dtype)
 
 
@@ -806,6 +937,11 @@ class Softmax(Function):
 
 
 def softmax(x, axis=-1):
+    """e^x / Σ e^x along ``axis``, with the max subtracted.
+
+    Raises numpy.exceptions.AxisError (a ValueError) for an axis out of range; TypeError (every op) for
+    None, a non-number, integer data or inputs on two backends.
+    """
     return Softmax.apply(x, axis=axis)
 
 
@@ -826,6 +962,11 @@ class LogSoftmax(Function):
 
 
 def log_softmax(x, axis=-1):
+    """x − logsumexp(x) along ``axis``.
+
+    Raises numpy.exceptions.AxisError (a ValueError) for an axis out of range; TypeError (every op) for
+    None, a non-number, integer data or inputs on two backends.
+    """
     return LogSoftmax.apply(x, axis=axis)
 
 
@@ -849,6 +990,11 @@ class LogSumExp(Function):
 
 
 def logsumexp(x, axis=-1, keepdims=False):
+    """log Σ e^x along ``axis``, with the max subtracted (a row of −inf stays −inf).
+
+    Raises numpy.exceptions.AxisError (a ValueError) for an axis out of range; TypeError (every op) for
+    None, a non-number, integer data or inputs on two backends.
+    """
     return LogSumExp.apply(x, axis=axis, keepdims=keepdims)
 
 
@@ -873,6 +1019,11 @@ class L2Normalize(Function):
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
+    """x / max(‖x‖, eps) along ``axis``.
+
+    Raises numpy.exceptions.AxisError (a ValueError) for an axis out of range; TypeError (every op) for
+    None, a non-number, integer data or inputs on two backends.
+    """
     return L2Normalize.apply(x, axis=axis, eps=eps)
 
 
@@ -915,7 +1066,10 @@ class LayerNorm(Function):
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """Layer norm over the last axis; weight and bias of shape (D,), either may be None."""
+    """Layer norm over the last axis; weight and bias of shape (D,), either may be None.
+
+    Raises ValueError for a weight or bias that is not (D,); TypeError as every op.
+    """
     return LayerNorm.apply(x, weight, bias, eps=eps)
 
 
@@ -957,7 +1111,10 @@ class Embedding(Function):
 
 
 def embedding(weight, ids):
-    """Rows ``weight[ids]`` for integer ``ids`` of any shape: (...) -> (..., D)."""
+    """Rows ``weight[ids]`` for integer ``ids`` of any shape: (...) -> (..., D).
+
+    Raises TypeError for ids that are not integers, IndexError for an id outside the table.
+    """
     ids = ids.data if isinstance(ids, Tensor) else ids
     ids = _xp(weight, ids).asarray(ids)
     if ids.dtype.kind not in "iu":
@@ -1014,7 +1171,11 @@ class ScaledDotProductAttention(Function):
 
 
 def scaled_dot_product_attention(q, k, v, causal=False, scale=None):
-    """Attention over (B, H, T, d) inputs; ``causal`` hides later keys from each query."""
+    """Attention over (B, H, T, d) inputs; ``causal`` hides later keys from each query.
+
+    Raises ValueError for q, k, v whose shapes do not fit (or a causal mask over unequal lengths); TypeError
+    as every op.
+    """
     return ScaledDotProductAttention.apply(q, k, v, causal=causal, scale=scale)
 
 
@@ -1033,7 +1194,10 @@ class Dropout(Function):
 
 
 def dropout(x, p, rng, training=True):
-    """Zero each element with probability ``p`` and scale the rest by 1/(1-p); identity when not training."""
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p); identity when not training.
+
+    Raises ValueError for p outside [0, 1); TypeError as every op.
+    """
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
@@ -1103,6 +1267,9 @@ def patches(x, kernel, stride=1, padding=0):
     Each window is flattened in (ky, kx, c) order, so a convolution is
     ``linear(patches(x, k, s, p), weight, bias)`` with ``weight`` (out, k·k·C):
     a PyTorch Conv2d weight (out, C, k, k) permuted to (out, k, k, C) and reshaped.
+
+    Raises ValueError for an input that is not 4-D, a kernel, stride or padding that is not an integer in
+    range, or a kernel larger than the padded image.
     """
     return Patches.apply(x, kernel=kernel, stride=stride, padding=padding)
 

@@ -94,6 +94,12 @@ def clip_loss(image_emb, text_emb, log_scale, tile=None):
     """CLIP's symmetric softmax loss of L2-normalised embeddings (B, D); scale = exp(log_scale).
 
     ``tile`` rows are processed at a time (default ``default_tile``): no B×B matrix is formed.
+    Returns a scalar Tensor, ≥ 0 (exactly 0 for a batch of one) in every float type.
+
+    Raises TypeError or ValueError naming the input for embeddings that are
+    not (B, D) float arrays of equal shape, empty, or hold NaN/inf; for a
+    log_scale that is None, not a scalar, not finite or whose exp overflows;
+    and for a tile that is not a positive integer.
     """
     check_inputs(image_emb, text_emb, log_scale)
     batch = as_array(image_emb).shape[0]
@@ -139,6 +145,12 @@ def siglip_loss(image_emb, text_emb, log_scale, bias, tile=None, keep_negatives=
     or "easy" (the lowest); positives are always kept and the loss is still
     divided by B, as in the SigLIP paper's ablation. ``tile`` rows are
     processed at a time (default ``default_tile``): no B×B matrix is formed.
+    Returns a scalar Tensor, ≥ 0 in every float type.
+
+    Raises what ``clip_loss`` raises, and ValueError naming ``bias`` when it is
+    None (a CLIP-family model has no bias: use clip_loss), not a scalar or not
+    finite, and naming ``keep_negatives``, ``negatives`` or ``mask_seed`` when
+    they are out of range or of the wrong type.
     """
     check_inputs(image_emb, text_emb, log_scale, bias, needs_bias=True)
     _check_masking(keep_negatives, negatives, mask_seed)
@@ -204,6 +216,7 @@ def siglip_negative_mask(image_emb, text_emb, log_scale, bias, keep_negatives, n
     """The (B, B) boolean mask ``siglip_loss`` uses: True where a pair counts (positives always).
 
     It materialises B×B: meant for tests and for looking at which negatives a rule keeps.
+    Raises what ``siglip_loss`` raises.
     """
     check_inputs(image_emb, text_emb, log_scale, bias, needs_bias=True)
     _check_masking(keep_negatives, negatives, mask_seed)
@@ -236,7 +249,10 @@ def _diagonal(matrix):
 
 
 def clip_loss_reference(image_emb, text_emb, log_scale):
-    """CLIP's loss from functional ops, holding the B×B logits (Radford et al. 2021, Figure 3)."""
+    """CLIP's loss from functional ops, holding the B×B logits (Radford et al. 2021, Figure 3).
+
+    No input checks (it is the tests' oracle): raises what the ops raise.
+    """
     image_emb, text_emb = _as_tensor(image_emb, image_emb), _as_tensor(text_emb, image_emb)
     log_scale = _as_tensor(log_scale, image_emb)
     logits = F.exp(log_scale) * F.matmul(image_emb, F.transpose(text_emb))     # (B, B)
@@ -246,7 +262,10 @@ def clip_loss_reference(image_emb, text_emb, log_scale):
 
 
 def siglip_loss_reference(image_emb, text_emb, log_scale, bias, mask=None):
-    """SigLIP's loss from functional ops, holding the B×B logits (Zhai et al. 2023, Algorithm 1)."""
+    """SigLIP's loss from functional ops, holding the B×B logits (Zhai et al. 2023, Algorithm 1).
+
+    No input checks (it is the tests' oracle): raises what the ops raise.
+    """
     image_emb, text_emb = _as_tensor(image_emb, image_emb), _as_tensor(text_emb, image_emb)
     log_scale, bias = _as_tensor(log_scale, image_emb), _as_tensor(bias, image_emb)
     xp = image_emb.xp
