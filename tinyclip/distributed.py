@@ -21,7 +21,7 @@ holds O(b·tile) logits at a time, whatever B is.
 
 CLIP needs every row's and every column's log-sum-exp before any gradient,
 so it takes two trips round the ring: the first carries each text chunk with
-its columns' running log-sum-exp (the online softmax of losses.py, kept per
+its columns' running log-sum-exp (the online softmax of tinyclip.tiles, kept per
 column as the chunk travels), the second carries the chunk with its finished
 log-sum-exp and its travelling gradient. No rank ever holds b × B logits.
 ``method="gather"`` is the simple baseline: all-gather both sides' embeddings,
@@ -372,7 +372,10 @@ def _unpack(message, shapes):
 
 
 def ring_hops(size, bidirectional=False):
-    """(hops towards higher ranks, hops towards lower ranks) that take a chunk to every other rank once. Raises nothing."""
+    """(hops towards higher ranks, hops towards lower ranks) that take a chunk to every other rank once.
+
+    Raises nothing.
+    """
     if not bidirectional:
         return size - 1, 0
     return size // 2, (size - 1) // 2

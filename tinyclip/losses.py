@@ -30,6 +30,8 @@ two sweeps: the first keeps each column's running max m and rescaled sum s
 exact at every step (s·exp(m) = Σ exp(l) over the rows seen so far), and the
 second recomputes each tile's logits to form G — four products instead of
 three, the price of never holding B×B. docs/losses.md has the derivations.
+The tiles, the running log-sum-exp and the sweeps are the tile engine in
+``tinyclip.tiles``, which ``tinyclip.distributed`` builds its losses from too.
 
 Numerics: log-sum-exp with the max subtracted; log σ(u) = min(u, 0) − log1p(e^−|u|);
 σ(u) = exp(min(u, 0) − log1p(e^−|u|)); float16 inputs are computed in float32

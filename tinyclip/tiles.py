@@ -351,7 +351,7 @@ def clip_lse_sweep(tiles, row_stats, column_stats, positives=None):
 
 
 def clip_gradient_sweep(tiles, row_lse, column_lse, grad_images, grad_texts, reuse_last=False):
-    """CLIP's sweep 2, last tile first: add (P_rows + P_cols)·Y to grad_images and its transpose's product to grad_texts.
+    """CLIP's sweep 2, last tile first: add P·Y to grad_images and Pᵀ·X to grad_texts, P = P_rows + P_cols.
 
     ``row_lse`` (n,) and ``column_lse`` (m,) are the finished log-sum-exp
     values. With ``reuse_last`` the last tile's logits are still in the
