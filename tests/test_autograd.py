@@ -151,7 +151,7 @@ def test_two_backward_calls_accumulate_and_zero_grad_resets():
 def test_only_tensors_that_require_grad_get_one():
     x, constant = leaf([1.0, 2.0]), tensor(np.array([3.0, 4.0]))
     out = Add.apply(x, constant)
-    assert out.requires_grad and out._node is not None
+    assert out.requires_grad and out._node is not None and not out.is_leaf
     out.backward(np.ones(2))
     assert constant.grad is None and out.grad is None   # only leaves keep .grad
     np.testing.assert_array_equal(x.grad, [1.0, 1.0])

@@ -122,8 +122,33 @@ def private_uses(path):
     return uses
 
 
+def private_attributes_from_elsewhere(path):
+    """``thing._name`` where no code in this file defines ``_name`` (a private attribute of another module's class).
+
+    Attributes of outside modules (``os._exit``) are not tinyclip's business.
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    outside = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names if not alias.name.startswith("tinyclip")}
+    defined = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            defined.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            defined.add(node.value)          # __slots__ entries
+    return [f"{path.name}:{node.lineno}: .{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+            and node.attr not in defined
+            and not (isinstance(node.value, ast.Name) and node.value.id in outside)]
+
+
 def test_no_module_uses_another_modules_private_names():
     uses = [use for path in sorted(PACKAGE.rglob("*.py")) for use in private_uses(path)]
+    uses += [use for path in sorted(PACKAGE.rglob("*.py")) for use in private_attributes_from_elsewhere(path)]
     assert not uses, "\n".join(uses)
 
 

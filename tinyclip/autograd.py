@@ -213,6 +213,11 @@ class Tensor:
     xp = property(lambda self: backend.get_array_module(self.data))
     backend = property(lambda self: backend.backend_of(self.data))
 
+    @property
+    def is_leaf(self):
+        """True for a tensor no recorded op made (a parameter, an input): the ones whose ``.grad`` backward fills."""
+        return self._node is None
+
     def __len__(self):
         return len(self.data)
 
