@@ -62,6 +62,8 @@ class Module:
     attribute holding a Parameter, a Buffer, a Module, or a non-empty
     list/tuple of Modules (wrapped into a ``ModuleList``) is registered under
     its name.
+    ``forward`` of the base class raises NotImplementedError; ``load_state_dict`` raises ValueError naming
+    every key that does not fit.
     """
 
     def __init__(self):
@@ -197,14 +199,20 @@ class Module:
 
 
 def key_problems(missing=(), unexpected=(), mismatched=(), not_arrays=()):
-    """One line per kind of misfit between a state and a model, each naming every key; [] when all fit."""
+    """One line per kind of misfit between a state and a model, each naming every key; [] when all fit.
+
+    Raises nothing.
+    """
     kinds = (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
              ("shape mismatches", mismatched, "; "), ("values that are not arrays", not_arrays, ", "))
     return [f"{label} ({len(keys)}): {separator.join(keys)}" for label, keys, separator in kinds if keys]
 
 
 class ModuleList(Module):
-    """A list of Modules registered under the names '0', '1', ..."""
+    """A list of Modules registered under the names '0', '1', ...
+
+    Indexing raises IndexError like a list.
+    """
 
     def __init__(self, modules=()):
         super().__init__()
@@ -263,7 +271,10 @@ class _Init:
 # ---------------------------------------------------------------------------------
 
 class Linear(Module):
-    """y = x Wᵀ + b, W of shape (out, in) as in PyTorch."""
+    """y = x Wᵀ + b, W of shape (out, in) as in PyTorch.
+
+    Calling it raises what ``functional.linear`` raises (ValueError for an input whose last axis is not ``in``).
+    """
 
     def __init__(self, in_features, out_features, bias=True, std=0.02, dtype=None, backend=None, rng=None, seed=None):
         super().__init__()
@@ -280,7 +291,10 @@ class Linear(Module):
 
 
 class LayerNorm(Module):
-    """y = (x - μ) / √(σ² + eps) · weight + bias over the last axis."""
+    """y = (x - μ) / √(σ² + eps) · weight + bias over the last axis.
+
+    Calling it raises what ``functional.layer_norm`` raises.
+    """
 
     def __init__(self, dim, eps=1e-5, dtype=None, backend=None, rng=None, seed=None):
         super().__init__()
@@ -303,6 +317,8 @@ class Conv2d(Module):
     window (zero padding) is flattened as (ky, kx, c) and mapped by W of shape
     (out, kernel·kernel·in), which is PyTorch's (out, in, k, k) weight
     permuted to (out, k, k, in). Weights start normal with std 1/√(k·k·in).
+    Calling it raises ValueError for an input that is not (B, H, W, C_in), and what ``functional.patches``
+    raises.
     """
 
     def __init__(self, in_channels, out_channels, kernel, stride=1, padding=0, bias=True,
@@ -371,6 +387,7 @@ def synchronise_batch_norm(model, comm):
     does it under MPI), so that the statistics are those of the global batch
     and N ranks train exactly as one process. ``comm=None`` turns it off.
     Returns the number of layers changed.
+    Raises nothing; the layers raise at their next forward if ``comm`` has no ``all_reduce``.
     """
     layers = [module for module in model.modules() if isinstance(module, BatchNorm)]
     for layer in layers:
@@ -379,7 +396,11 @@ def synchronise_batch_norm(model, comm):
 
 
 class Embedding(Module):
-    """y = weight[ids]: a lookup table of ``num`` rows of width ``dim``."""
+    """y = weight[ids]: a lookup table of ``num`` rows of width ``dim``.
+
+    Calling it raises what ``functional.embedding`` raises (TypeError for non-integer ids, IndexError out of
+    range).
+    """
 
     def __init__(self, num, dim, std=0.02, dtype=None, backend=None, rng=None, seed=None):
         super().__init__()
@@ -403,7 +424,10 @@ ACTIVATIONS = {
 
 
 class MLP(Module):
-    """y = fc2(act(fc1(x))): widen to ``hidden``, apply the activation, project back to ``dim``."""
+    """y = fc2(act(fc1(x))): widen to ``hidden``, apply the activation, project back to ``dim``.
+
+    Raises ValueError for an unknown activation; calling it raises what ``functional.linear`` raises.
+    """
 
     def __init__(self, dim, hidden, activation="quick_gelu", dtype=None, backend=None, rng=None, seed=None):
         super().__init__()
@@ -429,6 +453,8 @@ class MultiHeadAttention(Module):
     gives cross-attention, as in SigLIP's attention-pooling head, where one
     learned query attends over all patch tokens. ``causal`` hides later keys
     from each query (the text tower) and needs Tq == Tk.
+    Raises ValueError for a width that the heads do not divide, and, when called, for a context whose batch
+    or width does not fit.
     """
 
     def __init__(self, dim, heads, causal=False, dtype=None, backend=None, rng=None, seed=None):
@@ -474,7 +500,10 @@ def _check_tokens(layer, name, x, dim):
 
 
 class Block(Module):
-    """Pre-LN residual block: x ← x + attn(ln1(x)); x ← x + mlp(ln2(x))."""
+    """Pre-LN residual block: x ← x + attn(ln1(x)); x ← x + mlp(ln2(x)).
+
+    Calling it raises what its attention and MLP raise.
+    """
 
     def __init__(self, dim, heads, mlp_ratio=4, activation="quick_gelu", causal=False, eps=1e-5,
                  dtype=None, backend=None, rng=None, seed=None):
@@ -491,7 +520,10 @@ class Block(Module):
 
 
 class Transformer(Module):
-    """``depth`` pre-LN Blocks applied in turn, named ``blocks.0`` ... ``blocks.{depth-1}``."""
+    """``depth`` pre-LN Blocks applied in turn, named ``blocks.0`` ... ``blocks.{depth-1}``.
+
+    Calling it raises what its blocks raise.
+    """
 
     def __init__(self, dim, depth, heads, mlp_ratio=4, activation="quick_gelu", causal=False, eps=1e-5,
                  dtype=None, backend=None, rng=None, seed=None):
