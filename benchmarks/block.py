@@ -15,7 +15,8 @@ softmax, activation, reshapes, autograd bookkeeping); the median over
 
     python benchmarks/block.py --backend numpy --repeat 10
 
-On Linux with glibc, importing tinyclip raises malloc's mmap and trim
+On Linux with glibc, the benchmark calls ``tinyclip.backend.tune_malloc()``
+(as the ``tinyclip`` command and ``train()`` do), which raises malloc's mmap and trim
 thresholds so that large freed temporaries are reused rather than returned
 to the kernel (see ``tinyclip.backend``); TINYCLIP_MALLOC_TUNING=0 turns
 that off, and the machine description says which way it ran.
@@ -87,6 +88,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
+    backend.tune_malloc()   # as the tinyclip command and train() do: the figures are those of a real run
 
     xp = backend.backend_module(args.backend)
     dtype = xp.float32

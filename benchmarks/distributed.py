@@ -81,6 +81,7 @@ def main():
     parser.add_argument("--backend", choices=backend.BACKENDS, default=backend.default_backend())
     parser.add_argument("--json", action="store_true", help="also print one JSON line per row")
     args = parser.parse_args()
+    backend.tune_malloc()   # as the tinyclip command and train() do: the figures are those of a real run
 
     comm = distributed.world()
     xp = backend.backend_module(args.backend)

@@ -133,6 +133,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
+    backend.tune_malloc()   # as the tinyclip command and train() do: the figures are those of a real run
 
     xp = backend.backend_module(args.backend)
     dtype = xp.float32

@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout, uninstalled
 from benchmarks.common import machine_description, timed  # noqa: E402
 from tinyclip import tokenizer  # noqa: E402
+from tinyclip import backend  # noqa: E402
 from tinyclip.backend import backend_module  # noqa: E402
 
 TARGET_CAPTIONS, TARGET_SECONDS = 10_000, 1.0
@@ -73,6 +74,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args(argv)
+    backend.tune_malloc()   # as the tinyclip command and train() do: the figures are those of a real run
 
     pinning = pin_to_one_core()
     numpy = backend_module("numpy")

@@ -13,7 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import tinyclip as tc
 from tinyclip import autograd, backend
+from tinyclip import functional as F
 from tinyclip.autograd import Function, Tensor, enable_grad, is_grad_enabled, no_grad, tensor, unbroadcast
 
 
@@ -149,7 +151,7 @@ def test_two_backward_calls_accumulate_and_zero_grad_resets():
 def test_only_tensors_that_require_grad_get_one():
     x, constant = leaf([1.0, 2.0]), tensor(np.array([3.0, 4.0]))
     out = Add.apply(x, constant)
-    assert out.requires_grad and out._node is not None
+    assert out.requires_grad and out._node is not None and not out.is_leaf
     out.backward(np.ones(2))
     assert constant.grad is None and out.grad is None   # only leaves keep .grad
     np.testing.assert_array_equal(x.grad, [1.0, 1.0])
@@ -484,3 +486,32 @@ def test_tensor_wraps_arrays_and_unwraps_tensors():
     assert isinstance(t, Tensor) and t.shape == (3,) and t.backend == "numpy"
     with pytest.raises(TypeError, match="use tinyclip.tensor"):
         Tensor([1.0, 2.0])
+
+
+@pytest.mark.parametrize("call", [
+    lambda t: F.add(t, None), lambda t: F.mul(None, t), lambda t: F.exp(None), lambda t: F.matmul(t, None),
+    lambda t: t * None, lambda t: F.linear(t, None), lambda t: F.layer_norm(None),
+], ids=["add", "mul", "exp", "matmul", "operator", "linear-weight", "layer-norm-input"])
+def test_none_where_an_op_needs_an_input_is_a_type_error_naming_the_op(call):
+    # None means "absent" only where an op has an optional input (a bias); anywhere else it would
+    # reach the arithmetic (as NaN or a NumPy error deep inside), so the op refuses it by name
+    with pytest.raises(TypeError, match=r"^\w+: input \d is None"):
+        call(tc.tensor(np.ones((2, 2))))
+
+
+@pytest.mark.parametrize("data", [None, [1.0, None], [[1.0], [None]], "1.0"], ids=["none", "list", "nested", "text"])
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_tensor_of_data_that_is_not_numbers_is_a_type_error(data, dtype):
+    with pytest.raises(TypeError, match="tensor: data must be numbers"):
+        tc.tensor(data, dtype=dtype)
+
+
+def test_autograd_gets_its_operators_from_functional_and_never_imports_it():
+    import ast
+    import inspect
+    from tinyclip import autograd
+    imported = {f"{getattr(node, 'module', None) or ''}.{alias.name}"
+                for node in ast.walk(ast.parse(inspect.getsource(autograd)))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not any("functional" in name for name in imported)
+    assert tc.Tensor.__add__ is F.add and tc.Tensor.sum is F.sum      # attached by tinyclip.functional

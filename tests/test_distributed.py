@@ -17,6 +17,7 @@ clear error.
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -101,6 +102,14 @@ def test_the_ring_sends_what_the_theory_says_and_bad_input_fails_everywhere(rank
     traffic, errors = records(launch(ranks, "check_traffic"))
     assert traffic["sent"] == [traffic["theory"]] * ranks
     assert errors["raised_everywhere"] is True
+
+
+@needs_mpi
+def test_no_share_of_a_float32_loss_is_below_zero():
+    (result,) = records(launch(2, "check_nonnegative"))
+    assert result["size"] == 2
+    for name, (smallest_share, smallest_total) in result["smallest"].items():
+        assert smallest_share >= 0 and smallest_total >= 0, name
 
 
 @needs_mpi
@@ -201,3 +210,27 @@ def test_bad_input_names_the_problem():
         distributed.siglip_loss(images, images[0], 0.0, 0.0, comm=comm)
     with pytest.raises(ValueError, match="bias is nan"):
         distributed.siglip_loss(images, images, 0.0, float("nan"), comm=comm)
+    with pytest.raises(ValueError, match=r"bias is None.*CLIP-family model has no bias.*use clip_loss"):
+        distributed.siglip_loss(images, images, 0.0, None, comm=comm)
+    with pytest.raises(ValueError, match="log_scale is None"):
+        distributed.clip_loss(images, images, None, comm=comm)
+    with pytest.raises(ValueError, match="log_scale is None"):
+        distributed.siglip_loss(images, images, None, -10.0, comm=comm)
+
+
+ONE_PROCESS_LOSSES = {
+    "siglip-ring": lambda x, y, comm, tile: distributed.siglip_loss(x, y, math.log(100), 0.0, comm=comm, tile=tile),
+    "clip-ring": lambda x, y, comm, tile: distributed.clip_loss(x, y, math.log(100), comm=comm, tile=tile),
+    "clip-gather": lambda x, y, comm, tile: distributed.clip_loss(x, y, math.log(100), comm=comm, method="gather",
+                                                                 tile=tile),
+}
+
+
+@given(seed=st.integers(0, 2**32 - 1), batch=st.sampled_from([1, 2, 4, 8]), tile=st.sampled_from([1, 2, 4]))
+def test_one_process_float32_losses_of_matched_pairs_are_never_below_zero(xp, seed, batch, tile):
+    rows = xp.asarray(unit_rows(seed, (batch, 512)).astype(numpy.float32))
+    for name, loss in ONE_PROCESS_LOSSES.items():
+        value = float(backend.to_numpy(loss(rows, rows.copy(), distributed.SingleProcess(), tile).data))
+        assert value >= 0.0, name
+        if batch == 1 and name.startswith("clip"):
+            assert value == 0.0, name

@@ -670,7 +670,7 @@ def test_synchronised_batch_norm_uses_the_statistics_of_the_global_batch(xp, dat
     F.sum(F.mul(F.batch_norm(*alone, **options), xp.asarray(numpy.concatenate([upstream, upstream])))).backward()
     comm = _TwoRanksOfOne()
     synced = [tc.Tensor(xp.asarray(x), requires_grad=True), *_on(xp, arrays[1:])]
-    y = F.batch_norm(*synced, comm=comm, **options)
+    y = F.batch_norm(*synced, sum_over_batch=comm.all_reduce, **options)
     F.sum(F.mul(y, xp.asarray(upstream))).backward()
     assert comm.calls == 3                                    # Σx and Σ(x-μ)² forward, (Σĝ, Σĝx̂) backward
     half = x.shape[0]

@@ -623,6 +623,8 @@ BAD_INPUTS = [   # (id, replaced arguments, the name the message must hold)
     ("bias-inf", {"bias": numpy.asarray(-numpy.inf)}, "bias"),
     ("bias-nan-number", {"bias": math.nan}, "bias"),
     ("log-scale-overflows", {"log_scale": 800.0}, "log_scale"),
+    ("log-scale-none", {"log_scale": None}, "log_scale is None"),
+    ("bias-none", {"bias": None}, "bias is None"),
 ]
 
 
@@ -654,7 +656,9 @@ def test_bad_input_is_a_value_error_naming_the_argument(xp, name, replaced, mess
     ({"keep_negatives": math.nan}, "keep_negatives"),
     ({"negatives": "medium"}, "negatives"),
     ({"tile": 0}, "tile"),
-], ids=["keep-below-0", "keep-above-1", "keep-nan", "unknown-negatives", "tile-0"])
+    ({"keep_negatives": None}, "keep_negatives"),
+    ({"mask_seed": None}, "mask_seed"),
+], ids=["keep-below-0", "keep-above-1", "keep-nan", "unknown-negatives", "tile-0", "keep-none", "seed-none"])
 def test_bad_masking_or_tile_option_is_a_value_error_naming_it(xp, options, message):
     arguments = {name: xp.asarray(value) for name, value in GOOD.items()}
     with pytest.raises(ValueError, match=message):
@@ -665,3 +669,66 @@ def test_bad_masking_or_tile_option_is_a_value_error_naming_it(xp, options, mess
     else:
         with pytest.raises(ValueError, match=message):
             losses.siglip_negative_mask(**arguments, **{"keep_negatives": 0.5, **options})
+
+
+# ---------------------------------------------------------------------------------
+# Issue 12: a missing bias is an error naming it (fault 4); the loss is never below 0 (fault 5)
+# ---------------------------------------------------------------------------------
+
+def test_a_missing_bias_is_an_error_that_names_it_and_points_to_clip_loss(xp):
+    image_emb, text_emb = (xp.asarray(unit_rows(seed, (3, 4))) for seed in (0, 1))
+    with pytest.raises(ValueError, match=r"bias is None.*CLIP-family model has no bias.*use clip_loss"):
+        losses.siglip_loss(image_emb, text_emb, math.log(10), None)
+
+
+def test_siglip_loss_of_a_clip_model_names_the_missing_bias():
+    from tinyclip.models import CLIP, preset
+    config = preset("tiny")
+    rng = numpy.random.default_rng(0)
+    images = rng.normal(size=(2, config.image_size, config.image_size, 3)).astype(numpy.float32)
+    tokens = rng.integers(1, config.vocab_size - 1, (2, config.context_length))
+    tokens[:, -1] = config.eos_id
+    outputs = CLIP(config, seed=0)(images, tokens)
+    assert outputs[3] is None
+    with pytest.raises(ValueError, match="bias is None"):
+        losses.siglip_loss(*outputs)
+
+
+matched_pairs = st.tuples(seeds, st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 4]))
+
+
+def matched(seed, batch, dim=512, dtype=numpy.float32):
+    """``batch`` perfectly matched pairs: each text embedding equals its image embedding."""
+    rows = unit_rows(seed, (batch, dim)).astype(dtype)
+    return rows, rows.copy()
+
+
+@given(case=matched_pairs)
+def test_clip_loss_of_matched_pairs_is_never_below_zero_in_float32(xp, case):
+    # lse_i is computed from the very l_ii it is compared with (the tile's diagonal), and the
+    # differences are taken before the sums, so rounding can never push the loss below 0
+    seed, batch, tile = case
+    image_emb, text_emb = matched(seed, batch)
+    for log_scale in (math.log(100), math.log(10), 0.0):
+        value = float(host(losses.clip_loss(xp.asarray(image_emb), xp.asarray(text_emb), log_scale, tile=tile)))
+        assert value >= 0.0, (value, log_scale)
+
+
+@given(seed=seeds, dim=st.sampled_from([1, 3, 512]), log_scale=st.floats(-3.0, math.log(100)),
+       dtype=st.sampled_from(["float32", "float64"]), perturb=st.booleans())
+def test_clip_loss_of_a_batch_of_one_is_exactly_zero(xp, seed, dim, log_scale, dtype, perturb):
+    image_emb = unit_rows(seed, (1, dim))
+    text_emb = unit_rows(seed + 1, (1, dim)) if perturb else image_emb    # one pair: its own only candidate
+    value = host(losses.clip_loss(xp.asarray(image_emb.astype(dtype)), xp.asarray(text_emb.astype(dtype)),
+                                  log_scale))
+    assert value == 0.0
+
+
+@given(case=matched_pairs, bias=st.floats(-20.0, 20.0))
+def test_siglip_loss_of_matched_pairs_is_never_below_zero_in_float32(xp, case, bias):
+    seed, batch, tile = case
+    image_emb, text_emb = matched(seed, batch)
+    for log_scale in (math.log(100), math.log(10)):
+        value = float(host(losses.siglip_loss(xp.asarray(image_emb), xp.asarray(text_emb), log_scale, bias,
+                                              tile=tile)))
+        assert value >= 0.0, (value, log_scale, bias)

@@ -206,6 +206,56 @@ def test_batch_norm_trains_on_batch_statistics_and_evaluates_on_running_ones(xp,
     check_module_gradients(layer, [xp.asarray(x)], seed)
 
 
+class _TwoRanksOfOne:
+    """A communicator whose all-reduce doubles its input: as if a second rank held an identical copy of the batch."""
+
+    size = 2
+
+    def __init__(self):
+        self.calls = 0
+
+    def all_reduce(self, array):
+        self.calls += 1
+        array *= 2
+        return array
+
+
+@given(shape=st.sampled_from([(4, 3), (2, 3, 3, 4)]), seed=seeds)
+def test_batch_norm_with_a_communicator_normalises_over_every_ranks_batch(xp, shape, seed):
+    # two ranks holding the same batch: the global batch is that batch twice, whose statistics are the
+    # batch's own, and each rank's input gradient is that of the two-copy batch at its own rows
+    x, upstream = normal(seed, shape, scale=2.0) + 1.5, normal(seed + 1, shape)
+    alone = scaled_init(nn.BatchNorm(shape[-1], momentum=0.25, dtype="float64", backend=name_of(xp)), seed)
+    comm = _TwoRanksOfOne()
+    synced = scaled_init(nn.BatchNorm(shape[-1], momentum=0.25, dtype="float64", backend=name_of(xp), comm=comm),
+                         seed)
+    twice = tc.tensor(xp.asarray(numpy.concatenate([x, x])), requires_grad=True)
+    (alone(twice) * xp.asarray(numpy.concatenate([upstream, upstream]))).sum().backward()
+    mine = tc.tensor(xp.asarray(x), requires_grad=True)
+    y = synced(mine)
+    (y * xp.asarray(upstream)).sum().backward()
+    assert comm.calls == 3                                    # Σx and Σ(x-μ)² forward, (Σĝ, Σĝx̂) backward
+    numpy.testing.assert_allclose(host(mine.grad), host(twice.grad)[:shape[0]], rtol=1e-10, atol=1e-12)
+    numpy.testing.assert_allclose(host(synced.running_var), host(alone.running_var), rtol=1e-12)
+    # the weight's gradient is this rank's share: the two ranks' shares sum to the two-copy batch's
+    numpy.testing.assert_allclose(2 * host(synced.weight.grad), host(alone.weight.grad), rtol=1e-10, atol=1e-12)
+    synced.eval()
+    calls = comm.calls
+    synced(xp.asarray(x))
+    assert comm.calls == calls                                 # evaluation uses the running statistics: no messages
+
+
+def test_synchronise_batch_norm_gives_every_batch_norm_layer_the_communicator():
+    from tinyclip.models import CLIP, preset
+    model = CLIP(preset("tiny", vision_type="cnn", conv_channels=(3, 4)), seed=0)
+    layers = [module for module in model.modules() if isinstance(module, nn.BatchNorm)]
+    assert len(layers) == 2 and all(layer.comm is None for layer in layers)
+    comm = _TwoRanksOfOne()
+    assert nn.synchronise_batch_norm(model, comm) == 2
+    assert all(layer.comm is comm for layer in layers)
+    assert nn.synchronise_batch_norm(model, None) == 2 and all(layer.comm is None for layer in layers)
+
+
 def test_buffers_are_saved_and_loaded_but_never_trained(xp):
     source = nn.BatchNorm(3, backend=name_of(xp))
     source(xp.asarray(normal(0, (5, 3)) + 2.0, dtype="float32"))       # moves the running statistics

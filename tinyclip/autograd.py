@@ -9,6 +9,11 @@ nodes in reverse topological order (micrograd's walk, on arrays), adds each
 local gradient into its inputs, and frees what the forward saved as soon as
 it has been used, so peak memory is that of one forward plus the gradients.
 
+This module knows no op: ``Tensor``'s operators and array-like methods
+(``+``, ``@``, ``[...]``, ``.sum()``, ...) are attached by
+``tinyclip.functional``, which defines the ops, so that imports run one way
+(backend → autograd → functional).
+
 Only leaf tensors with ``requires_grad=True`` (parameters, inputs) keep a
 ``.grad``; gradients of intermediate results live only during the walk.
 Backward functions must not modify their ``grad`` argument in place: one
@@ -104,10 +109,13 @@ class Function:
     Positional inputs are what can be differentiated (``None`` for an absent
     optional input, whose gradient is then ``None``); keyword options
     (axes, shapes, flags) are not. ``float_inputs = False`` lets integer data
-    through (reshape, indexing, concatenation).
+    through (reshape, indexing, concatenation). ``optional_inputs`` lists the
+    positions where ``None`` means "absent" (a linear layer's bias); anywhere
+    else ``apply`` refuses None, which would otherwise reach the arithmetic.
     """
 
     float_inputs = True
+    optional_inputs = ()
 
     @staticmethod
     def forward(ctx, *inputs, **options):
@@ -156,8 +164,10 @@ def _as_arrays(cls, inputs):
     dtype = like.dtype if like is not None else backend.default_dtype()
     arrays = []
     for position, value in enumerate(raw):
-        if value is None:   # an optional input that is absent (a linear layer without bias)
-            arrays.append(None)
+        if value is None:
+            if position not in cls.optional_inputs:
+                raise TypeError(f"{_op_name(cls)}: input {position} is None; it must be a Tensor, an array or a number")
+            arrays.append(None)     # an optional input that is absent (a linear layer without bias)
             continue
         if isinstance(value, numbers.Number) and not isinstance(value, bool):
             value = xp.asarray(value, dtype=dtype)
@@ -202,6 +212,11 @@ class Tensor:
     size = property(lambda self: self.data.size)
     xp = property(lambda self: backend.get_array_module(self.data))
     backend = property(lambda self: backend.backend_of(self.data))
+
+    @property
+    def is_leaf(self):
+        """True for a tensor no recorded op made (a parameter, an input): the ones whose ``.grad`` backward fills."""
+        return self._node is None
 
     def __len__(self):
         return len(self.data)
@@ -294,47 +309,9 @@ class Tensor:
             node.ctx = None
             node.inputs = ()
 
-    # ---- operators and methods (thin wrappers over tinyclip.functional) -------------
-    def __add__(self, other): return _F().add(self, other)
-    def __radd__(self, other): return _F().add(other, self)
-    def __sub__(self, other): return _F().sub(self, other)
-    def __rsub__(self, other): return _F().sub(other, self)
-    def __mul__(self, other): return _F().mul(self, other)
-    def __rmul__(self, other): return _F().mul(other, self)
-    def __truediv__(self, other): return _F().div(self, other)
-    def __rtruediv__(self, other): return _F().div(other, self)
-    def __neg__(self): return _F().neg(self)
-    def __pow__(self, exponent): return _F().pow(self, exponent)
-    def __matmul__(self, other): return _F().matmul(self, other)
-    def __rmatmul__(self, other): return _F().matmul(other, self)
-    def __getitem__(self, index): return _F().getitem(self, index)
-
-    def sum(self, axis=None, keepdims=False): return _F().sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return _F().mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return _F().max(self, axis, keepdims)
-    def reshape(self, *shape): return _F().reshape(self, shape[0] if len(shape) == 1 else shape)
-    def transpose(self, *axes): return _F().transpose(self, axes[0] if len(axes) == 1 else (axes or None))
-    def permute(self, *axes): return _F().transpose(self, axes[0] if len(axes) == 1 else axes)
-    def exp(self): return _F().exp(self)
-    def log(self): return _F().log(self)
-    def sqrt(self): return _F().sqrt(self)
-    def tanh(self): return _F().tanh(self)
-    def sigmoid(self): return _F().sigmoid(self)
-    def relu(self): return _F().relu(self)
-    def softmax(self, axis=-1): return _F().softmax(self, axis)
-    def log_softmax(self, axis=-1): return _F().log_softmax(self, axis)
-    def logsumexp(self, axis=-1, keepdims=False): return _F().logsumexp(self, axis, keepdims)
-    def astype(self, dtype): return _F().cast(self, dtype)
-
-    @property
-    def T(self):
-        return _F().transpose(self, None)
-
-
-def _F():
-    # functional imports this module, so it is looked up at call time
-    from . import functional
-    return functional
+    # The operators (+, *, @, indexing, ...) and array-like methods (sum, reshape, exp, ...) are
+    # attached by tinyclip.functional, which defines the ops: autograd sits below the ops and
+    # never imports them (DESIGN.md's layering).
 
 
 def _topological_order(root):
@@ -363,12 +340,16 @@ def tensor(data, requires_grad=False, dtype=None, backend_name=None):
     Python floats and lists of floats get the default float type (float32);
     NumPy / CuPy arrays keep their dtype unless ``dtype`` is given; the backend
     is the array's own, or ``backend_name`` / the default for Python data.
+    Raises TypeError for Python data that is not all numbers (None would
+    otherwise become NaN or an object array).
     """
     if isinstance(data, Tensor):
         data = data.data
     if hasattr(data, "dtype") and hasattr(data, "shape") and backend_name is None:
         array = backend.get_array_module(data).asarray(data, dtype=dtype)   # also turns NumPy scalars into arrays
     else:
+        if not hasattr(data, "dtype") and backend.asarray(data, "numpy").dtype.kind not in "biufc":
+            raise TypeError(f"tensor: data must be numbers (or arrays of them), got {data!r:.80}")
         array = backend.asarray(data, backend_name, dtype)
         if dtype is None and array.dtype.kind == "f" and not hasattr(data, "dtype"):
             array = array.astype(backend.default_dtype())

@@ -9,6 +9,9 @@ reports enabled()" idea from CMU's needle).
 The default backend comes from ``set_backend(name)`` or the environment
 variable ``TINYCLIP_BACKEND`` (``numpy`` or ``cupy``); the default float type
 is float32 (``set_default_dtype``), float64 is used for gradient checks.
+
+Importing it changes nothing outside tinyclip: ``tune_malloc()``, which
+changes glibc's malloc for the whole process, is an explicit call.
 """
 
 import contextlib
@@ -22,8 +25,11 @@ import numpy
 BACKENDS = ("numpy", "cupy")
 
 
-def _keep_freed_memory_in_the_heap():
-    """Ask glibc to recycle large freed arrays instead of returning them to the kernel.
+MALLOC_TUNED = False    # whether tune_malloc() has changed glibc's malloc in this process
+
+
+def tune_malloc():
+    """Ask glibc to recycle large freed arrays instead of returning them to the kernel; returns whether it did.
 
     NumPy allocates a fresh array for every intermediate result. glibc serves
     allocations above its mmap threshold (at most 32 MB by default) with a
@@ -31,9 +37,15 @@ def _keep_freed_memory_in_the_heap():
     transformer MLP costs thousands of page faults and a zero-fill every time:
     a third of a CPU training step in ``benchmarks/block.py``. Raising the mmap
     and trim thresholds to 1 GB keeps freed blocks in the heap for the next
-    array of the same size. Set TINYCLIP_MALLOC_TUNING=0 to leave malloc alone.
-    Returns whether the setting was applied.
+    array of the same size.
+
+    This changes malloc for the whole process, so importing tinyclip never
+    does it: the ``tinyclip`` command, ``tinyclip.train.train`` and the
+    benchmarks call it; a program that embeds tinyclip may. It does nothing
+    (and returns False) off glibc, or when TINYCLIP_MALLOC_TUNING=0; calling
+    it again is harmless. ``MALLOC_TUNED`` records the outcome. Raises nothing.
     """
+    global MALLOC_TUNED
     if os.environ.get("TINYCLIP_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -42,10 +54,9 @@ def _keep_freed_memory_in_the_heap():
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3     # from glibc's <malloc.h>
     one_gigabyte = ctypes.c_int(1 << 30)
-    return mallopt(m_mmap_threshold, one_gigabyte) == 1 and mallopt(m_trim_threshold, one_gigabyte) == 1
+    MALLOC_TUNED = mallopt(m_mmap_threshold, one_gigabyte) == 1 and mallopt(m_trim_threshold, one_gigabyte) == 1
+    return MALLOC_TUNED
 
-
-MALLOC_TUNED = _keep_freed_memory_in_the_heap()
 
 _cupy = None           # the cupy module once imported and a device was found
 _cupy_error = None     # why CuPy is unavailable, for the error message
@@ -81,7 +92,7 @@ def why_no_gpu():
 
 
 def cupy_module():
-    """The cupy module; a clear RuntimeError when no GPU can be used."""
+    """The cupy module. Raises RuntimeError, saying why, when no GPU can be used."""
     cupy = _probe_cupy()
     if cupy is None:
         raise RuntimeError(f"the cupy backend is not available on this machine ({_cupy_error}); "
@@ -117,7 +128,10 @@ def _check_backend_name(name):
 
 
 def default_backend():
-    """The backend name new arrays go to: set_backend(), else $TINYCLIP_BACKEND, else numpy."""
+    """The backend name new arrays go to: set_backend(), else $TINYCLIP_BACKEND, else numpy.
+
+    Raises ValueError when TINYCLIP_BACKEND names no backend.
+    """
     if _backend_override is not None:
         return _backend_override
     name = os.environ.get("TINYCLIP_BACKEND", "numpy").strip().lower() or "numpy"
@@ -127,7 +141,10 @@ def default_backend():
 
 
 def set_backend(name):
-    """Make ``name`` ('numpy' or 'cupy') the default backend; None restores the environment's."""
+    """Make ``name`` ('numpy' or 'cupy') the default backend; None restores the environment's.
+
+    Raises ValueError for another name, RuntimeError for 'cupy' where no GPU can be used.
+    """
     global _backend_override
     if name is not None:
         _check_backend_name(name)
@@ -138,7 +155,7 @@ def set_backend(name):
 
 @contextlib.contextmanager
 def use_backend(name):
-    """``with use_backend('cupy'):`` — the default backend inside the block."""
+    """``with use_backend('cupy'):`` — the default backend inside the block. Raises what set_backend raises."""
     previous = _backend_override
     set_backend(name)
     try:
@@ -148,13 +165,16 @@ def use_backend(name):
 
 
 def backend_module(name=None):
-    """The array module (numpy or cupy) for a backend name, or for the default."""
+    """The array module (numpy or cupy) for a backend name, or for the default.
+
+    Raises ValueError for an unknown name, RuntimeError for cupy where no GPU can be used.
+    """
     name = _check_backend_name(name) if name is not None else default_backend()
     return numpy if name == "numpy" else cupy_module()
 
 
 def get_array_module(*arrays):
-    """numpy, or cupy if any argument is a CuPy array (Tensors are unwrapped)."""
+    """numpy, or cupy if any argument is a CuPy array (Tensors are unwrapped). Raises nothing."""
     for array in arrays:
         if getattr(array, "is_tensor", False):
             array = array.data
@@ -165,7 +185,7 @@ def get_array_module(*arrays):
 
 
 def backend_of(array):
-    """'numpy' or 'cupy': where an array lives."""
+    """'numpy' or 'cupy': where an array lives. Raises nothing."""
     return "cupy" if get_array_module(array) is not numpy else "numpy"
 
 
@@ -175,6 +195,7 @@ def default_dtype():
 
 
 def set_default_dtype(dtype):
+    """Make ``dtype`` the float type of new parameters and tensors. Raises TypeError for a non-float type."""
     global _default_dtype
     dtype = numpy.dtype(dtype)
     if dtype.kind != "f":
@@ -190,7 +211,10 @@ def to_numpy(array):
 
 
 def asarray(array, backend=None, dtype=None):
-    """``array`` on the given (or default) backend, converting NumPy <-> CuPy as needed."""
+    """``array`` on the given (or default) backend, converting NumPy <-> CuPy as needed.
+
+    Raises what ``backend_module`` raises, and what NumPy/CuPy raise for data that is not an array.
+    """
     xp = backend_module(backend)
     if xp is numpy:
         array = to_numpy(array)

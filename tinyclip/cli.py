@@ -595,6 +595,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    backend.tune_malloc()   # process-wide, so the command asks for it (importing tinyclip never does)
     try:
         return args.run(args)
     except (CommandError, ValueError, OSError) as error:   # bad files or inputs: their messages name them

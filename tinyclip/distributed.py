@@ -21,7 +21,7 @@ holds O(b·tile) logits at a time, whatever B is.
 
 CLIP needs every row's and every column's log-sum-exp before any gradient,
 so it takes two trips round the ring: the first carries each text chunk with
-its columns' running log-sum-exp (the online softmax of losses.py, kept per
+its columns' running log-sum-exp (the online softmax of tinyclip.tiles, kept per
 column as the chunk travels), the second carries the chunk with its finished
 log-sum-exp and its travelling gradient. No rank ever holds b × B logits.
 ``method="gather"`` is the simple baseline: all-gather both sides' embeddings,
@@ -45,8 +45,10 @@ import traceback
 import numpy
 
 from . import backend
-from . import losses as L
 from .autograd import Function
+from .losses import clip_loss_of
+from .tiles import (TiledLogits, RunningLSE, as_array, check_inputs, clip_gradient_sweep, clip_lse_sweep,
+                    diagonal_of, resolve_tile, scalar_input, scalar_like, scale_saved_gradients, siglip_sweep)
 
 METHODS = ("ring", "gather")
 ABORT_GRACE_SECONDS = 0.5     # how long abort() lets the launcher forward this rank's last output
@@ -240,14 +242,14 @@ def _cuda_aware_guess():
 
 
 # ---------------------------------------------------------------------------------
-# world(): the job's communicator, the GPU per rank, and abort on error
+# world(): the job's communicator and the GPU per rank; abort on error, when asked
 # ---------------------------------------------------------------------------------
 
 _world = None
 
 
 def launched_size():
-    """The number of processes the MPI launcher says it started (1 when not under a launcher)."""
+    """The number of processes the MPI launcher says it started (1 when not under a launcher). Raises nothing."""
     for name in _LAUNCHER_SIZE_VARIABLES:
         value = os.environ.get(name, "").strip()
         if value.isdigit():
@@ -259,8 +261,11 @@ def world():
     """The job's communicator: MPI's world under ``mpiexec``, a one-process stand-in otherwise.
 
     Under MPI, each rank also takes the GPU of its node-local rank (when the
-    default backend is cupy), and an uncaught exception on any rank aborts the
-    whole job instead of leaving the others waiting.
+    default backend is cupy). It installs no exception hook: a program that
+    wants an error on one rank to end the whole job calls
+    ``install_abort_on_error(comm)`` (the ``tinyclip`` command and
+    ``tinyclip.train.train`` do). Raises RuntimeError when an MPI launcher
+    started the process but mpi4py cannot be imported.
     """
     global _world
     if _world is not None:
@@ -275,23 +280,36 @@ def world():
                            f"but mpi4py cannot be imported ({error}): install it with "
                            "pip install 'tinyclip[mpi]', or run without mpiexec") from error
     _world = Communicator(MPI.COMM_WORLD)
-    if _world.size > 1:
-        _abort_on_uncaught_exception(_world)
     if backend.default_backend() == "cupy":
         select_gpu(_world)
     return _world
 
 
 def select_gpu(comm):
-    """Make GPU (node-local rank mod GPUs on the node) this process's current CUDA device; returns its id."""
+    """Make GPU (node-local rank mod GPUs on the node) this process's current CUDA device; returns its id.
+
+    Raises RuntimeError (from ``backend.cupy_module``) when CuPy or a CUDA device is missing.
+    """
     cupy = backend.cupy_module()
     device = comm.local_rank % cupy.cuda.runtime.getDeviceCount()
     cupy.cuda.Device(device).use()
     return device
 
 
-def _abort_on_uncaught_exception(comm):
-    """An uncaught exception on any rank prints its traceback once, from that rank, and aborts the job."""
+def install_abort_on_error(comm):
+    """Make an uncaught exception on this rank print its traceback once, from this rank, and abort the whole job.
+
+    Without it, a rank that dies leaves the others waiting in a collective
+    for ever (DESIGN.md: a run never hangs). It replaces ``sys.excepthook``
+    and ``threading.excepthook`` of this process, which is why importing
+    tinyclip or calling ``world()`` never does it: the ``tinyclip`` command
+    and ``tinyclip.train.train`` call it, and a program of one's own may.
+    Does nothing for a communicator of one process. Returns whether the
+    hooks were installed. Raises nothing.
+    """
+    if comm.size <= 1:
+        return False
+
     def report_and_abort(kind, value, trace):
         message = "".join(traceback.format_exception(kind, value, trace))
         sys.stderr.write(f"[rank {comm.rank} of {comm.size}] {message}"
@@ -301,13 +319,14 @@ def _abort_on_uncaught_exception(comm):
 
     sys.excepthook = report_and_abort
     threading.excepthook = lambda hook: report_and_abort(hook.exc_type, hook.exc_value, hook.exc_traceback)
+    return True
 
 
 # ---------------------------------------------------------------------------------
 # Checks every rank agrees on before any message is sent
 # ---------------------------------------------------------------------------------
 
-def _agreed_sizes(comm, image_emb, text_emb, log_scale, bias=None):
+def _agreed_sizes(comm, image_emb, text_emb, log_scale, bias=None, needs_bias=False):
     """Check the inputs on every rank and return every rank's batch size (list of ints).
 
     A bad input on one rank raises on every rank (its own message there, a
@@ -316,13 +335,13 @@ def _agreed_sizes(comm, image_emb, text_emb, log_scale, bias=None):
     """
     problem = None
     try:
-        L._check_inputs(image_emb, text_emb, log_scale, bias)
+        check_inputs(image_emb, text_emb, log_scale, bias, needs_bias)
     except (TypeError, ValueError) as error:
         problem = error
-    x = L._array(image_emb)
+    x = as_array(image_emb)
     rows = x.shape[0] if problem is None else -1
     dim = x.shape[1] if problem is None else -1
-    scalars = [float(L._array(log_scale)), 0.0 if bias is None else float(L._array(bias))] \
+    scalars = [float(as_array(log_scale)), 0.0 if bias is None else float(as_array(bias))] \
         if problem is None else [math.nan, math.nan]
     shapes = comm.all_gather_values([rows, dim, int(problem is not None)], numpy.int64)
     values = comm.all_gather_values(scalars, numpy.float64)
@@ -341,7 +360,7 @@ def _agreed_sizes(comm, image_emb, text_emb, log_scale, bias=None):
 
 
 def _tile_for(tile, sizes, like):
-    return L._resolve_tile(tile, max(sizes), like)
+    return resolve_tile(tile, max(sizes), like)
 
 
 # ---------------------------------------------------------------------------------
@@ -364,7 +383,10 @@ def _unpack(message, shapes):
 
 
 def ring_hops(size, bidirectional=False):
-    """(hops towards higher ranks, hops towards lower ranks) that take a chunk to every other rank once."""
+    """(hops towards higher ranks, hops towards lower ranks) that take a chunk to every other rank once.
+
+    Raises nothing.
+    """
     if not bidirectional:
         return size - 1, 0
     return size // 2, (size - 1) // 2
@@ -447,7 +469,7 @@ class RingSigLIPLoss(Function):
     @staticmethod
     def forward(ctx, x, y, log_scale, bias, comm, sizes, tile, bidirectional=False):
         """L_r = −1/B Σ_{i ∈ rank r} Σ_j log σ(z_ij l_ij),  l = e^t' X Yᵀ + b:  rank r's rows against every text"""
-        tiles = L._TiledLogits(x, y, log_scale, float(bias), tile, columns=max(sizes))
+        tiles = TiledLogits(x, y, log_scale, float(bias), tile, columns=max(sizes))
         xp, batch, dim = tiles.xp, sum(sizes), x.shape[1]
         want_grad = any(ctx.needs_input_grad)
         home_texts = tiles.texts
@@ -455,12 +477,12 @@ class RingSigLIPLoss(Function):
         grad_texts = xp.zeros_like(home_texts) if want_grad else None
         sums = [xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.float64)]   # Σ softplus, Σ σ
 
-        def visit(cargo, grad_visiting):
+        def visit(cargo, grad_visiting, positives=False):
             tiles.use_texts(cargo[0])
-            for total, part in zip(sums, L._siglip_sweep(tiles, grad_images, grad_visiting)):
+            for total, part in zip(sums, siglip_sweep(tiles, grad_images, grad_visiting, positives=positives)):
                 total += part
 
-        visit([home_texts], grad_texts)                                  # the block with the positives
+        visit([home_texts], grad_texts, positives=True)                  # the block with the positives
         accumulator = ((lambda rows: (rows, dim)), (lambda rows: xp.zeros((rows, dim), dtype=tiles.work)))
         for grad_home in _round_trip(comm, sizes, [home_texts], lambda rows: [(rows, dim)], visit,
                                      accumulator if want_grad else None, bidirectional):
@@ -468,15 +490,15 @@ class RingSigLIPLoss(Function):
 
         tiles.use_texts(home_texts)
         loss_sum, sigma_sum = sums
-        loss = (loss_sum - tiles.positives().sum()) / batch      # positives were scored as negatives
+        loss = loss_sum / batch
         if want_grad:
             grads = tiles.gradients(grad_images, grad_texts, 1.0, log_scale, batch=batch)
-            grad_bias = L._scalar_like(xp, (sigma_sum - x.shape[0]) / batch, bias)
+            grad_bias = scalar_like(xp, (sigma_sum - x.shape[0]) / batch, bias)
             ctx.save_for_backward(grads[0].astype(x.dtype, copy=False), grads[1].astype(y.dtype, copy=False),
                                   grads[2], grad_bias)
         return xp.asarray(loss, dtype=tiles.work)
 
-    backward = staticmethod(L._scale_saved_gradients)
+    backward = staticmethod(scale_saved_gradients)
 
 
 def siglip_loss(image_emb, text_emb, log_scale, bias, comm=None, tile=None, bidirectional=False):
@@ -485,11 +507,16 @@ def siglip_loss(image_emb, text_emb, log_scale, bias, comm=None, tile=None, bidi
     ``image_emb``, ``text_emb``: this rank's (b, D) pairs; ``comm``: from
     ``world()`` (the default); ``tile``: rows of the local batch scored at a
     time; ``bidirectional``: send the text chunks both ways round the ring.
+
+    Raises on every rank (never leaving one waiting) what
+    ``tinyclip.losses.siglip_loss`` raises for bad input on any rank (the
+    rank with the bad input gives its own message), and ValueError when the
+    ranks disagree on the dimension, log_scale or bias.
     """
     comm = world() if comm is None else comm
-    sizes = _agreed_sizes(comm, image_emb, text_emb, log_scale, bias)
+    sizes = _agreed_sizes(comm, image_emb, text_emb, log_scale, bias, needs_bias=True)
     tile = _tile_for(tile, sizes, image_emb)
-    log_scale, bias = (L._scalar_input(value, image_emb, text_emb) for value in (log_scale, bias))
+    log_scale, bias = (scalar_input(value, image_emb, text_emb) for value in (log_scale, bias))
     return RingSigLIPLoss.apply(image_emb, text_emb, log_scale, bias, comm=comm, sizes=sizes, tile=tile,
                                 bidirectional=bool(bidirectional))
 
@@ -509,35 +536,35 @@ def _save_clip_gradients(ctx, tiles, inputs, sums, row_stats, column_stats, posi
     grad_log_scale = (row_stats.mean_logit().sum() + column_stats.mean_logit().sum()
                       - 2 * positives.sum()) / (2 * batch)
     ctx.save_for_backward(grad_images.astype(x.dtype, copy=False), grad_texts.astype(y.dtype, copy=False),
-                          L._scalar_like(xp, grad_log_scale, log_scale))
+                          scalar_like(xp, grad_log_scale, log_scale))
 
 
 class RingCLIPLoss(Function):
     @staticmethod
     def forward(ctx, x, y, log_scale, comm, sizes, tile):
         """L_r = 1/(2B) [Σ_{i ∈ r} (lse_j l_ij − l_ii) + Σ_{j ∈ r} (lse_i l_ij − l_jj)],  l = e^t' X Yᵀ"""
-        tiles = L._TiledLogits(x, y, log_scale, 0.0, tile, columns=max(sizes))
+        tiles = TiledLogits(x, y, log_scale, 0.0, tile, columns=max(sizes))
         xp, work, batch, dim = tiles.xp, tiles.work, sum(sizes), x.shape[1]
         want_grad = any(ctx.needs_input_grad)
         home_texts = tiles.texts
         rows_here = x.shape[0]
 
         # trip 1: rows' log-sum-exp here; columns' travel with their chunk (weighted: d lse/d t' for the scale)
-        row_stats = L._RunningLSE(xp, rows_here, work, weighted=want_grad)
-        column_stats = L._RunningLSE(xp, rows_here, work, weighted=want_grad)
+        row_stats = RunningLSE(xp, rows_here, work, weighted=want_grad)
+        column_stats = RunningLSE(xp, rows_here, work, weighted=want_grad)
 
-        def fold(cargo, stats):
+        def fold(cargo, stats, positives=None):
             tiles.use_texts(cargo[0])
-            L._clip_lse_sweep(tiles, row_stats, L._RunningLSE(xp, 0, work, want_grad, stats=stats))
+            clip_lse_sweep(tiles, row_stats, RunningLSE(xp, 0, work, want_grad, stats=stats), positives)
 
-        fold([home_texts], column_stats.stats)
-        fresh_stats = (lambda rows: (3, rows)), (lambda rows: L._RunningLSE(xp, rows, work).stats)
+        positives = xp.empty(rows_here, dtype=work)     # l_ii, the diagonal of the home block's tiles
+        fold([home_texts], column_stats.stats, positives)
+        fresh_stats = (lambda rows: (3, rows)), (lambda rows: RunningLSE(xp, rows, work).stats)
         for stats in _round_trip(comm, sizes, [home_texts], lambda rows: [(rows, dim)], fold, fresh_stats):
             column_stats.merge(stats)
         row_lse, column_lse = row_stats.lse(), column_stats.lse()                  # (b,), (b,)
         tiles.use_texts(home_texts)
-        positives = tiles.positives()                                               # (b,)
-        loss = (row_lse.sum() + column_lse.sum() - 2 * positives.sum()) / (2 * batch)
+        loss = clip_loss_of(row_lse, column_lse, positives, positives, batch)
 
         if want_grad:
             # trip 2: each chunk travels with its columns' log-sum-exp and gathers its gradient
@@ -545,7 +572,7 @@ class RingCLIPLoss(Function):
 
             def gradient(cargo, grad_visiting):
                 tiles.use_texts(cargo[0])
-                L._clip_gradient_sweep(tiles, row_lse, cargo[1], grad_images, grad_visiting)
+                clip_gradient_sweep(tiles, row_lse, cargo[1], grad_images, grad_visiting)
 
             gradient([home_texts, column_lse], grad_texts)
             fresh_grad = (lambda rows: (rows, dim)), (lambda rows: xp.zeros((rows, dim), dtype=work))
@@ -557,7 +584,7 @@ class RingCLIPLoss(Function):
                                  positives, log_scale, batch)
         return xp.asarray(loss, dtype=work)
 
-    backward = staticmethod(L._scale_saved_gradients)
+    backward = staticmethod(scale_saved_gradients)
 
 
 class GatherCLIPLoss(Function):
@@ -567,27 +594,31 @@ class GatherCLIPLoss(Function):
         xp, batch = backend.get_array_module(x, y), sum(sizes)
         want_grad = any(ctx.needs_input_grad)
         all_images, all_texts = comm.all_gather(x), comm.all_gather(y)               # (B, D) each
-        rows_side = L._TiledLogits(x, all_texts, log_scale, 0.0, tile)              # l[r, :]
-        columns_side = L._TiledLogits(y, all_images, log_scale, 0.0, tile)          # l[:, r]ᵀ
+        rows_side = TiledLogits(x, all_texts, log_scale, 0.0, tile)              # l[r, :]
+        columns_side = TiledLogits(y, all_images, log_scale, 0.0, tile)          # l[:, r]ᵀ
         work = rows_side.work
         # each side is a softmax over complete rows: its own rows' gradient is local, the
         # other side's (every rank's) partial gradient is reduce-scattered to its owners
+        # this rank's pairs sit on the diagonal that starts at its first row of the global batch
+        offset = sum(sizes[:comm.rank])
         sides = []
         for tiles in (rows_side, columns_side):
-            stats = L._RunningLSE(xp, tiles.rows, work, weighted=want_grad)
+            stats = RunningLSE(xp, tiles.rows, work, weighted=want_grad)
+            positives = xp.empty(tiles.rows, dtype=work)        # l_ii as this side's tiles computed them
             own = xp.zeros_like(tiles.images) if want_grad else None
             everyone = xp.zeros_like(tiles.texts) if want_grad else None
             for start, stop in tiles.ranges():
                 block, probs = tiles.compute(start, stop), tiles.work_buffer(start, stop)   # (n, B)
+                positives[start:stop] = diagonal_of(block, offset + start)
                 stats.update(block, 1, probs, slice(start, stop))                           # probs = e^(l − max)
                 if want_grad:
                     probs /= stats.stats[1, start:stop, None]                               # softmax over the row
                     tiles.accumulate(probs, start, stop, own, everyone)
-            sides.append((stats, own, everyone))
-        (row_stats, grad_images, texts_partial), (column_stats, grad_texts, images_partial) = sides
+            sides.append((stats, positives, own, everyone))
+        (row_stats, positives, grad_images, texts_partial), (column_stats, column_positives, grad_texts,
+                                                              images_partial) = sides
         rows_side.use_texts(y)
-        positives = rows_side.positives()
-        loss = (row_stats.lse().sum() + column_stats.lse().sum() - 2 * positives.sum()) / (2 * batch)
+        loss = clip_loss_of(row_stats.lse(), column_stats.lse(), positives, column_positives, batch)
         if want_grad:
             grad_images += comm.reduce_scatter(images_partial, sizes)
             grad_texts += comm.reduce_scatter(texts_partial, sizes)
@@ -595,7 +626,7 @@ class GatherCLIPLoss(Function):
                                  positives, log_scale, batch)
         return xp.asarray(loss, dtype=work)
 
-    backward = staticmethod(L._scale_saved_gradients)
+    backward = staticmethod(scale_saved_gradients)
 
 
 def clip_loss(image_emb, text_emb, log_scale, comm=None, method="ring", tile=None):
@@ -603,14 +634,18 @@ def clip_loss(image_emb, text_emb, log_scale, comm=None, method="ring", tile=Non
 
     ``method``: "ring" (two trips round the ring, O(b·tile) logits per rank)
     or "gather" (all-gather the embeddings, O(B·D) memory per rank).
+
+    Raises ValueError for another ``method``, and on every rank what
+    ``tinyclip.losses.clip_loss`` raises for bad input on any rank, or
+    ValueError when the ranks disagree on the dimension or log_scale.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     comm = world() if comm is None else comm
     sizes = _agreed_sizes(comm, image_emb, text_emb, log_scale)
-    tile = _tile_for(tile, sizes, image_emb) if method == "ring" else L._resolve_tile(tile, sum(sizes), image_emb)
+    tile = _tile_for(tile, sizes, image_emb) if method == "ring" else resolve_tile(tile, sum(sizes), image_emb)
     loss = RingCLIPLoss if method == "ring" else GatherCLIPLoss
-    return loss.apply(image_emb, text_emb, L._scalar_input(log_scale, image_emb, text_emb), comm=comm,
+    return loss.apply(image_emb, text_emb, scalar_input(log_scale, image_emb, text_emb), comm=comm,
                       sizes=sizes, tile=tile)
 
 
@@ -635,6 +670,8 @@ def all_reduce_gradients(parameters, comm=None):
     Each rank's gradient is that of its share of the loss, so the sum is the
     gradient of the global loss (a sum, not a mean: the shares already carry
     the 1/B of the global batch). A parameter without a gradient counts as zero.
+    Raises what MPI raises (an error on one rank ends the job once
+    ``install_abort_on_error`` is in place).
     """
     comm = world() if comm is None else comm
     parameters = list(parameters)
@@ -653,7 +690,10 @@ def all_reduce_gradients(parameters, comm=None):
 
 
 def broadcast_parameters(parameters, comm=None, root=0):
-    """Copy rank ``root``'s parameter values to every rank (one flat buffer per dtype), so all start equal."""
+    """Copy rank ``root``'s parameter values to every rank (one flat buffer per dtype), so all start equal.
+
+    Raises what MPI raises (for instance for a root that is not a rank).
+    """
     comm = world() if comm is None else comm
     parameters = list(parameters)
     if comm.size == 1:

@@ -15,6 +15,14 @@ norm.
 Conventions: ``g`` is the gradient of the loss with respect to the op's
 output; broadcasting is undone by ``autograd.unbroadcast``; a backward
 returns one gradient per positional input (``None`` where none is needed).
+Errors: every op raises TypeError for an input that is None (unless it is an
+optional one, such as a bias), not a Tensor, array or number, integer data
+where floats are needed, or on another backend than the others
+(``autograd.Function.apply``); each function lists its own errors besides.
+
+This module also attaches ``Tensor``'s operators and methods (``+``, ``@``,
+indexing, ``.sum()``, ``.reshape()``, ...; the end of the file): they are
+these ops, and autograd, below this module, never imports it.
 
 References: the GELU paper (Hendrycks & Gimpel 2016) for GELU and its tanh
 approximation; CLIP's QuickGELU x·σ(1.702x); layer norm (Ba et al. 2016);
@@ -79,6 +87,15 @@ class Add(Function):
         return unbroadcast(g, a_shape), unbroadcast(g, b_shape)
 
 
+def add(a, b):
+    """a + b, broadcasting.
+
+    Raises ValueError when the shapes do not broadcast; TypeError (every op) for None, a non-number, integer
+    data or inputs on two backends.
+    """
+    return Add.apply(a, b)
+
+
 class Sub(Function):
     @staticmethod
     def forward(ctx, a, b):
@@ -92,6 +109,15 @@ class Sub(Function):
         """df/da = 1, df/db = -1"""
         a_shape, b_shape = ctx.shapes
         return unbroadcast(g, a_shape), (unbroadcast(-g, b_shape) if ctx.needs_input_grad[1] else None)
+
+
+def sub(a, b):
+    """a − b, broadcasting.
+
+    Raises ValueError when the shapes do not broadcast; TypeError (every op) for None, a non-number, integer
+    data or inputs on two backends.
+    """
+    return Sub.apply(a, b)
 
 
 class Mul(Function):
@@ -109,6 +135,15 @@ class Mul(Function):
         da = unbroadcast(g * b, a.shape) if ctx.needs_input_grad[0] else None
         db = unbroadcast(g * a, b.shape) if ctx.needs_input_grad[1] else None
         return da, db
+
+
+def mul(a, b):
+    """a · b elementwise, broadcasting.
+
+    Raises ValueError when the shapes do not broadcast; TypeError (every op) for None, a non-number, integer
+    data or inputs on two backends.
+    """
+    return Mul.apply(a, b)
 
 
 class Div(Function):
@@ -129,6 +164,15 @@ class Div(Function):
         return da, db
 
 
+def div(a, b):
+    """a / b elementwise, broadcasting.
+
+    Raises ValueError when the shapes do not broadcast; TypeError (every op) for None, a non-number, integer
+    data or inputs on two backends.
+    """
+    return Div.apply(a, b)
+
+
 class Neg(Function):
     @staticmethod
     def forward(ctx, x):
@@ -139,6 +183,14 @@ class Neg(Function):
     def backward(ctx, g):
         """f'(x) = -1"""
         return -g
+
+
+def neg(x):
+    """−x.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return Neg.apply(x)
 
 
 class Pow(Function):
@@ -157,28 +209,11 @@ class Pow(Function):
         return g * (p * x ** (p - 1))
 
 
-def add(a, b):
-    return Add.apply(a, b)
-
-
-def sub(a, b):
-    return Sub.apply(a, b)
-
-
-def mul(a, b):
-    return Mul.apply(a, b)
-
-
-def div(a, b):
-    return Div.apply(a, b)
-
-
-def neg(x):
-    return Neg.apply(x)
-
-
 def pow(x, exponent):
-    """x ** exponent, exponent a Python number (a differentiable exponent is exp(p · log x))."""
+    """x ** exponent, exponent a Python number (a differentiable exponent is exp(p · log x)).
+
+    Raises TypeError for a Tensor or array exponent, and as every op.
+    """
     if isinstance(exponent, Tensor) or hasattr(exponent, "shape"):
         raise TypeError("pow: the exponent must be a Python number; write exp(p * log(x)) for a tensor exponent")
     return Pow.apply(x, exponent=exponent)
@@ -203,6 +238,14 @@ class Exp(Function):
         return g * y
 
 
+def exp(x):
+    """e^x elementwise.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return Exp.apply(x)
+
+
 class Log(Function):
     @staticmethod
     def forward(ctx, x):
@@ -215,6 +258,14 @@ class Log(Function):
         """f'(x) = 1/x"""
         (x,) = ctx.saved_tensors
         return g / x
+
+
+def log(x):
+    """log x elementwise (−inf at 0, NaN below: NumPy's own values).
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return Log.apply(x)
 
 
 class Sqrt(Function):
@@ -232,6 +283,14 @@ class Sqrt(Function):
         return g / (2 * y)
 
 
+def sqrt(x):
+    """√x elementwise.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return Sqrt.apply(x)
+
+
 class Tanh(Function):
     @staticmethod
     def forward(ctx, x):
@@ -245,6 +304,14 @@ class Tanh(Function):
         """f'(x) = 1 - tanh² x"""
         (y,) = ctx.saved_tensors
         return g * (1 - y * y)
+
+
+def tanh(x):
+    """tanh x elementwise.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return Tanh.apply(x)
 
 
 class Sigmoid(Function):
@@ -262,6 +329,14 @@ class Sigmoid(Function):
         return g * y * (1 - y)
 
 
+def sigmoid(x):
+    """σ(x) = 1 / (1 + e^−x) elementwise, without overflow.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return Sigmoid.apply(x)
+
+
 class LogSigmoid(Function):
     @staticmethod
     def forward(ctx, x):
@@ -275,6 +350,14 @@ class LogSigmoid(Function):
         """f'(x) = σ(-x)"""
         (x,) = ctx.saved_tensors
         return g * _stable_sigmoid(_xp(x), -x)
+
+
+def log_sigmoid(x):
+    """log σ(x) elementwise, finite for every finite x.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return LogSigmoid.apply(x)
 
 
 class Softplus(Function):
@@ -292,6 +375,14 @@ class Softplus(Function):
         return g * _stable_sigmoid(_xp(x), x)
 
 
+def softplus(x):
+    """log(1 + e^x) elementwise, without overflow.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return Softplus.apply(x)
+
+
 class ReLU(Function):
     @staticmethod
     def forward(ctx, x):
@@ -304,6 +395,14 @@ class ReLU(Function):
         """f'(x) = 1 if x > 0 else 0"""
         (positive,) = ctx.saved_tensors
         return g * positive
+
+
+def relu(x):
+    """max(x, 0) elementwise.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return ReLU.apply(x)
 
 
 class GELUTanh(Function):
@@ -361,6 +460,18 @@ class GELU(Function):
         return g * (cdf + x * pdf)
 
 
+def gelu(x, approximate="tanh"):
+    """GELU; ``approximate='tanh'`` (SigLIP, GPT-2) or ``'none'`` (exact, erf-based).
+
+    Raises ValueError for another ``approximate``; TypeError as every op.
+    """
+    if approximate == "tanh":
+        return GELUTanh.apply(x)
+    if approximate == "none":
+        return GELU.apply(x)
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
+
+
 class QuickGELU(Function):
     @staticmethod
     def forward(ctx, x):
@@ -387,48 +498,11 @@ class QuickGELU(Function):
         return dx
 
 
-def exp(x):
-    return Exp.apply(x)
-
-
-def log(x):
-    return Log.apply(x)
-
-
-def sqrt(x):
-    return Sqrt.apply(x)
-
-
-def tanh(x):
-    return Tanh.apply(x)
-
-
-def sigmoid(x):
-    return Sigmoid.apply(x)
-
-
-def log_sigmoid(x):
-    return LogSigmoid.apply(x)
-
-
-def softplus(x):
-    return Softplus.apply(x)
-
-
-def relu(x):
-    return ReLU.apply(x)
-
-
-def gelu(x, approximate="tanh"):
-    """GELU; ``approximate='tanh'`` (SigLIP, GPT-2) or ``'none'`` (exact, erf-based)."""
-    if approximate == "tanh":
-        return GELUTanh.apply(x)
-    if approximate == "none":
-        return GELU.apply(x)
-    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
-
-
 def quick_gelu(x):
+    """x · σ(1.702 x) elementwise (OpenAI CLIP's activation).
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return QuickGELU.apply(x)
 
 
@@ -475,7 +549,18 @@ class MatMul(Function):
         return da, db
 
 
+def matmul(a, b):
+    """A @ B over the last two axes, leading axes broadcast (1-D inputs as in NumPy).
+
+    Raises ValueError for a 0-d input, contracted axes that differ or batch axes that do not broadcast;
+    TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
+    return MatMul.apply(a, b)
+
+
 class Linear(Function):
+    optional_inputs = (2,)     # bias may be None
+
     @staticmethod
     def forward(ctx, x, weight, bias=None):
         """f(x) = x·Wᵀ + b with W (out, in): PyTorch's layout, so published weights load as they are"""
@@ -504,12 +589,12 @@ class Linear(Function):
         return dx, dweight, dbias
 
 
-def matmul(a, b):
-    return MatMul.apply(a, b)
-
-
 def linear(x, weight, bias=None):
-    """x @ weight.T + bias, fused: one GEMM forward, two (three with bias) backward."""
+    """x @ weight.T + bias, fused: one GEMM forward, two (three with bias) backward.
+
+    Raises ValueError for a weight that is not 2-D (out, in), an input whose last axis is not ``in``, or a
+    bias that is not (out,); TypeError as every op.
+    """
     return Linear.apply(x, weight, bias)
 
 
@@ -538,6 +623,15 @@ class Sum(Function):
         return _xp(g).broadcast_to(g, ctx.shape)
 
 
+def sum(x, axis=None, keepdims=False):
+    """Σ x over ``axis`` (an int, a tuple, or None for all).
+
+    Raises ValueError for an axis out of range; TypeError (every op) for None, a non-number, integer data or
+    inputs on two backends.
+    """
+    return Sum.apply(x, axis=axis, keepdims=keepdims)
+
+
 class Mean(Function):
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
@@ -553,6 +647,15 @@ class Mean(Function):
         count = math.prod(ctx.shape[a] for a in ctx.axes)
         g = _expand_reduced(g, ctx.shape, ctx.axes, ctx.keepdims) / count
         return _xp(g).broadcast_to(g, ctx.shape)
+
+
+def mean(x, axis=None, keepdims=False):
+    """The mean of x over ``axis`` (an int, a tuple, or None for all).
+
+    Raises ValueError for an empty input or an axis out of range; TypeError (every op) for None, a non-
+    number, integer data or inputs on two backends.
+    """
+    return Mean.apply(x, axis=axis, keepdims=keepdims)
 
 
 class Max(Function):
@@ -576,15 +679,12 @@ class Max(Function):
         return g * is_max / ties
 
 
-def sum(x, axis=None, keepdims=False):
-    return Sum.apply(x, axis=axis, keepdims=keepdims)
-
-
-def mean(x, axis=None, keepdims=False):
-    return Mean.apply(x, axis=axis, keepdims=keepdims)
-
-
 def max(x, axis=None, keepdims=False):
+    """The maximum of x over ``axis``; the gradient is shared equally between ties.
+
+    Raises ValueError for an empty input or an axis out of range; TypeError (every op) for None, a non-
+    number, integer data or inputs on two backends.
+    """
     return Max.apply(x, axis=axis, keepdims=keepdims)
 
 
@@ -610,6 +710,14 @@ class Reshape(Function):
         return g.reshape(ctx.shape)
 
 
+def reshape(x, shape):
+    """x with another shape (one entry may be −1).
+
+    Raises ValueError when the sizes differ; TypeError for None or a non-array.
+    """
+    return Reshape.apply(x, shape=tuple(shape) if not isinstance(shape, int) else (shape,))
+
+
 class Transpose(Function):
     float_inputs = False
 
@@ -631,6 +739,22 @@ class Transpose(Function):
         return g.transpose(inverse)
 
 
+def transpose(x, axes=None):
+    """x with its axes permuted (reversed when ``axes`` is None).
+
+    Raises ValueError when ``axes`` is not a permutation of x's axes; TypeError for None or a non-array.
+    """
+    return Transpose.apply(x, axes=None if axes is None else tuple(axes))
+
+
+def permute(x, axes):
+    """x with its axes in the order ``axes``.
+
+    Raises ValueError when ``axes`` is not a permutation of x's axes; TypeError for None or a non-array.
+    """
+    return Transpose.apply(x, axes=tuple(axes))
+
+
 class BroadcastTo(Function):
     @staticmethod
     def forward(ctx, x, shape):
@@ -645,6 +769,15 @@ class BroadcastTo(Function):
     def backward(ctx, g):
         """the gradient is summed over the copies"""
         return unbroadcast(g, ctx.shape)
+
+
+def broadcast_to(x, shape):
+    """x repeated along new or length-1 axes up to ``shape``.
+
+    Raises ValueError when x's shape does not broadcast to ``shape``; TypeError (every op) for None, a non-
+    number, integer data or inputs on two backends.
+    """
+    return BroadcastTo.apply(x, shape=tuple(shape))
 
 
 def _unwrap_index(index):
@@ -680,6 +813,14 @@ class GetItem(Function):
         return dx
 
 
+def getitem(x, index):
+    """x[index]: slices, integers, integer arrays (or Tensors), None, ...; repeated indices add up in the gradient.
+
+    Raises IndexError for an index out of range; TypeError for None or a non-array.
+    """
+    return GetItem.apply(x, index=_unwrap_index(index))
+
+
 class Concatenate(Function):
     float_inputs = False
 
@@ -705,6 +846,16 @@ class Concatenate(Function):
                      for start, stop in zip(offsets[:-1], offsets[1:]))
 
 
+def concatenate(tensors, axis=0):
+    """The tensors joined along ``axis``.
+
+    Raises ValueError for no tensors or shapes that do not fit together; TypeError for None or a non-array.
+    """
+    if len(tensors) == 0:
+        raise ValueError("concatenate: needs at least one tensor")
+    return Concatenate.apply(*tensors, axis=axis)
+
+
 class Stack(Function):
     float_inputs = False
 
@@ -724,6 +875,16 @@ class Stack(Function):
         return tuple(g.take(i, axis=ctx.axis) for i in range(ctx.count))
 
 
+def stack(tensors, axis=0):
+    """The tensors stacked along a new axis ``axis``.
+
+    Raises ValueError for no tensors or tensors of different shapes; TypeError for None or a non-array.
+    """
+    if len(tensors) == 0:
+        raise ValueError("stack: needs at least one tensor")
+    return Stack.apply(*tensors, axis=axis)
+
+
 class Cast(Function):
     @staticmethod
     def forward(ctx, x, dtype):
@@ -737,39 +898,11 @@ class Cast(Function):
         return g.astype(ctx.dtype)
 
 
-def reshape(x, shape):
-    return Reshape.apply(x, shape=tuple(shape) if not isinstance(shape, int) else (shape,))
-
-
-def transpose(x, axes=None):
-    return Transpose.apply(x, axes=None if axes is None else tuple(axes))
-
-
-def permute(x, axes):
-    return Transpose.apply(x, axes=tuple(axes))
-
-
-def broadcast_to(x, shape):
-    return BroadcastTo.apply(x, shape=tuple(shape))
-
-
-def getitem(x, index):
-    return GetItem.apply(x, index=_unwrap_index(index))
-
-
-def concatenate(tensors, axis=0):
-    if len(tensors) == 0:
-        raise ValueError("concatenate: needs at least one tensor")
-    return Concatenate.apply(*tensors, axis=axis)
-
-
-def stack(tensors, axis=0):
-    if len(tensors) == 0:
-        raise ValueError("stack: needs at least one tensor")
-    return Stack.apply(*tensors, axis=axis)
-
-
 def cast(x, dtype):
+    """x in another float type; the gradient comes back in x's type.
+
+    Raises TypeError (every op) for None, a non-number, integer data or inputs on two backends.
+    """
     return Cast.apply(x, dtype=dtype)
 
 
@@ -803,6 +936,15 @@ class Softmax(Function):
         return gy - y * gy.sum(axis=ctx.axis, keepdims=True)
 
 
+def softmax(x, axis=-1):
+    """e^x / Σ e^x along ``axis``, with the max subtracted.
+
+    Raises numpy.exceptions.AxisError (a ValueError) for an axis out of range; TypeError (every op) for
+    None, a non-number, integer data or inputs on two backends.
+    """
+    return Softmax.apply(x, axis=axis)
+
+
 class LogSoftmax(Function):
     @staticmethod
     def forward(ctx, x, axis=-1):
@@ -817,6 +959,15 @@ class LogSoftmax(Function):
         """dx = g - softmax(x) · Σ_j g_j"""
         (y,) = ctx.saved_tensors
         return g - _xp(y).exp(y) * g.sum(axis=ctx.axis, keepdims=True)
+
+
+def log_softmax(x, axis=-1):
+    """x − logsumexp(x) along ``axis``.
+
+    Raises numpy.exceptions.AxisError (a ValueError) for an axis out of range; TypeError (every op) for
+    None, a non-number, integer data or inputs on two backends.
+    """
+    return LogSoftmax.apply(x, axis=axis)
 
 
 class LogSumExp(Function):
@@ -836,6 +987,15 @@ class LogSumExp(Function):
         if not ctx.keepdims:
             g = _xp(g).expand_dims(g, ctx.axis)
         return g * _xp(x).exp(x - lse)
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    """log Σ e^x along ``axis``, with the max subtracted (a row of −inf stays −inf).
+
+    Raises numpy.exceptions.AxisError (a ValueError) for an axis out of range; TypeError (every op) for
+    None, a non-number, integer data or inputs on two backends.
+    """
+    return LogSumExp.apply(x, axis=axis, keepdims=keepdims)
 
 
 class L2Normalize(Function):
@@ -858,7 +1018,18 @@ class L2Normalize(Function):
         return (g - y * projection) / denominator
 
 
+def l2_normalize(x, axis=-1, eps=1e-12):
+    """x / max(‖x‖, eps) along ``axis``.
+
+    Raises numpy.exceptions.AxisError (a ValueError) for an axis out of range; TypeError (every op) for
+    None, a non-number, integer data or inputs on two backends.
+    """
+    return L2Normalize.apply(x, axis=axis, eps=eps)
+
+
 class LayerNorm(Function):
+    optional_inputs = (1, 2)     # weight and bias may be None
+
     @staticmethod
     def forward(ctx, x, weight=None, bias=None, eps=1e-5):
         """f(x) = (x - μ) / √(σ² + eps) · w + b over the last axis"""
@@ -894,6 +1065,14 @@ class LayerNorm(Function):
         return (dx, *_scale_shift_grads(g2d, xhat2d, needs))
 
 
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """Layer norm over the last axis; weight and bias of shape (D,), either may be None.
+
+    Raises ValueError for a weight or bias that is not (D,); TypeError as every op.
+    """
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
 def _scale_shift(xhat, weight, bias):
     """y = x̂ · w + b, either of w and b may be None (the affine end of layer norm and batch norm)."""
     y = xhat * weight if weight is not None else xhat.copy()
@@ -908,27 +1087,6 @@ def _scale_shift_grads(g2d, xhat2d, needs):
     dweight = xp.einsum("nc,nc->c", g2d, xhat2d) if needs[1] else None
     dbias = g2d.sum(axis=0) if needs[2] else None
     return dweight, dbias
-
-
-def softmax(x, axis=-1):
-    return Softmax.apply(x, axis=axis)
-
-
-def log_softmax(x, axis=-1):
-    return LogSoftmax.apply(x, axis=axis)
-
-
-def logsumexp(x, axis=-1, keepdims=False):
-    return LogSumExp.apply(x, axis=axis, keepdims=keepdims)
-
-
-def l2_normalize(x, axis=-1, eps=1e-12):
-    return L2Normalize.apply(x, axis=axis, eps=eps)
-
-
-def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """Layer norm over the last axis; weight and bias of shape (D,), either may be None."""
-    return LayerNorm.apply(x, weight, bias, eps=eps)
 
 
 # ---------------------------------------------------------------------------------
@@ -953,7 +1111,10 @@ class Embedding(Function):
 
 
 def embedding(weight, ids):
-    """Rows ``weight[ids]`` for integer ``ids`` of any shape: (...) -> (..., D)."""
+    """Rows ``weight[ids]`` for integer ``ids`` of any shape: (...) -> (..., D).
+
+    Raises TypeError for ids that are not integers, IndexError for an id outside the table.
+    """
     ids = ids.data if isinstance(ids, Tensor) else ids
     ids = _xp(weight, ids).asarray(ids)
     if ids.dtype.kind not in "iu":
@@ -1010,7 +1171,11 @@ class ScaledDotProductAttention(Function):
 
 
 def scaled_dot_product_attention(q, k, v, causal=False, scale=None):
-    """Attention over (B, H, T, d) inputs; ``causal`` hides later keys from each query."""
+    """Attention over (B, H, T, d) inputs; ``causal`` hides later keys from each query.
+
+    Raises ValueError for q, k, v whose shapes do not fit (or a causal mask over unequal lengths); TypeError
+    as every op.
+    """
     return ScaledDotProductAttention.apply(q, k, v, causal=causal, scale=scale)
 
 
@@ -1029,7 +1194,10 @@ class Dropout(Function):
 
 
 def dropout(x, p, rng, training=True):
-    """Zero each element with probability ``p`` and scale the rest by 1/(1-p); identity when not training."""
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p); identity when not training.
+
+    Raises ValueError for p outside [0, 1); TypeError as every op.
+    """
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
@@ -1093,6 +1261,19 @@ class Patches(Function):
         return dpadded[:, padding:padding + height, padding:padding + width]
 
 
+def patches(x, kernel, stride=1, padding=0):
+    """im2col, channels last: (B, H, W, C) → (B, Ho, Wo, k·k·C),  Ho = (H + 2·padding − k)//stride + 1,  k = kernel.
+
+    Each window is flattened in (ky, kx, c) order, so a convolution is
+    ``linear(patches(x, k, s, p), weight, bias)`` with ``weight`` (out, k·k·C):
+    a PyTorch Conv2d weight (out, C, k, k) permuted to (out, k, k, C) and reshaped.
+
+    Raises ValueError for an input that is not 4-D, a kernel, stride or padding that is not an integer in
+    range, or a kernel larger than the padded image.
+    """
+    return Patches.apply(x, kernel=kernel, stride=stride, padding=padding)
+
+
 def _kernel_offsets(kernel, stride, out_h, out_w):
     """(ky, kx, rows, columns) per kernel offset: the padded input's pixels that offset reads, as slices."""
     for ky in range(kernel):
@@ -1101,22 +1282,16 @@ def _kernel_offsets(kernel, stride, out_h, out_w):
                    slice(kx, kx + stride * (out_w - 1) + 1, stride))
 
 
-def patches(x, kernel, stride=1, padding=0):
-    """im2col, channels last: (B, H, W, C) → (B, Ho, Wo, k·k·C),  Ho = (H + 2·padding − k)//stride + 1,  k = kernel.
-
-    Each window is flattened in (ky, kx, c) order, so a convolution is
-    ``linear(patches(x, k, s, p), weight, bias)`` with ``weight`` (out, k·k·C):
-    a PyTorch Conv2d weight (out, C, k, k) permuted to (out, k, k, C) and reshaped.
-    """
-    return Patches.apply(x, kernel=kernel, stride=stride, padding=padding)
-
-
 class BatchNorm(Function):
+    optional_inputs = (1, 2)     # weight and bias may be None
+
     @staticmethod
-    def forward(ctx, x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True, comm=None):
+    def forward(ctx, x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True,
+                sum_over_batch=None):
         """f(x) = (x - μ) / √(σ² + eps) · w + b per channel (last axis), μ and σ² the batch's or the running ones"""
         xp = _xp(x)
-        if x.ndim < 2 or (x.size == 0 and comm is None):    # under MPI one rank's share may be empty
+        split = sum_over_batch is not None
+        if x.ndim < 2 or (x.size == 0 and not split):      # one part of a split batch may be empty
             raise ValueError(f"batch_norm: input must be non-empty with a batch axis and a channel axis (last), "
                              f"got shape {x.shape}")
         channels = x.shape[-1]
@@ -1134,10 +1309,10 @@ class BatchNorm(Function):
                              "pass running=(mean, var)")
         if training:
             flat = x.reshape(-1, channels)                      # (N, C)
-            if comm is None:
+            if not split:
                 batch_mean = flat.mean(axis=0)                  # (C,)
-            else:   # synchronised: the statistics of the whole global batch, Σx and the count from every rank
-                totals = comm.all_reduce(xp.concatenate([flat.sum(axis=0), xp.full((1,), count, flat.dtype)]))
+            else:   # the statistics of the whole batch: Σx and the count from every part
+                totals = sum_over_batch(xp.concatenate([flat.sum(axis=0), xp.full((1,), count, flat.dtype)]))
                 count = int(round(float(totals[-1])))
                 batch_mean = totals[:channels] / count if count else totals[:channels]
             if count < 2:                                       # the same count on every rank: all raise together
@@ -1146,8 +1321,8 @@ class BatchNorm(Function):
             xhat = x - batch_mean                               # centred, normalised in place below
             xhat2d = xhat.reshape(-1, channels)                 # (N, C), a view: xhat is a fresh array
             squares = xp.einsum("nc,nc->c", xhat2d, xhat2d)     # (C,)
-            if comm is not None:
-                comm.all_reduce(squares)
+            if split:
+                squares = sum_over_batch(squares)
             batch_var = squares / count                         # (C,), biased: what x̂ is divided by
             if running is not None:
                 # PyTorch's convention: the running variance is the unbiased estimate n/(n-1)·σ²
@@ -1163,7 +1338,7 @@ class BatchNorm(Function):
             rstd = 1.0 / xp.sqrt(running_var + eps)             # (C,)
         xhat *= rstd
         ctx.save_for_backward(xhat, rstd, weight)
-        ctx.training, ctx.count, ctx.comm = training, count, comm
+        ctx.training, ctx.count, ctx.sum_over_batch = training, count, sum_over_batch
         return _scale_shift(xhat, weight, bias)
 
     @staticmethod
@@ -1181,14 +1356,42 @@ class BatchNorm(Function):
                 # the batch statistics depend on every x: these two terms are their share of the gradient
                 ghat2d = ghat.reshape(-1, channels)                 # (N, C), a view
                 sums = xp.stack([ghat2d.sum(axis=0), xp.einsum("nc,nc->c", ghat2d, xhat2d)])   # (2, C)
-                if ctx.comm is not None:                            # synchronised: over the global batch
-                    ctx.comm.all_reduce(sums)
+                if ctx.sum_over_batch is not None:                  # over the whole split batch
+                    sums = ctx.sum_over_batch(sums)
                 mean_ghat, mean_ghat_xhat = sums / ctx.count        # (C,) each
                 ghat -= mean_ghat
                 ghat -= xhat * mean_ghat_xhat
             ghat *= rstd
             dx = ghat
         return (dx, *_scale_shift_grads(g2d, xhat2d, needs))
+
+
+def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True,
+               sum_over_batch=None):
+    """Batch norm over every axis but the last (channels last: (N, C), (B, H, W, C), ...).
+
+    Training normalises with the batch's mean and biased variance and, when
+    ``running`` = (mean, var) is given, moves those arrays in place towards the
+    batch's: m ← (1 − momentum)·m + momentum·μ, v ← (1 − momentum)·v + momentum·n/(n−1)·σ²
+    (n values per channel), once per call. Evaluation (``training=False``)
+    normalises with ``running`` and changes nothing. Weight and bias (C,) may be None.
+
+    A batch split into parts (one per process in data-parallel training) is
+    normalised as one when ``sum_over_batch`` is given: a function that
+    returns the sum over every part of a small per-channel array ((C + 1,)
+    and (C,) forward, (2, C) backward). The op itself knows nothing of
+    processes; ``tinyclip.nn.BatchNorm(comm=...)`` (synchronised batch norm)
+    passes its communicator's all-reduce. Without it x must be non-empty.
+
+    Raises ValueError for an input without a batch and a channel axis, an
+    empty one, weight, bias or running arrays of the wrong shape, dtype or
+    backend, momentum outside [0, 1], evaluation without ``running``, and
+    training on fewer than 2 values per channel (no variance to estimate).
+    """
+    if running is not None and isinstance(running, (tuple, list)):
+        running = tuple(r.data if isinstance(r, Tensor) else r for r in running)
+    return BatchNorm.apply(x, weight, bias, eps=eps, running=running, momentum=momentum, training=training,
+                           sum_over_batch=sum_over_batch)
 
 
 def _check_running(running, x):
@@ -1205,21 +1408,51 @@ def _check_running(running, x):
                              f"({backend.backend_of(x)}), got {backend.backend_of(array)}, {array.dtype}")
 
 
-def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True, comm=None):
-    """Batch norm over every axis but the last (channels last: (N, C), (B, H, W, C), ...).
+# ---------------------------------------------------------------------------------
+# Tensor's operators and methods, attached here (needle's ops attach theirs the same way)
+# ---------------------------------------------------------------------------------
+# autograd.py defines Tensor and the backward walk and sits below this module; the
+# operators are these ops, so they are attached from here and imports run one way only.
 
-    Training normalises with the batch's mean and biased variance and, when
-    ``running`` = (mean, var) is given, moves those arrays in place towards the
-    batch's: m ← (1 − momentum)·m + momentum·μ, v ← (1 − momentum)·v + momentum·n/(n−1)·σ²
-    (n values per channel), once per call. Evaluation (``training=False``)
-    normalises with ``running`` and changes nothing. Weight and bias (C,) may be None.
+def _reshape_method(self, *shape):
+    return reshape(self, shape[0] if len(shape) == 1 else shape)
 
-    ``comm`` (a ``tinyclip.distributed`` communicator) makes it synchronised
-    batch norm: in training the mean and variance are those of the whole
-    batch over all ranks (two all-reduces of (C,) sums forward, one of a
-    (2, C) array backward), so data-parallel training equals one process.
-    """
-    if running is not None and isinstance(running, (tuple, list)):
-        running = tuple(r.data if isinstance(r, Tensor) else r for r in running)
-    return BatchNorm.apply(x, weight, bias, eps=eps, running=running, momentum=momentum, training=training,
-                           comm=comm)
+
+def _transpose_method(self, *axes):
+    return transpose(self, axes[0] if len(axes) == 1 else (axes or None))
+
+
+def _permute_method(self, *axes):
+    return transpose(self, axes[0] if len(axes) == 1 else axes)
+
+
+Tensor.__add__ = add
+Tensor.__radd__ = lambda self, other: add(other, self)
+Tensor.__sub__ = sub
+Tensor.__rsub__ = lambda self, other: sub(other, self)
+Tensor.__mul__ = mul
+Tensor.__rmul__ = lambda self, other: mul(other, self)
+Tensor.__truediv__ = div
+Tensor.__rtruediv__ = lambda self, other: div(other, self)
+Tensor.__neg__ = neg
+Tensor.__pow__ = pow
+Tensor.__matmul__ = matmul
+Tensor.__rmatmul__ = lambda self, other: matmul(other, self)
+Tensor.__getitem__ = getitem
+Tensor.sum = sum
+Tensor.mean = mean
+Tensor.max = max
+Tensor.reshape = _reshape_method
+Tensor.transpose = _transpose_method
+Tensor.permute = _permute_method
+Tensor.T = property(lambda self: transpose(self, None))
+Tensor.exp = exp
+Tensor.log = log
+Tensor.sqrt = sqrt
+Tensor.tanh = tanh
+Tensor.sigmoid = sigmoid
+Tensor.relu = relu
+Tensor.softmax = softmax
+Tensor.log_softmax = log_softmax
+Tensor.logsumexp = logsumexp
+Tensor.astype = cast

@@ -69,6 +69,8 @@ class Module:
     attribute holding a Parameter, a Buffer, a Module, or a non-empty
     list/tuple of Modules (wrapped into a ``ModuleList``) is registered under
     its name.
+    ``forward`` of the base class raises NotImplementedError; ``load_state_dict`` raises ValueError naming
+    every key that does not fit.
     """
 
     def __init__(self):
@@ -204,14 +206,20 @@ class Module:
 
 
 def key_problems(missing=(), unexpected=(), mismatched=(), not_arrays=()):
-    """One line per kind of misfit between a state and a model, each naming every key; [] when all fit."""
+    """One line per kind of misfit between a state and a model, each naming every key; [] when all fit.
+
+    Raises nothing.
+    """
     kinds = (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
              ("shape mismatches", mismatched, "; "), ("values that are not arrays", not_arrays, ", "))
     return [f"{label} ({len(keys)}): {separator.join(keys)}" for label, keys, separator in kinds if keys]
 
 
 class ModuleList(Module):
-    """A list of Modules registered under the names '0', '1', ..."""
+    """A list of Modules registered under the names '0', '1', ...
+
+    Indexing raises IndexError like a list.
+    """
 
     def __init__(self, modules=()):
         super().__init__()
@@ -303,7 +311,10 @@ class _Init:
 # ---------------------------------------------------------------------------------
 
 class Linear(Module):
-    """y = x Wᵀ + b, W of shape (out, in) as in PyTorch."""
+    """y = x Wᵀ + b, W of shape (out, in) as in PyTorch.
+
+    Calling it raises what ``functional.linear`` raises (ValueError for an input whose last axis is not ``in``).
+    """
 
     def __init__(self, in_features, out_features, bias=True, std=0.02, dtype=None, backend=None, rng=None, seed=None):
         super().__init__()
@@ -320,7 +331,10 @@ class Linear(Module):
 
 
 class LayerNorm(Module):
-    """y = (x - μ) / √(σ² + eps) · weight + bias over the last axis."""
+    """y = (x - μ) / √(σ² + eps) · weight + bias over the last axis.
+
+    Calling it raises what ``functional.layer_norm`` raises.
+    """
 
     def __init__(self, dim, eps=1e-5, dtype=None, backend=None, rng=None, seed=None):
         super().__init__()
@@ -343,6 +357,8 @@ class Conv2d(Module):
     window (zero padding) is flattened as (ky, kx, c) and mapped by W of shape
     (out, kernel·kernel·in), which is PyTorch's (out, in, k, k) weight
     permuted to (out, k, k, in). Weights start normal with std 1/√(k·k·in).
+    Calling it raises ValueError for an input that is not (B, H, W, C_in), and what ``functional.patches``
+    raises.
     """
 
     def __init__(self, in_channels, out_channels, kernel, stride=1, padding=0, bias=True,
@@ -373,13 +389,17 @@ class BatchNorm(Module):
     the batch's by ``momentum``. Evaluation (``module.eval()``): the running
     statistics are used instead, so one image gives the same answer alone or
     in a batch. Statistics are those of the batch this process sees, unless
-    ``comm`` is set to a ``tinyclip.distributed`` communicator: then they are
-    the whole global batch's over all ranks (synchronised batch norm, which
-    ``tinyclip.train`` turns on under MPI, so that N ranks train exactly as
-    one process).
+    the layer owns a communicator ``comm`` (a ``tinyclip.distributed``
+    communicator, given here or by ``synchronise_batch_norm``): then they are
+    the whole global batch's over all ranks (synchronised batch norm, PyTorch's
+    SyncBatchNorm: the per-channel sums are all-reduced, two small messages
+    forward and one backward), so that N ranks train exactly as one process.
+    The op ``functional.batch_norm`` stays pure: the layer hands it the
+    communicator's all-reduce as the way to sum over the parts of the batch.
+    Raises what ``functional.batch_norm`` raises.
     """
 
-    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=None, backend=None, rng=None, seed=None):
+    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=None, backend=None, rng=None, seed=None, comm=None):
         super().__init__()
         init = _Init(dtype, backend, rng, seed)
         self.channels, self.eps, self.momentum = channels, eps, momentum
@@ -387,19 +407,40 @@ class BatchNorm(Module):
         self.bias = init.constant((channels,), 0.0)
         self.running_mean = Buffer(init.filled((channels,), 0.0))
         self.running_var = Buffer(init.filled((channels,), 1.0))
-        self.comm = None                # a communicator: normalise over the global batch of all ranks
+        self.comm = comm                # a communicator: normalise over the global batch of all ranks
 
     def forward(self, x):
         return F.batch_norm(x, self.weight, self.bias, eps=self.eps,
                             running=(self.running_mean.data, self.running_var.data),
-                            momentum=self.momentum, training=self.training, comm=self.comm)
+                            momentum=self.momentum, training=self.training,
+                            sum_over_batch=None if self.comm is None else self.comm.all_reduce)
 
     def extra_repr(self):
-        return f"{self.channels}, eps={self.eps}, momentum={self.momentum}"
+        return f"{self.channels}, eps={self.eps}, momentum={self.momentum}" + (
+            f", comm={self.comm!r}" if self.comm is not None else "")
+
+
+def synchronise_batch_norm(model, comm):
+    """Give every ``BatchNorm`` layer in ``model`` the communicator ``comm``: synchronised batch norm.
+
+    Called where a model is built for data-parallel training (``tinyclip.train``
+    does it under MPI), so that the statistics are those of the global batch
+    and N ranks train exactly as one process. ``comm=None`` turns it off.
+    Returns the number of layers changed.
+    Raises nothing; the layers raise at their next forward if ``comm`` has no ``all_reduce``.
+    """
+    layers = [module for module in model.modules() if isinstance(module, BatchNorm)]
+    for layer in layers:
+        layer.comm = comm
+    return len(layers)
 
 
 class Embedding(Module):
-    """y = weight[ids]: a lookup table of ``num`` rows of width ``dim``."""
+    """y = weight[ids]: a lookup table of ``num`` rows of width ``dim``.
+
+    Calling it raises what ``functional.embedding`` raises (TypeError for non-integer ids, IndexError out of
+    range).
+    """
 
     def __init__(self, num, dim, std=0.02, dtype=None, backend=None, rng=None, seed=None):
         super().__init__()
@@ -423,7 +464,10 @@ ACTIVATIONS = {
 
 
 class MLP(Module):
-    """y = fc2(act(fc1(x))): widen to ``hidden``, apply the activation, project back to ``dim``."""
+    """y = fc2(act(fc1(x))): widen to ``hidden``, apply the activation, project back to ``dim``.
+
+    Raises ValueError for an unknown activation; calling it raises what ``functional.linear`` raises.
+    """
 
     def __init__(self, dim, hidden, activation="quick_gelu", dtype=None, backend=None, rng=None, seed=None):
         super().__init__()
@@ -449,6 +493,8 @@ class MultiHeadAttention(Module):
     gives cross-attention, as in SigLIP's attention-pooling head, where one
     learned query attends over all patch tokens. ``causal`` hides later keys
     from each query (the text tower) and needs Tq == Tk.
+    Raises ValueError for a width that the heads do not divide, and, when called, for a context whose batch
+    or width does not fit.
     """
 
     def __init__(self, dim, heads, causal=False, dtype=None, backend=None, rng=None, seed=None):
@@ -494,7 +540,10 @@ def _check_tokens(layer, name, x, dim):
 
 
 class Block(Module):
-    """Pre-LN residual block: x ← x + attn(ln1(x)); x ← x + mlp(ln2(x))."""
+    """Pre-LN residual block: x ← x + attn(ln1(x)); x ← x + mlp(ln2(x)).
+
+    Calling it raises what its attention and MLP raise.
+    """
 
     def __init__(self, dim, heads, mlp_ratio=4, activation="quick_gelu", causal=False, eps=1e-5,
                  dtype=None, backend=None, rng=None, seed=None):
@@ -511,7 +560,10 @@ class Block(Module):
 
 
 class Transformer(Module):
-    """``depth`` pre-LN Blocks applied in turn, named ``blocks.0`` ... ``blocks.{depth-1}``."""
+    """``depth`` pre-LN Blocks applied in turn, named ``blocks.0`` ... ``blocks.{depth-1}``.
+
+    Calling it raises what its blocks raise.
+    """
 
     def __init__(self, dim, depth, heads, mlp_ratio=4, activation="quick_gelu", causal=False, eps=1e-5,
                  dtype=None, backend=None, rng=None, seed=None):

@@ -67,7 +67,7 @@ class Optimizer:
             where = f"parameter {index} of group {len(self.param_groups)}"
             if not isinstance(p, Tensor):
                 raise TypeError(f"{type(self).__name__}: {where} is a {type(p).__name__}, not a Tensor")
-            if not p.requires_grad or p._node is not None:
+            if not p.requires_grad or not p.is_leaf:
                 raise ValueError(f"{type(self).__name__}: {where} (shape {p.shape}) must be a leaf Tensor "
                                  "with requires_grad=True")
             if id(p) in seen:

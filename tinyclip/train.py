@@ -881,9 +881,7 @@ class Run:
         if config.lock_text:
             lock_text_tower(self.model)
         if comm.size > 1:        # batch norm over the global batch, so that N ranks train exactly as one process
-            for module in self.model.modules():
-                if isinstance(module, nn.BatchNorm):
-                    module.comm = comm
+            nn.synchronise_batch_norm(self.model, comm)
         self.optimizer, self.schedule = build_optimizer(self.model, config)
         self.step = 0
         self.seconds_before = 0.0            # training time of the run before this process took over
@@ -1074,6 +1072,8 @@ def train(config=None, resume=None, comm=None):
     if config is None and resume is None:
         raise ValueError("train: give a TrainConfig, or resume= a run to continue")
     comm = distributed.world() if comm is None else comm
+    backend.tune_malloc()                       # process-wide settings: asked for here, never at import
+    distributed.install_abort_on_error(comm)    # an uncaught error on one rank ends the job instead of a hang
     with stop_on_signals() as stop:
         start = agreed(comm, lambda: prepare_start(config, resume))
         config = start.config

@@ -121,7 +121,8 @@ class CaptionSet:
                 self.subset(held_out, f"{self.source} (held-out {fraction})"))
 
 
-def _warn_skipped(source, count, what):
+def warn_skipped(source, count, what):
+    """Warn that ``count`` items of ``what`` in ``source`` (a file, folder or shard pattern) were skipped."""
     if count:
         warnings.warn(f"{source}: skipped {count} {what}", stacklevel=3)
 
@@ -153,7 +154,7 @@ class CSVCaptions(CaptionSet):
             self._read_rows(path, separator, image_column, caption_column, folder, paths, captions)
         except UnicodeDecodeError as error:
             raise ValueError(f"{path}: not UTF-8 text ({error}); save the table as UTF-8") from None
-        _warn_skipped(path, self.empty_rows, "rows with an empty image path or caption")
+        warn_skipped(path, self.empty_rows, "rows with an empty image path or caption")
         super().__init__(path, paths, captions, strict)
 
     def _read_rows(self, path, separator, image_column, caption_column, folder, paths, captions):
@@ -203,7 +204,7 @@ class FolderCaptions(CaptionSet):
                 continue
             paths.append(image)
             captions.append(caption)
-        _warn_skipped(folder, self.uncaptioned, "images with no caption (.txt file missing or empty)")
+        warn_skipped(folder, self.uncaptioned, "images with no caption (.txt file missing or empty)")
         super().__init__(folder, paths, captions, strict)
 
     @staticmethod

@@ -29,7 +29,7 @@ import numpy
 from braceexpand import braceexpand
 from PIL import Image
 
-from .captions import CaptionSet, _warn_skipped
+from .captions import CaptionSet, warn_skipped
 from .transforms import to_rgb
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -108,7 +108,7 @@ class ShardCaptions(CaptionSet):
                 offsets.append(offset)
                 sizes.append(size)
             shard_sizes.append(len(examples))
-        _warn_skipped(self.pattern, self.incomplete, "examples with no image or no caption")
+        warn_skipped(self.pattern, self.incomplete, "examples with no image or no caption")
         self.shard_sizes = numpy.asarray(shard_sizes, dtype=numpy.int64)             # (shards,)
         self._shard_index = numpy.asarray(shard_index, dtype=numpy.int32)            # (examples,)
         self._offsets = numpy.asarray(offsets, dtype=numpy.int64)                    # image bytes start
