@@ -15,11 +15,13 @@ import math
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 VISION_POOLING = ("cls", "gap", "map")
 VISION_TYPES = ("vit", "cnn")
+POSITION_EMBEDDINGS = ("learned", "sincos")
 # the fields that decide what the image tower computes: a tower moved into another model brings them along
 # (activation and ln_eps are shared with the text tower, which then follows the image tower's)
 VISION_FIELDS = ("vision_type", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
                  "vision_mlp_ratio", "class_token", "vision_pre_norm", "patch_bias", "vision_pooling",
-                 "vision_projection", "conv_channels", "embed_dim", "activation", "ln_eps")
+                 "vision_projection", "conv_channels", "embed_dim", "activation", "ln_eps",
+                 "position_embedding")
 TEXT_POOLING = ("argmax", "eos", "last")
 
 
@@ -39,6 +41,8 @@ class CLIPConfig:
     vision_pooling: str = "cls"      # "cls" token, "gap" average over tokens, "map" attention-pooling head
     vision_projection: bool = True   # linear map width -> embed_dim without bias (SigLIP: none)
     conv_channels: tuple = ()        # "cnn": output channels of each 3×3 stride-2 conv + batch norm stage
+    position_embedding: str = "learned"   # "learned" (CLIP, SigLIP) or "sincos": fixed 2-D sine-cosine
+                                          # (Chen et al. 2021, MoCo v3; Beyer et al. 2022), a zero row for a class token
     # --- text tower ------------------------------------------------------------------------------
     context_length: int = 77         # tokens per caption
     vocab_size: int = 49408          # token ids are in [0, vocab_size)
@@ -84,6 +88,10 @@ class CLIPConfig:
             problems.append(f"text_width {self.text_width} does not divide into {self.text_heads} heads")
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            problems.append(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
+        elif self.position_embedding == "sincos" and self.vision_width % 4:
+            problems.append(f"position_embedding 'sincos' needs vision_width divisible by 4, got {self.vision_width}")
         if self.vision_pooling not in VISION_POOLING:
             problems.append(f"vision_pooling {self.vision_pooling!r} is not one of {VISION_POOLING}")
         if self.text_pooling not in TEXT_POOLING:
