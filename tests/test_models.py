@@ -252,3 +252,14 @@ def test_position_embedding_kind_is_checked():
         preset("tiny", position_embedding="rope")
     with pytest.raises(ValueError, match="divisible by 4"):
         preset("tiny", position_embedding="sincos", vision_width=18, vision_heads=2)
+
+
+def test_sincos_model_saves_and_loads_without_the_table(tmp_path):
+    from tinyclip import checkpoint
+    config = preset("tiny", position_embedding="sincos", vision_pooling="gap", class_token=False)
+    model = CLIP(config, dtype="float64", seed=4)
+    checkpoint.save(model, str(tmp_path / "model"))
+    loaded = checkpoint.load(str(tmp_path / "model"))
+    assert loaded.config == config
+    images, _ = inputs_for(config, numpy, 5)
+    numpy.testing.assert_array_equal(loaded.encode_image(images).data, model.encode_image(images).data)
