@@ -7,7 +7,8 @@ default run's shapes, in float32, written the way tinyclip computes them
 (``out=`` ufuncs), once in the calling thread and once cut into row blocks
 by ``parallel.map_rows`` at each thread count up to the usable cores:
 
-  gelu fwd / bwd   the MLP activation, (B·T, mlp width), vision and text tower
+  gelu fwd / bwd   the MLP activation, (B·T, mlp width), vision and text tower;
+                   for a CNN tower the first stage's activation, (B·H/2·W/2, channels)
   layer norm       per token over the width, (B·T, width)
   softmax          attention probabilities over the keys, (B·heads·T, T)
   adamw            one update of every parameter, flat
@@ -93,18 +94,25 @@ def adamw(out, param, grad, m, v):
 
 
 def workloads(batch, config):
-    """[(name, fn, out shape, input shapes)] at the default run's shapes."""
-    vision_tokens = config.num_patches + (1 if config.class_token else 0)
+    """[(name, fn, out shape, input count)] at the run's shapes: the ViT's tokens, or the CNN's first stage."""
     text_tokens = config.context_length
-    vision_mlp = int(config.vision_width * config.vision_mlp_ratio)
     text_mlp = int(config.text_width * config.text_mlp_ratio)
     parameters = 1_000_000                                        # about the default model's size
-    return [
-        ("gelu fwd, vision", gelu_forward, (batch * vision_tokens, vision_mlp), 1),
-        ("gelu bwd, vision", gelu_backward, (batch * vision_tokens, vision_mlp), 3),
+    if config.vision_type == "cnn":                               # the largest activation: stage 1, (B·H/2·W/2, C1)
+        side, channels = config.image_size // 2, config.conv_channels[0]
+        vision = [("gelu fwd, cnn stage 1", gelu_forward, (batch * side * side, channels), 1),
+                  ("gelu bwd, cnn stage 1", gelu_backward, (batch * side * side, channels), 3)]
+    else:
+        tokens = config.num_patches + (1 if config.class_token else 0)
+        mlp = int(config.vision_width * config.vision_mlp_ratio)
+        vision = [("gelu fwd, vision", gelu_forward, (batch * tokens, mlp), 1),
+                  ("gelu bwd, vision", gelu_backward, (batch * tokens, mlp), 3),
+                  ("layer norm, vision", layer_norm, (batch * tokens, config.vision_width), 1),
+                  ("softmax, vision attention", softmax, (batch * config.vision_heads * tokens, tokens), 1)]
+    return vision + [
         ("gelu fwd, text", gelu_forward, (batch * text_tokens, text_mlp), 1),
-        ("layer norm, vision", layer_norm, (batch * vision_tokens, config.vision_width), 1),
-        ("softmax, vision attention", softmax, (batch * config.vision_heads * vision_tokens, vision_tokens), 1),
+        ("layer norm, text", layer_norm, (batch * text_tokens, config.text_width), 1),
+        ("softmax, text attention", softmax, (batch * config.text_heads * text_tokens, text_tokens), 1),
         ("adamw, all parameters", adamw, (parameters,), 4),
     ]
 
