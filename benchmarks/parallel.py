@@ -131,7 +131,8 @@ def main():
           f"{[name for name in ('OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE') if name in os.environ] or 'neither'}")
     print(f"preset {args.preset}, batch {args.batch}, float32, median of {args.repeat} rounds; threads 1..{cores}\n")
     counts = list(range(2, cores + 1))
-    print(f"{'work':28s} {'shape':>16s} {'serial ms':>10s} " + " ".join(f"{f'{n} thr ms':>9s} {'×':>5s}" for n in counts))
+    columns = " ".join(f"{f'{n} thr ms':>9s} {'×':>5s}" for n in counts)
+    print(f"{'work':28s} {'shape':>16s} {'serial ms':>10s} {columns}")
     rng = numpy.random.default_rng(0)
     for name, fn, shape, inputs in workloads(args.batch, config):
         arrays = [rng.standard_normal(shape, dtype=numpy.float32) for _ in range(inputs)]
