@@ -154,9 +154,9 @@ PRESETS = {
                          text_heads=4, embed_dim=128, init_log_scale=math.log(10.0), init_bias=-10.0,
                          activation="gelu_tanh"),
     # the same with a ViT image tower of about four times the cost: on the default run it learns the
-    # colours but not the shapes (README, "Training"). The cause (docs/vit.md): a small ViT reads a shape
-    # that lies whole inside one 8-px patch (centred objects: 0.89 shape accuracy in 400 probe steps) but not
-    # one cut across 2-4 patches at random offsets, as the built-in shapes are (chance)
+    # colours but not the shapes (README, "Training"). The cause (docs/vit.md): the linear patch embedding
+    # has no translation equivariance inside a patch; with every object centred in its 8-px patch a small ViT
+    # learns the shapes (0.89 in 400 probe steps), at the data's random alignments it stays at chance
     "shapes-vit": CLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
                              context_length=16, vocab_size=1024, eos_id=1023, text_width=128, text_layers=4,
                              text_heads=4, embed_dim=128, init_log_scale=math.log(10.0), init_bias=-10.0,
