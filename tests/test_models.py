@@ -25,7 +25,8 @@ SIGLIP_TINY = dict(class_token=False, vision_pre_norm=False, patch_bias=True, vi
                    text_projection_bias=True, activation="gelu_tanh", ln_eps=1e-6, init_bias=-10.0)
 FAMILIES = {"clip": preset("tiny"), "siglip": preset("tiny", **SIGLIP_TINY),
             "gap-eos": preset("tiny", vision_pooling="gap", text_pooling="eos", activation="gelu"),
-            "cnn": preset("tiny", vision_type="cnn", conv_channels=(3, 4))}
+            "cnn": preset("tiny", vision_type="cnn", conv_channels=(3, 4)),
+            "sincos": preset("tiny", position_embedding="sincos", vision_pooling="gap", class_token=False)}
 
 
 def inputs_for(config, xp, seed, batch=3):
@@ -291,3 +292,51 @@ def test_siglips_text_tower_refuses_a_short_padding_and_says_why():
     padded = numpy.zeros((1, 16), dtype=numpy.int64)
     padded[:, :10] = tokens
     assert numpy.isfinite(model.encode_text(padded).numpy()).all()
+
+
+def test_sincos_position_embedding_follows_the_moco_v3_formula():
+    from tinyclip.models.vision import sincos_position_embedding
+    grid, width = 3, 8
+    table = sincos_position_embedding(grid, width, class_token=True)
+    assert table.shape == (1 + grid * grid, width) and not table[0].any()     # the class token's row is zero
+    omega = 1.0 / 10000 ** (numpy.arange(2) / 2)
+    for y in range(grid):
+        for x in range(grid):
+            expected = numpy.concatenate([numpy.sin(x * omega), numpy.cos(x * omega),
+                                          numpy.sin(y * omega), numpy.cos(y * omega)])
+            numpy.testing.assert_allclose(table[1 + y * grid + x], expected, rtol=0, atol=1e-15)
+    assert len({row.tobytes() for row in table}) == len(table)                 # every position is told apart
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_position_embedding(2, 6)
+
+
+def test_sincos_tower_has_no_position_parameter_and_uses_the_fixed_table():
+    config = preset("tiny", position_embedding="sincos")
+    model = CLIP(config, dtype="float64", seed=0)
+    names = [name for name, _ in model.visual.named_parameters()]
+    assert "position_embedding" not in names and "position_embedding" not in model.state_dict()
+    assert not isinstance(model.visual.position_embedding, tc.Tensor)
+    from tinyclip.models.vision import sincos_position_embedding
+    numpy.testing.assert_array_equal(model.visual.position_embedding,
+                                     sincos_position_embedding(2, config.vision_width, class_token=True))
+    images, tokens = inputs_for(config, numpy, 0)
+    moved = numpy.roll(images, config.patch_size, axis=2)        # the same patches, one column to the right
+    assert not numpy.allclose(model.encode_image(images).data, model.encode_image(moved).data)
+
+
+def test_position_embedding_kind_is_checked():
+    with pytest.raises(ValueError, match="position_embedding .rope. is not one of"):
+        preset("tiny", position_embedding="rope")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        preset("tiny", position_embedding="sincos", vision_width=18, vision_heads=2)
+
+
+def test_sincos_model_saves_and_loads_without_the_table(tmp_path):
+    from tinyclip import checkpoint
+    config = preset("tiny", position_embedding="sincos", vision_pooling="gap", class_token=False)
+    model = CLIP(config, dtype="float64", seed=4)
+    checkpoint.save(model, str(tmp_path / "model"))
+    loaded = checkpoint.load(str(tmp_path / "model"))
+    assert loaded.config == config
+    images, _ = inputs_for(config, numpy, 5)
+    numpy.testing.assert_array_equal(loaded.encode_image(images).data, model.encode_image(images).data)

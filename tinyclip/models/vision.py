@@ -26,6 +26,29 @@ from .. import functional as F
 from .. import nn
 
 
+def sincos_position_embedding(grid, width, class_token=False):
+    """The fixed 2-D sine-cosine position embedding, (grid², width) or (1 + grid², width) with a class token.
+
+    Token (row y, column x) of a grid × grid patch grid gets
+    [sin(x ω), cos(x ω), sin(y ω), cos(y ω)], ω_k = 10000^(−k / (width/4)),
+    k = 0 .. width/4 − 1 (Chen et al. 2021, MoCo v3, §4; big_vision's
+    ``posemb_sincos_2d``); a class token's row is zero. Returns float64 NumPy.
+    Raises ValueError when width is not a multiple of 4.
+    """
+    if width % 4:
+        raise ValueError(f"sincos_position_embedding: width must be a multiple of 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (numpy.arange(quarter) / quarter)                # (W/4,)
+    y, x = numpy.meshgrid(numpy.arange(grid), numpy.arange(grid), indexing="ij")
+    angles_x = x.reshape(-1, 1) * omega                                      # (N, W/4), row-major tokens
+    angles_y = y.reshape(-1, 1) * omega
+    table = numpy.concatenate([numpy.sin(angles_x), numpy.cos(angles_x),
+                               numpy.sin(angles_y), numpy.cos(angles_y)], axis=1)   # (N, W)
+    if class_token:
+        table = numpy.concatenate([numpy.zeros((1, width)), table], axis=0)  # (1 + N, W)
+    return table
+
+
 def _checked_image_shape(images, config):
     """The shape of ``images`` when it is (batch, image_size, image_size, 3) for ``config``, else a ValueError."""
     shape = tuple(images.shape)
@@ -65,7 +88,11 @@ class VisionTower(nn.Module):
         tokens = config.num_patches + (1 if config.class_token else 0)
         if config.class_token:
             self.class_embedding = nn.Parameter(rng.normal((width,), std=width ** -0.5, dtype=dtype))
-        self.position_embedding = nn.Parameter(rng.normal((tokens, width), std=width ** -0.5, dtype=dtype))
+        if config.position_embedding == "learned":
+            self.position_embedding = nn.Parameter(rng.normal((tokens, width), std=width ** -0.5, dtype=dtype))
+        else:                                 # fixed: a constant array, neither trained nor saved
+            table = sincos_position_embedding(config.image_size // patch, width, config.class_token)
+            self.position_embedding = backend.asarray(table, init["backend"], dtype)   # (tokens, W)
         if config.vision_pre_norm:
             self.ln_pre = nn.LayerNorm(width, config.ln_eps, **init)
         self.transformer = nn.Transformer(width, config.vision_layers, config.vision_heads, config.vision_mlp_ratio,

@@ -1,0 +1,182 @@
+"""Tests for tinyclip.parallel: row blocks on a thread pool give the serial result bit for bit.
+
+The functions are the element-wise work of a training step (the tanh GELU
+forward and backward, a row-wise layer norm and softmax, the AdamW update)
+written with ``out=`` ufuncs, on odd shapes large enough to be cut, at
+several thread counts; plus the block rule, errors, the environment
+variable and the device path (the strict CuPy stand-in runs in one call).
+"""
+
+import threading
+
+import numpy
+import pytest
+from hypothesis import given, strategies as st
+
+from tinyclip import parallel
+
+from . import strict_backend
+
+SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def gelu_tanh(out, x):
+    inner = SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
+    numpy.tanh(inner, out=out)
+    out += 1
+    out *= 0.5 * x
+
+
+def gelu_tanh_backward(out, x, grad):
+    tanh = numpy.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+    dinner = SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x ** 2)
+    numpy.multiply(grad, 0.5 * (1 + tanh) + 0.5 * x * (1 - tanh ** 2) * dinner, out=out)
+
+
+def layer_norm(out, x, gain, shift):
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    variance = (centred * centred).mean(axis=-1, keepdims=True)
+    numpy.multiply(centred, 1 / numpy.sqrt(variance + 1e-5), out=out)
+    out *= gain
+    out += shift
+
+
+def softmax(out, x):
+    numpy.subtract(x, x.max(axis=-1, keepdims=True), out=out)
+    numpy.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
+
+
+def adamw(out, param, grad, m, v):
+    """One AdamW step (lr 1e-3, betas 0.9 / 0.98, eps 1e-6, decay 0.1, step 3) into out; m and v in place."""
+    m *= 0.9
+    m += 0.1 * grad
+    v *= 0.98
+    v += 0.02 * grad * grad
+    update = (m / (1 - 0.9 ** 3)) / (numpy.sqrt(v / (1 - 0.98 ** 3)) + 1e-6)
+    numpy.subtract(param * (1 - 1e-3 * 0.1), 1e-3 * update, out=out)
+
+
+def random(shape, seed, dtype=numpy.float32):
+    return numpy.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# odd shapes, all above MIN_PARALLEL_SIZE elements so that they really are cut
+SHAPES = [(1001, 67), (257, 3, 61), (parallel.MIN_PARALLEL_SIZE + 3,)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("threads", [2, 3, 7])
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_elementwise_and_row_functions_match_serial_bit_for_bit(shape, threads, dtype):
+    x, grad = random(shape, 1, dtype), random(shape, 2, dtype)
+    gain, shift = random(shape[-1:], 3, dtype), random(shape[-1:], 4, dtype)
+    cases = [(gelu_tanh, (x,)), (gelu_tanh_backward, (x, grad))]
+    if len(shape) > 1:           # a 1-D array's rows are its elements: a row-wise reduction needs 2-D
+        cases += [(softmax, (x,)), (layer_norm, (x, gain, shift))]
+    for fn, arrays in cases:
+        serial = numpy.empty_like(x)
+        fn(serial, *arrays)
+        threaded = numpy.full_like(x, numpy.nan)
+        assert parallel.map_rows(fn, threaded, *arrays, threads=threads) is threaded
+        assert threaded.tobytes() == serial.tobytes(), fn.__name__
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+def test_adamw_update_with_moments_in_place_matches_serial(threads):
+    size = 40_003                                   # flat parameters, not a multiple of the block count
+    param, grad = random(size, 5), random(size, 6)
+    moments = [(random(size, 7) * 0.01, numpy.abs(random(size, 8)) * 1e-4) for _ in range(2)]
+    serial, threaded = numpy.empty_like(param), numpy.empty_like(param)
+    adamw(serial, param, grad, *moments[0])
+    parallel.map_rows(adamw, threaded, param, grad, *moments[1], threads=threads)
+    assert threaded.tobytes() == serial.tobytes()
+    assert moments[1][0].tobytes() == moments[0][0].tobytes() and moments[1][1].tobytes() == moments[0][1].tobytes()
+
+
+def test_blocks_run_on_pool_threads_as_well_as_the_caller():
+    seen = []
+
+    def record(out, x):
+        seen.append(threading.get_ident())
+        out[...] = x
+
+    x = random((600, 100), 9)
+    parallel.map_rows(record, numpy.empty_like(x), x, threads=3)
+    assert len(seen) == 3 and threading.get_ident() in seen and len(set(seen)) >= 2
+
+
+def test_small_arrays_and_one_thread_run_as_one_call():
+    calls = []
+
+    def count(out, x):
+        calls.append(out.shape)
+        out[...] = x
+
+    small = random((10, 10), 10)
+    parallel.map_rows(count, numpy.empty_like(small), small, threads=4)
+    large = random((300, 200), 11)
+    parallel.map_rows(count, numpy.empty_like(large), large, threads=1)
+    assert calls == [(10, 10), (300, 200)]
+
+
+@given(rows=st.integers(0, 500), parts=st.integers(1, 40))
+def test_row_blocks_cover_the_rows_in_order_with_sizes_within_one(rows, parts):
+    blocks = parallel.row_blocks(rows, parts)
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows
+    assert all(stop == start for (_, stop), (start, _) in zip(blocks, blocks[1:]))
+    sizes = [stop - start for start, stop in blocks]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert len(blocks) == max(1, min(parts, rows))
+
+
+def test_an_error_in_any_block_is_raised_after_all_blocks_finish():
+    finished = []
+
+    def fail_in_last_block(out, x):
+        if out.shape[0] and x[0, 0] == 2:
+            raise ArithmeticError("block with 2")
+        finished.append(True)
+
+    x = numpy.repeat(numpy.arange(3, dtype=numpy.float32), 200)[:, None] * numpy.ones((1, 100), numpy.float32)
+    with pytest.raises(ArithmeticError, match="block with 2"):
+        parallel.map_rows(fail_in_last_block, numpy.empty_like(x), x, threads=3)
+    assert len(finished) == 2
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2.0, True])
+def test_bad_thread_counts_are_refused(threads):
+    x = random((4, 4), 12)
+    with pytest.raises(ValueError, match="threads"):
+        parallel.map_rows(gelu_tanh, numpy.empty_like(x), x, threads=threads)
+
+
+def test_zero_dimensional_out_is_refused():
+    with pytest.raises(ValueError, match="at least one axis"):
+        parallel.map_rows(gelu_tanh, numpy.zeros(()), numpy.zeros(()))
+
+
+def test_thread_count_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(parallel.THREADS_ENV, "3")
+    assert parallel.thread_count() == 3
+    monkeypatch.delenv(parallel.THREADS_ENV)
+    assert parallel.thread_count() >= 1
+    for bad in ("0", "two", "-4"):
+        monkeypatch.setenv(parallel.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=parallel.THREADS_ENV):
+            parallel.thread_count()
+
+
+def test_device_arrays_run_as_one_call_on_the_device(monkeypatch):
+    strict = strict_backend.install(monkeypatch)
+    x = strict.asarray(random((400, 100), 13))
+    out = strict.empty_like(x)
+    calls = []
+
+    def copy(block, source):
+        calls.append(block.shape)
+        block[...] = source
+
+    assert parallel.map_rows(copy, out, x, threads=4) is out
+    assert calls == [(400, 100)]

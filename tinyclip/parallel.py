@@ -1,0 +1,152 @@
+"""Row blocks on a small thread pool: element-wise NumPy work on every core of one process.
+
+NumPy's matrix products run on every core (BLAS has its own threads), but
+its ufuncs (``exp``, ``tanh``, ``*``, ``+=``, ...) run on the calling
+thread only. They do release the GIL while they loop over a large array,
+so the same ufunc called from several Python threads on disjoint row blocks
+of the arrays runs on several cores at once. ``map_rows`` does exactly
+that::
+
+    def gelu_rows(out, x):                       # any function of row blocks
+        numpy.tanh(0.7978845608 * (x + 0.044715 * x ** 3), out=out)
+        out += 1
+        out *= 0.5 * x
+
+    parallel.map_rows(gelu_rows, out, x)         # out[i:j] from x[i:j], one block per thread
+
+Determinism. Each block is computed by the same function on the same rows
+whichever thread runs it, and the blocks are cut the same way for a given
+thread count, so a result is bit for bit the same run after run. A
+function whose every output row depends only on the same row of its
+inputs (element-wise maths, and per-row reductions such as the layer
+norm's or the softmax's over the last axis of a contiguous array) gives
+the serial result bit for bit at every thread count; a function that
+reduces *across* rows would see its sum cut into blocks, which is why the
+pool only ever hands out whole rows and never combines them.
+
+The pool's size is ``TINYCLIP_THREADS`` when set, else the cores this
+process may run on (``os.sched_getaffinity``, ``os.cpu_count`` where that
+is missing). Small arrays (fewer than ``MIN_PARALLEL_SIZE`` elements) and
+CuPy arrays, whose kernels already use the whole GPU, run in the calling
+thread as one block.
+"""
+
+import concurrent.futures
+import os
+import threading
+
+import numpy
+
+from . import backend
+
+THREADS_ENV = "TINYCLIP_THREADS"
+# below this many output elements a thread hand-off (~10-20 µs) costs more than the work it splits
+MIN_PARALLEL_SIZE = 1 << 15
+
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def thread_count():
+    """The pool size: ``TINYCLIP_THREADS`` (a positive int) or the cores this process may use.
+
+    Raises ValueError naming the variable when it is set to anything but a positive integer.
+    """
+    value = os.environ.get(THREADS_ENV)
+    if value is not None and value.strip():
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
+        return count
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def row_blocks(rows, parts):
+    """[(start, stop), ...]: ``rows`` cut into ``min(parts, rows)`` contiguous blocks whose sizes differ by at most 1.
+
+    The first ``rows % parts`` blocks get the extra row (``numpy.array_split``'s rule).
+    """
+    parts = max(1, min(parts, rows))
+    size, extra = divmod(rows, parts)
+    bounds, start = [], 0
+    for index in range(parts):
+        stop = start + size + (1 if index < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _executor(workers):
+    """The process's pool, grown (never shrunk) to ``workers`` threads; made on first use."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinyclip-rows")
+            _pool_size = workers
+        return _pool
+
+
+def _split(array, rows, start, stop):
+    """Rows [start, stop) of an array that has ``rows`` rows along its first axis, else the array whole."""
+    return array[start:stop] if _is_row_array(array, rows) else array
+
+
+def _is_row_array(array, rows):
+    return isinstance(array, numpy.ndarray) and array.ndim >= 1 and array.shape[0] == rows
+
+
+def map_rows(fn, out, *arrays, threads=None):
+    """Call ``fn(out[i:j], *(a[i:j] for a in arrays))`` on contiguous row blocks, one block per thread.
+
+    out: a NumPy array written in place by ``fn`` (rows along axis 0); arrays:
+    NumPy arrays with ``out.shape[0]`` rows, cut like ``out``, or anything
+    else (scalars, per-column vectors such as a layer norm's gain, arrays
+    with another first dimension), passed whole to every block. An array of
+    ``out``'s row count is always cut, so a vector meant to broadcast along
+    the rows must not happen to have that length (reshape it to (1, n)).
+    ``fn`` must write only its own block of ``out``; its return value is
+    ignored. threads: the number of blocks (default ``thread_count()``).
+
+    Returns ``out``. CuPy arrays, and outputs under ``MIN_PARALLEL_SIZE``
+    elements, run as one call in this thread. An exception raised by ``fn``
+    in any block is raised here, after every block has finished.
+    Raises ValueError for a ``threads`` below 1 or a 0-d ``out``.
+    """
+    threads = thread_count() if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"map_rows: threads must be a positive int, got {threads!r}")
+    if backend.get_array_module(out) is not numpy:   # CuPy: its kernels already use the whole device
+        fn(out, *arrays)
+        return out
+    if out.ndim == 0:
+        raise ValueError("map_rows: out must have at least one axis (rows along axis 0), got a 0-d array")
+    rows = out.shape[0]
+    if threads == 1 or rows < 2 or out.size < MIN_PARALLEL_SIZE:
+        fn(out, *arrays)
+        return out
+    blocks = row_blocks(rows, threads)
+    pool = _executor(len(blocks) - 1)
+    # the calling thread takes the first block itself: one hand-off fewer, and with two cores one helper thread
+    futures = [pool.submit(fn, out[start:stop], *(_split(a, rows, start, stop) for a in arrays))
+               for start, stop in blocks[1:]]
+    first_error = None
+    try:
+        start, stop = blocks[0]
+        fn(out[start:stop], *(_split(a, rows, start, stop) for a in arrays))
+    except BaseException as error:                 # wait for the others before raising: no block left writing
+        first_error = error
+    for future in futures:
+        error = future.exception()
+        if first_error is None and error is not None:
+            first_error = error
+    if first_error is not None:
+        raise first_error
+    return out
