@@ -28,6 +28,7 @@ import numpy
 from . import backend as _backend
 from . import checkpoint, nn
 from .models import CLIP, CLIPConfig
+from .models.config import CLIP_INIT_LOG_SCALE
 from .tokenizer import SPIECE_FILE, SiglipTokenizer, Tokenizer
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -201,7 +202,7 @@ def config_from_open_clip(document):
             eos_id=text["eos_id"] if text["pool_type"] == "eos" else text["vocab_size"] - 1,
             text_projection_bias=bool(text["proj_bias"]), embed_dim=model_cfg["embed_dim"],
             activation="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", ln_eps=float(vision_eps),
-            init_log_scale=float(model_cfg.get("init_logit_scale", numpy.log(1 / 0.07))),
+            init_log_scale=float(model_cfg.get("init_logit_scale", CLIP_INIT_LOG_SCALE)),
             init_bias=None if bias is None else float(bias), pixel_norm=pixel_norm)
     except (TypeError, ValueError) as error:
         raise ValueError(str(error)) from None

@@ -62,7 +62,7 @@ from .data import shards
 from .data.loader import Loader
 from .data.transforms import model_input, preprocess, random_resized_crop
 from .models import CLIP, PRESETS, preset
-from .models.config import VISION_FIELDS
+from .models.config import CLIP_INIT_LOG_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE, VISION_FIELDS
 from .tokenizer import TOKENIZER_FILES, Tokenizer, find_tokenizer
 
 try:
@@ -304,12 +304,13 @@ def load_init_model(config):
         return source, f"the SigLIP loss continues from the model's bias b = {float(source.bias.item()):.4g}"
     if config.loss == "clip" and not has_bias:
         return source, "the CLIP loss has no bias, nor has the model"
-    init_bias = -10.0 if config.loss == "siglip" else None
+    init_bias = SIGLIP_INIT_BIAS if config.loss == "siglip" else None
     model = CLIP(dataclasses.replace(source.config, init_bias=init_bias), dtype=config.dtype, seed=config.seed)
     state = {name: array for name, array in source.state_dict().items() if name != "bias"}
     model.load_state_dict(state, strict=False)
     if config.loss == "siglip":
-        return model, "the model has no bias: the SigLIP loss starts one at b = -10 (SigLIP's initialisation)"
+        return model, (f"the model has no bias: the SigLIP loss starts one at b = {SIGLIP_INIT_BIAS:g} "
+                       f"(SigLIP's initialisation)")
     return model, (f"the CLIP loss has no bias: the model's b = {float(source.bias.item()):.4g} is dropped "
                    f"(the saved model has none)")
 
@@ -334,9 +335,9 @@ def model_config(config, tokenizer, image_tower=None):
         overrides.update({name: getattr(image_tower, name) for name in VISION_FIELDS},
                          pixel_norm=image_tower.image_normalization)
     if config.loss == "siglip" and base.init_bias is None:
-        overrides.update(init_log_scale=math.log(10.0), init_bias=-10.0)       # SigLIP's initialisation
+        overrides.update(init_log_scale=SIGLIP_INIT_LOG_SCALE, init_bias=SIGLIP_INIT_BIAS)
     if config.loss == "clip" and base.init_bias is not None:
-        overrides.update(init_log_scale=math.log(1 / 0.07), init_bias=None)    # CLIP's initialisation
+        overrides.update(init_log_scale=CLIP_INIT_LOG_SCALE, init_bias=None)
     overrides.update(config.model_overrides)
     return preset(config.preset, **overrides)
 
