@@ -24,7 +24,7 @@ import time
 import numpy
 import pytest
 
-from tinyclip import checkpoint, cli, train
+from tinyclip import checkpoint, cli, runs, train
 from tinyclip.data import captions as caption_sets
 from tinyclip.data.loader import BatchOrder
 
@@ -179,7 +179,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_with_the_interrupted_status(t
     assert job.returncode == cli.EXIT_INTERRUPTED == 75, stderr[-3000:]
     assert "interrupted by SIGTERM: checkpoint of step" in stdout and f"--resume {out}" in stdout
     saved = latest_step(out)
-    assert 1 <= saved < 500 and saved == len(train.MetricsLog._read(out / "metrics.jsonl"))
+    assert 1 <= saved < 500 and saved == len(runs.MetricsLog._read(out / "metrics.jsonl"))
     assert not (out / "summary.json").exists()
 
 
@@ -370,7 +370,7 @@ def test_resume_alone_continues_from_the_runs_own_settings_and_a_mismatch_lists_
     assert "lr: 0.003 in the run, 0.01 now" in error and "batch_size: 8 in the run, 4 now" in error
     assert cli.main(["train", "--resume", str(tmp_path / "run"), "--log-every", "2"]) == cli.EXIT_FINISHED
     assert same_weights(tmp_path / "run" / "model", tmp_path / "whole" / "model")
-    assert [record["step"] for record in train.MetricsLog._read(tmp_path / "run" / "metrics.jsonl")
+    assert [record["step"] for record in runs.MetricsLog._read(tmp_path / "run" / "metrics.jsonl")
             if "loss" in record] == [1, 2, 3, 4, 6]          # every step to 3, then every second one (and the last)
     assert whole.losses[:3] == first.losses
 
@@ -428,7 +428,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_at_once_naming_the_holder(
         job.send_signal(signal.SIGTERM)
         job.communicate(timeout=TIMEOUT)
     assert job.returncode == cli.EXIT_INTERRUPTED
-    steps = [record["step"] for record in train.MetricsLog._read(out / "metrics.jsonl")]
+    steps = [record["step"] for record in runs.MetricsLog._read(out / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1))            # one run's records only
 
 
@@ -463,7 +463,7 @@ def test_skipped_examples_are_counted_per_epoch_and_in_the_summary_naming_the_fi
     assert result.summary["skipped_examples"] == 6                 # 3 unreadable images in each of 2 epochs
     assert "epoch 1: skipped 3 examples whose image could not be read (first on rank 0: " in printed
     assert all(str(tmp_path / f"{index}.png") in printed for index in (1, 4, 6))
-    records = train.MetricsLog._read(tmp_path / "run" / "metrics.jsonl")
+    records = runs.MetricsLog._read(tmp_path / "run" / "metrics.jsonl")
     assert records[-1]["skipped_examples"] == 6 and records[1]["skipped_examples"] == 3
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_examples"] == 6
 

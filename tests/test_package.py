@@ -28,9 +28,10 @@ LAYERS = {
     "models": 4, "losses": 4,
     "distributed": 5, "checkpoint": 5, "evaluate": 5,
     "plots": 6, "hub": 6,
-    "train": 7,
-    "cli": 8,
-    "__main__": 9,
+    "runs": 7,
+    "train": 8,
+    "cli": 9,
+    "__main__": 10,
 }
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import tinyclip as tc
-from tinyclip import evaluate, models, plots, train
+from tinyclip import evaluate, models, plots, runs, train
 from tinyclip.data.captions import CSVCaptions
 from tinyclip.data.transforms import preprocess
 from tinyclip.tokenizer import Tokenizer
@@ -110,7 +110,7 @@ def test_a_run_with_val_fraction_never_trains_on_held_out_images_and_records_val
 
 
 def test_data_speed_reports_the_window_since_the_last_report():
-    speed = train.DataSpeed()
+    speed = runs.DataSpeed()
     assert speed.report() == {}
     speed.add(8, 0.5, 2.0)
     speed.add(8, 0.0, 2.0)

@@ -10,7 +10,7 @@ temperature), advance the warm-up + cosine schedule, and for the CLIP loss
 cap the scale at 100 (t' ≤ log 100, as the CLIP paper does "to prevent
 training instability").
 
-A run writes into one folder (``TrainConfig.out``)::
+A run writes into one folder (``TrainConfig.out``; ``tinyclip.runs`` makes, locks and logs into it)::
 
     train_config.json        the TrainConfig
     metrics.jsonl            one JSON line per logged step and per evaluation
@@ -41,42 +41,32 @@ all-reduce that sums the loss, so none is left waiting. A second signal
 stops at once.
 """
 
-import contextlib
 import dataclasses
 import datetime
 import functools
 import json
 import math
 import os
-import re
-import signal
 import sys
 import time
 
 import numpy
 
-from . import backend, checkpoint, distributed, evaluate, hub, nn, optim, plots
+from . import backend, checkpoint, distributed, evaluate, hub, nn, optim, runs
 from .data import captions as caption_sets
 from .data import shapes
 from .data import shards
 from .data.loader import Loader
-from .data.transforms import model_input, preprocess, random_resized_crop
+from .data.transforms import model_input, random_resized_crop
 from .models import CLIP, PRESETS, preset
 from .models.config import CLIP_INIT_LOG_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE, VISION_FIELDS
 from .tokenizer import TOKENIZER_FILES, Tokenizer, find_tokenizer
 
-try:
-    import fcntl                   # POSIX; where it is missing (Windows) run folders are not locked
-except ImportError:
-    fcntl = None
 
 MIN_VOCAB_SIZE = 514
 SUMMARY_KEYS = ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "relation_acc", "control_acc",
                 "final_loss", "steps", "examples_seen", "seconds", "skipped_examples")
 VAL_SEED = 0    # which images --val-fraction holds out: fixed, so that every run on the same data holds out the same
-LOCK_FILE = ".lock"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "train_config.json"
 NAMED_SKIPS = 5                    # skipped examples named in messages and metrics
 
 # the choices of the configuration's string fields (the command line lists them)
@@ -117,7 +107,7 @@ class TrainConfig:
     tokenizer_captions: int = 4000   # captions the BPE tokenizer is trained on
     # --- validation and loading ------------------------------------------------------------------
     val_data: str | None = None      # held-out pairs (CSV/TSV or folder) evaluated every eval_every steps
-    val_fraction: float = 0.0        # hold out this fraction of --data's images (always the same ones) to validate on
+    val_fraction: float = 0.0        # hold out this fraction of --data's images (always the same ones) to runs.validate on
     workers: int = 1                 # loader processes decoding images (1: the loader's own thread)
     # --- optimisation ----------------------------------------------------------------------------
     steps: int = 700                 # optimiser steps in the whole run (~6 min on 2 CPU cores at the defaults)
@@ -360,7 +350,7 @@ def caption_set(config):
 
 
 def validation_set(config):
-    """The held-out pairs to validate on (--val-data, or --val-fraction of --data), or None."""
+    """The held-out pairs to runs.validate on (--val-data, or --val-fraction of --data), or None."""
     if config.val_data:
         return read_pairs(config, config.val_data)
     if config.val_fraction:
@@ -477,187 +467,10 @@ def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_re
 # Output: progress, metrics, pictures, and naming what failed to be written
 # ---------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def writing(what, where):
-    """Inside the block an OSError (a full disk, a read-only folder) is raised again naming ``what`` was being
-    written and ``where``: "writing the final model to runs/x/model: [Errno 28] No space left on device"."""
-    try:
-        yield
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise OSError(error.errno, f"writing {what} to {where}: {reason}") from None
-
-
-class Progress:
-    """Plain progress lines (or one line rewritten with \\r on a terminal), from rank 0 only."""
-
-    def __init__(self, total_steps, enabled, stream=None):
-        self.total_steps, self.enabled = total_steps, enabled
-        self.stream = sys.stdout if stream is None else stream
-        self.rewrite = enabled and self.stream.isatty()
-
-    def step(self, step, loss, lr, seconds_per_step, speed=None):
-        if not self.enabled:
-            return
-        left = (self.total_steps - step) * seconds_per_step
-        line = (f"step {step:>6}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{seconds_per_step:.2f} s/step  ~{left / 60:.1f} min left")
-        if speed:
-            line += f"  {speed['images_per_second']:.0f} images/s  {speed['data_wait_fraction']:.0%} waiting for data"
-        self.stream.write(f"\r{line}" if self.rewrite else f"{line}\n")
-        self.stream.flush()
-
-    def say(self, message):
-        if self.enabled:
-            self.stream.write(f"\n{message}\n" if self.rewrite else f"{message}\n")
-            self.stream.flush()
-
-
-class MetricsLog:
-    """metrics.jsonl, appended to by rank 0.
-
-    A resumed run first drops what came after its checkpoint: records past
-    its step, and when it resumes a run's last step, the final evaluation of
-    an interrupted finish (``finish`` runs it again). A last line cut short
-    (a kill or a full disk while appending) is dropped too.
-    """
-
-    def __init__(self, path, enabled, resume_step=None, total_steps=None):
-        self.path, self.enabled = path, enabled
-        self.records = []
-        if not enabled:
-            return
-        if resume_step is not None and os.path.isfile(path):
-            self.records = [record for record in self._read(path)
-                            if record.get("step", 0) < resume_step
-                            or (record.get("step") == resume_step and ("loss" in record or resume_step < total_steps))]
-        with writing("the metrics", path), checkpoint.staged_file(path) as temporary:
-            with open(temporary, "w", encoding="utf-8") as file:
-                file.writelines(json.dumps(record) + "\n" for record in self.records)
-
-    @staticmethod
-    def _read(path):
-        records = []
-        with open(path, encoding="utf-8", errors="replace") as file:
-            for line in filter(str.strip, file):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break                        # a record cut short: it and anything after it are dropped
-                if isinstance(record, dict):
-                    records.append(record)
-        return records
-
-    def write(self, record):
-        if self.enabled:
-            self.records.append(record)
-            with writing("the metrics", self.path), open(self.path, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
-
-
-class DataSpeed:
-    """Images per second and the fraction of step time spent waiting for the loader, since the last report.
-
-    The wait is the time ``next(loader)`` blocks: near 0 when the loader
-    keeps ahead of the step, near 1 when the step starves (more --workers).
-    """
-
-    def __init__(self):
-        self.images, self.waiting, self.total = 0, 0.0, 0.0
-
-    def add(self, images, waiting, total):
-        self.images, self.waiting, self.total = self.images + images, self.waiting + waiting, self.total + total
-
-    def report(self):
-        """{"images_per_second", "data_wait_fraction"} over the steps added since the last report; {} if none."""
-        if self.total <= 0:
-            return {}
-        speed = {"images_per_second": round(self.images / self.total, 1),
-                 "data_wait_fraction": round(self.waiting / self.total, 4)}
-        self.images, self.waiting, self.total = 0, 0.0, 0.0
-        return speed
-
-
-def validate(model, tokenizer, val_pairs, config):
-    """Loss and recall@1/5/10 on the held-out pairs, keys prefixed ``val_`` (``evaluate.caption_validation``)."""
-    return evaluate.caption_validation(model, tokenizer, val_pairs, loss=config.loss,
-                                       batch_size=config.batch_size)
-
-
-def validation_pictures(val_pairs, image_size, family):
-    """The first held-out images (preprocessed) and their first captions, for similarity.png: a RetrievalSet."""
-    _, text_to_image = val_pairs.grouped_by_image()
-    first_pair = numpy.unique(text_to_image, return_index=True)[1][:plots.MAX_SIMILARITY_PAIRS]
-    images = numpy.stack([preprocess(val_pairs.read_image(int(i)), image_size, family) for i in first_pair])
-    return evaluate.RetrievalSet(images, [val_pairs.caption(int(i)) for i in first_pair])     # (n, H, W, 3), n
-
-
-def draw_pictures(out, records, model, tokenizer, retrieval):
-    """loss.png and similarity.png (the first retrieval pairs), each written whole; one warning without
-    matplotlib."""
-    if not plots.available():
-        print(f"warning: no pictures: {plots.MISSING_MATPLOTLIB}", file=sys.stderr)
-        return
-    path = os.path.join(out, "loss.png")
-    with writing("the loss picture", path), checkpoint.staged_file(path) as temporary:
-        plots.plot_training(records, temporary)
-    if retrieval is not None:
-        count = plots.MAX_SIMILARITY_PAIRS
-        images, captions = retrieval.images[:count], retrieval.captions[:count]
-        path = os.path.join(out, "similarity.png")
-        with writing("the similarity picture", path), checkpoint.staged_file(path) as temporary:
-            plots.plot_similarity(evaluate.encode_images(model, images),
-                                  evaluate.encode_texts(model, tokenizer, captions),
-                                  images, captions, temporary)
-
-
-STOP_SIGNALS = ("SIGINT", "SIGTERM")
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Inside the block the first SIGINT or SIGTERM only sets ``flag["signal"]`` (its name); a second one
-    stops at once: SIGINT raises KeyboardInterrupt, SIGTERM ends the process as it would have without the
-    block. Files being written are then left out whole (staged writes), so the last checkpoint is intact."""
-    flag = {"signal": None}
-    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-
-    def request_stop(signum, frame):
-        if flag["signal"] is None:
-            flag["signal"] = signal.Signals(signum).name
-            return
-        for number in numbers:
-            signal.signal(number, signal.SIG_DFL if number != signal.SIGINT else signal.default_int_handler)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        os.kill(os.getpid(), signum)            # the default action now: the process ends by this signal
-
-    try:
-        previous = {number: signal.signal(number, request_stop) for number in numbers}
-    except ValueError:              # not the main thread: no handlers, signals behave as usual
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
 
 # ---------------------------------------------------------------------------------
 # Starting: everything checked before the run folder is made, on every rank alike
 # ---------------------------------------------------------------------------------
-
-def default_out():
-    return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-
-
-def run_folder_of(step_folder):
-    """The run folder that holds the checkpoint folder ``step_folder`` (RUN/checkpoint/step-N -> RUN)."""
-    root = os.path.dirname(os.path.abspath(step_folder))
-    if os.path.basename(root) == checkpoint.TRAINING_CHECKPOINT_DIR:
-        return os.path.dirname(root)
-    return root
 
 
 def saved_config(step_folder, state):
@@ -690,14 +503,9 @@ def check_same_run(saved, config, step_folder):
     differences = [f"{key}: {before.get(key)!r} in the run, {now[key]!r} now" for key in now
                    if before.get(key) != now[key]]
     if differences:
-        raise ValueError(f"cannot resume {run_folder_of(step_folder)}: the run was made with other settings ("
+        raise ValueError(f"cannot resume {runs.run_folder_of(step_folder)}: the run was made with other settings ("
                          + "; ".join(differences) + "). Resume with --resume alone, or change only "
                          + ", ".join(CHANGEABLE_ON_RESUME))
-
-
-def holds_a_run(folder):
-    return any(os.path.exists(os.path.join(folder, name))
-               for name in (CONFIG_FILE, checkpoint.TRAINING_CHECKPOINT_DIR, SUMMARY_FILE))
 
 
 @dataclasses.dataclass
@@ -717,9 +525,9 @@ def prepare_start(config, resume):
     the data, the image tower, and that a new run does not go into another run's folder."""
     step_folder = state = None
     folder = resume if resume is not None else config.out
-    holder = RunLock.holder(folder) if folder is not None else None
+    holder = runs.RunLock.holder(folder) if folder is not None else None
     if holder is not None:
-        raise ValueError(busy(folder, holder))
+        raise ValueError(runs.busy(folder, holder))
     if resume is not None:
         step_folder = checkpoint.latest_training_checkpoint(resume)
         state = checkpoint.read_training_state(step_folder)
@@ -730,12 +538,12 @@ def prepare_start(config, resume):
             raise ValueError(f"{os.path.join(step_folder, checkpoint.TRAINING_STATE_FILE)}: field 'step' is "
                              f"{state['step']}, beyond the run's {config.steps} steps")
         if config.out is None:
-            config = dataclasses.replace(config, out=run_folder_of(step_folder))
-        if state["step"] == config.steps and os.path.isfile(os.path.join(config.out, SUMMARY_FILE)):
+            config = dataclasses.replace(config, out=runs.run_folder_of(step_folder))
+        if state["step"] == config.steps and os.path.isfile(os.path.join(config.out, runs.SUMMARY_FILE)):
             return Start(config, step_folder, state, finished=True)
     elif config.out is None:
-        config = dataclasses.replace(config, out=default_out())
-    elif holds_a_run(config.out):
+        config = dataclasses.replace(config, out=runs.default_out())
+    elif runs.holds_a_run(config.out):
         raise ValueError(f"--out {config.out} already holds a run: continue it with --resume {config.out}, or "
                          f"choose another --out")
     if config.data is not None:
@@ -760,79 +568,6 @@ def agreed(comm, action):
             raise error
         raise FailedElsewhere(f"rank {failed[0]} could not start the run (it says why)")
     return result
-
-
-def busy(folder, holder):
-    return (f"{folder} is in use by another training run (PID {holder}, in {os.path.join(folder, LOCK_FILE)}); "
-            f"wait for it to end, or choose another --out")
-
-
-class RunLock:
-    """The lock on a run folder, held while a run trains into it: ``.lock`` holds the holder's PID.
-
-    An flock, so the operating system releases it when the process ends
-    however it ends; a second run into the folder is refused at once.
-    """
-
-    def __init__(self, folder):
-        self.file = None
-        if fcntl is None:
-            return
-        path = os.path.join(folder, LOCK_FILE)
-        file = open(path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            file.close()
-            raise ValueError(busy(folder, holder)) from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        self.file = file
-
-    @staticmethod
-    def holder(folder):
-        """The PID (a string) of the run that holds ``folder``'s lock now, or None when none does."""
-        path = os.path.join(folder, LOCK_FILE)
-        if fcntl is None or not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as file:
-            try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return file.read().strip() or "unknown"
-        return None
-
-    def release(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-def open_run_folder(config, comm):
-    """Rank 0: make and lock the run folder, clean what interrupted writes left, write train_config.json.
-    Returns the lock (None on the other ranks)."""
-    if comm.rank != 0:
-        return None
-    with writing("the run folder", config.out):
-        os.makedirs(config.out, exist_ok=True)
-    lock = RunLock(config.out)
-    try:
-        for name in os.listdir(config.out):          # staged files and folders of a process that was killed
-            if checkpoint.is_leftover(name):
-                target = re.split(r"\.(?:partial|old)-", name[1:])[0]
-                checkpoint.recover_folder(os.path.join(config.out, target))
-        checkpoint.clean_training_checkpoints(os.path.join(config.out, checkpoint.TRAINING_CHECKPOINT_DIR))
-        path = os.path.join(config.out, CONFIG_FILE)
-        with writing("the configuration", path):
-            checkpoint.write_json(path, dataclasses.asdict(config))
-    except BaseException:
-        lock.release()
-        raise
-    return lock
 
 
 # ---------------------------------------------------------------------------------
@@ -906,10 +641,10 @@ class Run:
         self.eval_sets = (evaluate.shapes_sets(config.eval_per_class, config.eval_pairs, image_size)
                           if config.data is None and self.lead else None)
         self.val_pairs = validation_set(config) if self.lead else None
-        self.data_speed = DataSpeed()
-        self.metrics = MetricsLog(os.path.join(config.out, "metrics.jsonl"), self.lead,
+        self.data_speed = runs.DataSpeed()
+        self.metrics = runs.MetricsLog(os.path.join(config.out, "metrics.jsonl"), self.lead,
                                   self.step if state else None, config.steps)
-        self.progress = Progress(config.steps, self.lead)
+        self.progress = runs.Progress(config.steps, self.lead)
         self.checkpoint_root = os.path.join(config.out, checkpoint.TRAINING_CHECKPOINT_DIR)
         self.last_saved = self.step if state else None
         self.started = time.perf_counter()
@@ -979,7 +714,7 @@ class Run:
         if self.last_saved == self.step:
             return
         if self.lead:
-            with writing(f"the checkpoint of step {self.step}", self.checkpoint_root):
+            with runs.writing(f"the checkpoint of step {self.step}", self.checkpoint_root):
                 checkpoint.save_training_checkpoint(
                     self.checkpoint_root, self.step, self.model, self.tokenizer, self.optimizer, self.schedule,
                     {"seconds": round(self.seconds(), 3), "train_config": dataclasses.asdict(self.config),
@@ -1000,7 +735,7 @@ class Run:
             return {}
         results = evaluate.evaluate(self.model, self.tokenizer, **self.eval_sets) if self.eval_sets else {}
         if self.val_pairs is not None:
-            results.update(validate(self.model, self.tokenizer, self.val_pairs, self.config))
+            results.update(runs.validate(self.model, self.tokenizer, self.val_pairs, self.config))
         self.metrics.write({"step": self.step, "examples_seen": self.examples_seen(), **results})
         self.progress.say(f"eval step {self.step}: "
                           + ", ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
@@ -1021,19 +756,19 @@ class Run:
         if self.lead:
             out = self.config.out
             path = os.path.join(out, "model")
-            with writing("the final model", path):
+            with runs.writing("the final model", path):
                 checkpoint.save_model_with_tokenizer(self.model, self.tokenizer, path)
             if self.config.plots:
                 if self.eval_sets:
                     pictured = self.eval_sets["retrieval"]
                 elif self.val_pairs is not None:
-                    pictured = validation_pictures(self.val_pairs, self.model.config.image_size,
+                    pictured = runs.validation_pictures(self.val_pairs, self.model.config.image_size,
                                                    self.model.config.image_normalization)
                 else:
                     pictured = None
-                draw_pictures(out, self.metrics.records, self.model, self.tokenizer, pictured)
-            path = os.path.join(out, SUMMARY_FILE)
-            with writing("the summary", path):
+                runs.draw_pictures(out, self.metrics.records, self.model, self.tokenizer, pictured)
+            path = os.path.join(out, runs.SUMMARY_FILE)
+            with runs.writing("the summary", path):
                 checkpoint.write_json(path, summary)
             self.progress.say("summary: " + ", ".join(
                 f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
@@ -1056,7 +791,7 @@ def banner(run, comm):
     trained = sum(parameter.data.size for _, parameter in trainable(run.model))
     return (f"training {towers} with the {config.loss} loss on {data}, from step {run.step} to {config.steps}: "
             f"batch {config.batch_size} on {comm.size} process{'es' if comm.size > 1 else ''}, "
-            f"{trained:,} trained parameters, writing to {config.out}")
+            f"{trained:,} trained parameters, runs.writing to {config.out}")
 
 
 def train(config=None, resume=None, comm=None):
@@ -1075,17 +810,17 @@ def train(config=None, resume=None, comm=None):
     comm = distributed.world() if comm is None else comm
     backend.tune_malloc()                       # process-wide settings: asked for here, never at import
     distributed.install_abort_on_error(comm)    # an uncaught error on one rank ends the job instead of a hang
-    with stop_on_signals() as stop:
+    with runs.stop_on_signals() as stop:
         start = agreed(comm, lambda: prepare_start(config, resume))
         config = start.config
         if start.finished:
-            message = (f"{config.out} has finished (step {config.steps} of {config.steps}; {SUMMARY_FILE} is "
+            message = (f"{config.out} has finished (step {config.steps} of {config.steps}; {runs.SUMMARY_FILE} is "
                        f"written): nothing to do, nothing changed")
-            Progress(config.steps, comm.rank == 0).say(message)
-            with open(os.path.join(config.out, SUMMARY_FILE), encoding="utf-8") as file:
+            runs.Progress(config.steps, comm.rank == 0).say(message)
+            with open(os.path.join(config.out, runs.SUMMARY_FILE), encoding="utf-8") as file:
                 summary = json.load(file)
             return TrainResult(config.out, [], config.steps, False, summary, already_finished=True)
-        lock = agreed(comm, lambda: open_run_folder(config, comm))
+        lock = agreed(comm, lambda: runs.open_run_folder(config, comm))
         try:
             return _run(start, comm, stop)
         finally:
