@@ -109,3 +109,23 @@ def test_tinyclip_refuses_every_weights_file_the_safetensors_package_refuses(cor
         if case.at_fault in weights - refused_by_package and case.loader in ("load", "from_pretrained"):
             with pytest.raises(ValueError, match="do not fit"):
                 LOADERS[case.loader](case.target)
+
+
+def test_an_open_clip_folder_is_read_as_strictly_as_the_others(tmp_path):
+    """hub.load_model's open_clip path reads its config and weights through the same checks."""
+    from tinyclip import hub
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / hub.OPEN_CLIP_CONFIG).write_text("[" * 200_000 + "]" * 200_000, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{nested / hub.OPEN_CLIP_CONFIG}.*nests"):
+        hub.load_model(str(nested))
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / hub.OPEN_CLIP_CONFIG)
+    with pytest.raises(ValueError, match=f"{fifo / hub.OPEN_CLIP_CONFIG}.*FIFO"):
+        hub.from_open_clip(str(fifo))
+    bad_weights = tmp_path / "weights"
+    bad_weights.mkdir()
+    (bad_weights / hub.OPEN_CLIP_WEIGHTS).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(ValueError, match=str(bad_weights / hub.OPEN_CLIP_WEIGHTS)):
+        hub.read_weights(str(bad_weights / hub.OPEN_CLIP_WEIGHTS))

@@ -26,7 +26,7 @@ import os
 import numpy
 
 from . import backend as _backend
-from . import checkpoint, nn
+from . import checkpoint, files, nn
 from .models import CLIP, CLIPConfig
 from .models.config import CLIP_INIT_LOG_SCALE
 from .tokenizer import SPIECE_FILE, SiglipTokenizer, Tokenizer
@@ -66,14 +66,11 @@ def refuse_pickle(path):
 
 
 def read_weights(path):
-    """``{name: float NumPy array}`` from a safetensors file, read with the ``safetensors`` package."""
-    import safetensors.numpy
-    try:
-        return safetensors.numpy.load_file(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no weights file {path}") from None
-    except (OSError, ValueError, TypeError, safetensors.SafetensorError) as error:
-        raise ValueError(f"{path} is not a safetensors file tinyclip can read: {error}") from None
+    """``{name: float NumPy array}`` from a safetensors file (``checkpoint.read_safetensors``: the
+    ``safetensors`` package, memory-mapped and validating); FileNotFoundError or a ValueError naming the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no weights file {path}")
+    return checkpoint.read_safetensors(path)
 
 
 # ---------------------------------------------------------------------------------
@@ -320,13 +317,12 @@ def from_open_clip(folder, dtype=None, backend=None):
 
 
 def _read_json(path):
+    """The JSON object in ``path``, read as every file from outside is (``tinyclip.files``: a regular file,
+    size capped, nesting bounded); FileNotFoundError or a ValueError naming the file."""
     try:
-        with open(path, encoding="utf-8") as file:
-            document = json.load(file)
+        document = files.read_json(path, what="config file")
     except FileNotFoundError:
         raise FileNotFoundError(f"no config file {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(document, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(document).__name__}")
     return document
