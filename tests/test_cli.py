@@ -341,3 +341,20 @@ def test_a_wrong_column_name_is_reported_with_the_flags(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "pairs.csv"), "--steps", "2", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "no column 'filepath', 'title'" in err and "--image-column" in err and "--caption-column" in err
+
+
+def test_export_never_replaces_a_file_or_a_folder_that_is_not_a_model(model_folder, tmp_path, capsys):
+    # the staged write replaces its target whole: over a data file or a folder of photos that would delete them
+    table, photos = tmp_path / "pairs.csv", tmp_path / "photos"
+    table.write_text("filepath,title\n")
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"a photo")
+    for out in (table, photos):
+        assert main(["export", "--model", str(model_folder / "clip"), "--format", "hf", "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert f"{out} exists and is not a model folder" in error and "Traceback" not in error
+    assert table.read_text() == "filepath,title\n" and os.listdir(photos) == ["cat.jpg"]
+    for _ in range(2):                                        # a new folder, then the earlier export replaced
+        assert main(["export", "--model", str(model_folder / "clip"), "--format", "hf",
+                     "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()

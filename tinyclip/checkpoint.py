@@ -231,8 +231,16 @@ def staged_file(path):
 @contextlib.contextmanager
 def staged_folder(path):
     """``with staged_folder(path) as staging:`` fill ``staging``; when the block ends without an error it
-    takes ``path``'s place whole, and on an error it is deleted and ``path`` is left as it was."""
+    takes ``path``'s place whole, and on an error it is deleted and ``path`` is left as it was.
+
+    Only an empty folder or one written before (it holds a config.json) is replaced: any other ``path`` (a
+    file, a folder of images) raises ValueError before anything is written, since replacing it would delete it.
+    """
     path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not (os.path.isdir(path) and (
+            not os.listdir(path) or os.path.isfile(os.path.join(path, CONFIG_FILE)))):
+        raise ValueError(f"{path} exists and is not a model folder (no {CONFIG_FILE} in it), so it is not replaced: "
+                         f"write to a new folder, or remove it first")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = _hidden_name(path, "partial")
     os.mkdir(staging)
