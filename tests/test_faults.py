@@ -477,6 +477,8 @@ def test_a_table_that_is_not_utf8_is_named(tmp_path, capsys):
 
 FAILED_STARTS = {
     "missing data": ["--data", "nowhere.csv"],
+    "missing folder": ["--data", "nowhere/"],
+    "missing validation data": ["--data", "pairs.csv", "--val-data", "nowhere.csv"],
     "wrong column": ["--data", "pairs.csv", "--caption-column", "caption"],
     "preset too small for the shapes": ["--preset", "tiny", "--image-size", "16"],
     "image tower missing": ["--image-tower", "nowhere", "--lock-image"],
@@ -490,7 +492,8 @@ def test_a_failed_start_creates_no_folder(tmp_path, monkeypatch, capsys, failure
     monkeypatch.chdir(tmp_path)
     before = sorted(os.listdir(tmp_path))
     assert cli.main(["train", *TINY, *FAILED_STARTS[failure]]) == cli.EXIT_BAD_INPUT
-    assert "Traceback" not in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.count("\n") == 1 and error.startswith("tinyclip train: ")
     assert sorted(os.listdir(tmp_path)) == before                  # no runs/<timestamp>/ either
 
 

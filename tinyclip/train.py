@@ -548,6 +548,8 @@ def prepare_start(config, resume):
                          f"choose another --out")
     if config.data is not None:
         caption_set(config)                     # the file or folder exists, is readable, has the columns
+    if config.val_data is not None:
+        validation_set(config)                  # and so does --val-data
     tower = load_image_tower(config) if config.image_tower else None
     tokenizer = saved_tokenizer(os.path.join(step_folder, "model")) if step_folder else None
     return Start(config, step_folder, state, tower, tokenizer=tokenizer)
