@@ -107,7 +107,7 @@ class TrainConfig:
     tokenizer_captions: int = 4000   # captions the BPE tokenizer is trained on
     # --- validation and loading ------------------------------------------------------------------
     val_data: str | None = None      # held-out pairs (CSV/TSV or folder) evaluated every eval_every steps
-    val_fraction: float = 0.0        # hold out this fraction of --data's images (always the same ones) to runs.validate on
+    val_fraction: float = 0.0        # hold out this fraction of --data's images (always the same ones) to validate on
     workers: int = 1                 # loader processes decoding images (1: the loader's own thread)
     # --- optimisation ----------------------------------------------------------------------------
     steps: int = 700                 # optimiser steps in the whole run (~6 min on 2 CPU cores at the defaults)
@@ -350,7 +350,7 @@ def caption_set(config):
 
 
 def validation_set(config):
-    """The held-out pairs to runs.validate on (--val-data, or --val-fraction of --data), or None."""
+    """The held-out pairs to validate on (--val-data, or --val-fraction of --data), or None."""
     if config.val_data:
         return read_pairs(config, config.val_data)
     if config.val_fraction:
@@ -793,7 +793,7 @@ def banner(run, comm):
     trained = sum(parameter.data.size for _, parameter in trainable(run.model))
     return (f"training {towers} with the {config.loss} loss on {data}, from step {run.step} to {config.steps}: "
             f"batch {config.batch_size} on {comm.size} process{'es' if comm.size > 1 else ''}, "
-            f"{trained:,} trained parameters, runs.writing to {config.out}")
+            f"{trained:,} trained parameters, writing to {config.out}")
 
 
 def train(config=None, resume=None, comm=None):
