@@ -222,9 +222,11 @@ def staged_file(path):
         os.replace(temporary, path)
         _reached("staged_file:replaced", path)
         _sync_folder(os.path.dirname(path))
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if isinstance(error, OSError) and error.filename == temporary:      # name the file asked for, not ours
+            raise type(error)(error.errno, error.strerror, path) from None
         raise
 
 
