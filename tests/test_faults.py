@@ -16,6 +16,7 @@ each process takes about a second.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -373,6 +374,18 @@ def test_resume_alone_continues_from_the_runs_own_settings_and_a_mismatch_lists_
     assert [record["step"] for record in runs.MetricsLog._read(tmp_path / "run" / "metrics.jsonl")
             if "loss" in record] == [1, 2, 3, 4, 6]          # every step to 3, then every second one (and the last)
     assert whole.losses[:3] == first.losses
+
+
+def test_a_moved_run_resumes_where_it_now_is_and_never_writes_to_its_old_folder(tmp_path, capsys):
+    whole = train.train(tiny_config(tmp_path / "whole", steps=6, checkpoint_every=0))
+    interrupted_run(tmp_path / "old")
+    shutil.move(tmp_path / "old", tmp_path / "moved")                  # copied off a cluster, renamed, ...
+    assert cli.main(["train", "--resume", str(tmp_path / "moved")]) == cli.EXIT_FINISHED
+    assert f"writing to {tmp_path / 'moved'}" in capsys.readouterr().out
+    assert not (tmp_path / "old").exists() and (tmp_path / "moved" / "summary.json").is_file()
+    assert same_weights(tmp_path / "moved" / "model", tmp_path / "whole" / "model") and whole.steps == 6
+    assert cli.main(["train", "--resume", str(tmp_path / "moved")]) == cli.EXIT_FINISHED
+    assert f"{tmp_path / 'moved'} has finished" in capsys.readouterr().out
 
 
 STATE_DAMAGE = {

@@ -474,14 +474,18 @@ def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_re
 
 
 def saved_config(step_folder, state):
-    """The TrainConfig a checkpoint was made with (its state.json's train_config), or an error naming the file."""
+    """The TrainConfig a checkpoint was made with (its state.json's train_config), or an error naming the file.
+
+    Its ``out`` is the run folder that holds the checkpoint now: the one saved may be relative to another
+    working directory, or the folder the run was moved away from, and must not be written to.
+    """
     where = os.path.join(step_folder, checkpoint.TRAINING_STATE_FILE)
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(state["train_config"]) - known)
     if unknown:
         raise ValueError(f"{where}: field 'train_config' has fields this tinyclip does not know: {unknown}")
     try:
-        return TrainConfig(**state["train_config"])
+        return TrainConfig(**{**state["train_config"], "out": runs.run_folder_of(step_folder)})
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: field 'train_config': {error}") from None
 
