@@ -471,6 +471,9 @@ def config_from_hf(hf_config):
             problems.append(f"projection_dim {top['projection_dim']!r:.60} must be a positive integer")
         if not _real(top["logit_scale_init_value"]) or not math.isfinite(top["logit_scale_init_value"]):
             problems.append(f"logit_scale_init_value {top['logit_scale_init_value']!r:.60} must be a finite number")
+        bias = hf_config.get("tinyclip_logit_bias", 0.0)      # written by tinyclip's export (hub.export_hf)
+        if not _real(bias) or not math.isfinite(bias):
+            problems.append(f"tinyclip_logit_bias {bias!r:.60} must be a finite number")
     else:
         if text["projection_size"] is not None and not _positive_int(text["projection_size"]):
             problems.append(f"text_config.projection_size {text['projection_size']!r:.60} must be a positive "
@@ -512,6 +515,8 @@ def config_from_hf(hf_config):
         pooling = "argmax" if eos_id == 2 else "eos"
         shapes.update(text_pooling=pooling, eos_id=eos_id if pooling == "eos" else vocab_size - 1,
                       embed_dim=top["projection_dim"], init_log_scale=float(top["logit_scale_init_value"]))
+        if "tinyclip_logit_bias" in hf_config:    # a CLIPModel trained with the SigLIP loss: its bias comes back
+            shapes.update(init_bias=float(hf_config["tinyclip_logit_bias"]))
     else:
         shapes.update(embed_dim=text["projection_size"] or text["hidden_size"],
                       eos_id=eos_id if in_vocabulary else vocab_size - 1)     # unused by SigLIP's "last" pooling
@@ -603,16 +608,21 @@ def from_hf_array(array, kind, shape):
     return array.reshape(shape)
 
 
-def hf_plan(hf_shapes, model):
+def hf_plan(hf_shapes, model, architecture=None):
     """Where each of ``model``'s parameters comes from: ``{name: (Hugging Face key, kind)}`` (kinds of ``hf_layout``).
 
-    ``hf_shapes`` maps each Hugging Face key to its shape (a tuple). Raises
-    one ValueError that names every missing, unexpected and mis-shaped key.
+    ``hf_shapes`` maps each Hugging Face key to its shape (a tuple); ``architecture`` is the file's
+    ``model_type`` (default: the model's family). Raises one ValueError that names every missing, unexpected
+    and mis-shaped key. A CLIPModel has no logit bias: a model with one (``tinyclip_logit_bias``) is not
+    planned a key for it.
     """
     config = model.config
+    architecture = architecture or config.family
     plan, used, missing, mismatched = {}, set(), [], []
     for name, parameter in model.named_parameters():
-        key = hf_name(name, config.family)
+        if name == "bias" and architecture == "clip":
+            continue
+        key = hf_name(name, architecture)
         kind, expected = hf_layout(name, parameter.shape, config)
         if key not in hf_shapes:
             missing.append(key)
@@ -698,13 +708,16 @@ def _from_folder(path, dtype, backend):
     with _open_weights(path) as tensors:
         model = CLIP(config, dtype=dtype, backend=backend, values=False)
         try:
-            plan = hf_plan({key: entry.shape for key, entry in tensors.items()}, model)
+            plan = hf_plan({key: entry.shape for key, entry in tensors.items()}, model, hf_config["model_type"])
             problems = _not_float(tensors, [key for key, _ in plan.values()])
             if problems:
                 raise ValueError("\n  ".join(["the Hugging Face weights do not fit the model"] + problems))
         except ValueError as error:
             raise ValueError(f"checkpoint {path} ({_files_of(tensors)}): {error}") from None
         _fill(model, plan, tensors)
+        if model.bias is not None and "bias" not in plan:          # config.json's tinyclip_logit_bias
+            model.bias.data = _backend.asarray(numpy.full((), config.init_bias), _backend.backend_of(
+                model.log_scale.data), model.log_scale.data.dtype)
     return model
 
 
