@@ -481,6 +481,14 @@ def test_skipped_examples_are_counted_per_epoch_and_in_the_summary_naming_the_fi
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_examples"] == 6
 
 
+def test_an_image_skipped_in_every_epoch_is_named_once(tmp_path, capsys):
+    table = image_table(tmp_path, count=8)
+    (tmp_path / "1.png").write_bytes(b"not an image")
+    train.train(tiny_config(tmp_path / "run", data=str(table), steps=4, batch_size=4, examples=8))
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("the run: skipped 2")]
+    assert last == [f"the run: skipped 2 examples whose image could not be read (first on rank 0: {tmp_path / '1.png'})"]
+
+
 def test_a_table_that_is_not_utf8_is_named(tmp_path, capsys):
     (tmp_path / "pairs.csv").write_bytes("filepath,title\na.png,café\n".encode("latin-1"))
     assert cli.main(["train", *TINY, "--data", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "run")]) == 2

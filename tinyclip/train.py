@@ -665,8 +665,9 @@ class Run:
         images, captions = next(self.loader)
         self.data_wait = time.perf_counter() - waiting_since
         skipped = self.loader.last_skipped
-        if len(self.named_skips) < NAMED_SKIPS:
-            self.named_skips += [self.dataset.path(index) for index in skipped][:NAMED_SKIPS - len(self.named_skips)]
+        for path in (self.dataset.path(index) for index in skipped):   # an image is skipped again every epoch
+            if len(self.named_skips) < NAMED_SKIPS and path not in self.named_skips:
+                self.named_skips.append(path)
         images = model_input(images, self.model.config.image_normalization, self.device, self.config.dtype)
         tokens = self.tokenizer(captions, context_length=self.model.config.context_length)   # (b, T)
         return images, backend.asarray(tokens, self.device), len(skipped)
