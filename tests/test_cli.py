@@ -176,6 +176,10 @@ def test_zeroshot_names_a_bad_image_and_a_missing_tokenizer(model_folder, tmp_pa
     assert "nope.json" in capsys.readouterr().err
     assert main(["embed", "--model", str(model_folder / "clip"), "--out", str(tmp_path / "x.npz")]) == 2
     assert "give --images and/or --texts" in capsys.readouterr().err
+    for command in (["zeroshot", "--images", bad, "--labels", "cat"], ["embed", "--texts", "a", "--out", "x.npz"],
+                    ["eval"], ["export", "--out", str(tmp_path / "hf")]):
+        assert main([*command, "--model", str(tmp_path / "ViT-B-32")]) == 2
+        assert f"--model {tmp_path / 'ViT-B-32'}: no such model folder" in capsys.readouterr().err
     out = tmp_path / "no-such-folder" / "x.npz"                 # named as given, not as the staged file
     assert main(["embed", "--model", str(model_folder / "clip"), "--texts", "a cat", "--out", str(out)]) == 2
     error = capsys.readouterr().err

@@ -99,6 +99,12 @@ def _hugging_face_model_type(model_dir):
     return config.get("model_type")
 
 
+def _require_model_folder(path):
+    """CommandError for a --model that is not there (a preset name, say): said the same by every command."""
+    if not os.path.exists(path):
+        raise CommandError(f"--model {path}: no such model folder")
+
+
 def _load_tokenizer(model_dir, bpe):
     """The tokenizer given by --bpe, or the one saved in the model's folder (tokenizer.find_tokenizer).
 
@@ -107,6 +113,7 @@ def _load_tokenizer(model_dir, bpe):
     cannot stand in for, having another vocabulary).
     """
     from .tokenizer import SPIECE_FILE, TOKENIZER_FILES, find_tokenizer, load_tokenizer
+    _require_model_folder(model_dir)         # else it would be reported as a folder without a tokenizer
     if bpe:
         if _hugging_face_model_type(model_dir) == "siglip" and not bpe.endswith(".model"):
             raise CommandError(f"--bpe {bpe}: {model_dir} is a Hugging Face SigLIP model, whose tokenizer is "
@@ -140,6 +147,7 @@ IMAGE_BATCH = 64   # images read, preprocessed and encoded at a time: memory hol
 
 def _load_model(path, image_size=None):
     from . import hub
+    _require_model_folder(path)
     model = hub.load_model(path, image_size=image_size)
     model.eval()
     return model
@@ -248,6 +256,7 @@ def run_embed(args):
 def run_export(args):
     """Write a model and its tokenizer in another library's layout (``--format hf``: transformers)."""
     from . import hub
+    _require_model_folder(args.model)
     model = hub.load_model(args.model)
     tokenizer = _load_tokenizer(args.model, args.bpe)
     for note in hub.export_hf(model, tokenizer, args.out):
@@ -320,6 +329,7 @@ def run_eval(args):
     import json
     from . import evaluate
     from .hub import load_model
+    _require_model_folder(args.model)
     model = load_model(args.model)
     tokenizer = _load_tokenizer(args.model, args.bpe)
     if args.data is None and args.classes is None:
