@@ -157,6 +157,21 @@ def test_zeroshot_refuses_a_template_without_exactly_one_placeholder(model_folde
         assert f"argument --template: prompt template {bad!r} must contain exactly one {{}}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, said", [
+    (["zeroshot", "--labels", "cat", "--top", "0"], "argument --top: 0 must be at least 1"),
+    (["zeroshot", "--labels", "cat", "dog", "cat"], "--labels: 'cat' given more than once"),
+    (["eval", "--classes", "x", "--linear-probe", "--probe-c", "-1"], "argument --probe-c: -1.0 must be a positive"),
+    (["eval", "--classes", "x", "--linear-probe", "--probe-test-fraction", "1"],
+     "argument --probe-test-fraction: 1.0 must be between 0 and 1"),
+    (["eval", "--data", "x.csv", "--batch-size", "0"], "argument --batch-size: 0 must be at least 1")])
+def test_a_bad_number_or_label_is_refused_before_any_work_naming_the_flag(model_folder, capsys, command, said):
+    # --top 0 printed an empty line per image; --probe-c -1 ran the whole zero-shot, then printed sklearn's message
+    images = ["--images", str(model_folder / "red.png")] if command[0] == "zeroshot" else []
+    assert main([*command, *images, "--model", str(model_folder / "clip")]) == 2
+    error = capsys.readouterr().err
+    assert said in error and "Traceback" not in error
+
+
 def test_embed_writes_unit_vectors(model_folder, tmp_path, capsys):
     out = tmp_path / "emb.npz"
     code = main(["embed", "--model", str(model_folder / "clip"), "--images", str(model_folder / "red.png"),
