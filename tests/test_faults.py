@@ -342,6 +342,15 @@ def test_resuming_a_finished_run_changes_nothing_and_says_so(tmp_path, capsys):
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
+def test_a_run_stopped_between_its_last_checkpoint_and_its_summary_finishes_with_its_final_loss(tmp_path, capsys):
+    train.train(tiny_config(tmp_path, steps=4, checkpoint_every=2, eval_every=0))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").unlink()                       # as a kill just before the summary leaves it
+    assert cli.main(["train", "--resume", str(tmp_path)]) == cli.EXIT_FINISHED
+    assert f"final_loss {summary['final_loss']:.4g}," in capsys.readouterr().out
+    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+
+
 def interrupted_run(out, steps=6, at=3):
     """A run stopped by SIGTERM at step ``at`` (sent from inside the step, as a scheduler would send it)."""
     original = train.batch_loss

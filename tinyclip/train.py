@@ -749,13 +749,18 @@ class Run:
                                       for key, value in results.items()))
         return results
 
+    def final_loss(self):
+        """The last step's loss: this process's, or for a run resumed after its last step, metrics.jsonl's."""
+        logged = [record["loss"] for record in self.metrics.records if "loss" in record]
+        return self.losses[-1] if self.losses else logged[-1] if logged else None
+
     def finish(self):
         """The last evaluation, the final model, the pictures and, last, summary.json; returns the summary."""
         results = self.evaluate()
         # the shapes metrics for a run on the shapes; on your data, what validation measured (no empty keys)
         summary = {key: results.get(key) for key in SUMMARY_KEYS[:5] if self.eval_sets is not None or key in results}
         summary.update({key: value for key, value in results.items() if key.startswith("val_")})
-        summary.update(final_loss=self.losses[-1] if self.losses else None, steps=self.step,
+        summary.update(final_loss=self.final_loss(), steps=self.step,
                        examples_seen=self.examples_seen(), seconds=round(self.seconds(), 1),
                        skipped_examples=self.skipped)
         if self.skipped:
