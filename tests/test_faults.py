@@ -509,6 +509,7 @@ FAILED_STARTS = {
     "missing data": ["--data", "nowhere.csv"],
     "missing folder": ["--data", "nowhere/"],
     "missing validation data": ["--data", "pairs.csv", "--val-data", "nowhere.csv"],
+    "data smaller than a batch": ["--data", "pairs.csv", "--batch-size", "4", "--examples", "3"],
     "wrong column": ["--data", "pairs.csv", "--caption-column", "caption"],
     "preset too small for the shapes": ["--preset", "tiny", "--image-size", "16"],
     "image tower missing": ["--image-tower", "nowhere", "--lock-image"],

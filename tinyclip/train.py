@@ -56,7 +56,7 @@ from . import backend, checkpoint, distributed, evaluate, hub, nn, optim, runs
 from .data import captions as caption_sets
 from .data import shapes
 from .data import shards
-from .data.loader import Loader
+from .data.loader import BatchOrder, Loader
 from .data.transforms import model_input, random_resized_crop
 from .models import CLIP, PRESETS, preset
 from .models.config import CLIP_INIT_LOG_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE, VISION_FIELDS
@@ -524,9 +524,10 @@ class Start:
     tokenizer: object = None            # the resumed run's tokenizer (a new run trains its own)
 
 
-def prepare_start(config, resume):
+def prepare_start(config, resume, comm=None):
     """Check everything a run needs before anything is written: the checkpoint and configuration to resume,
-    the data, the image tower, and that a new run does not go into another run's folder."""
+    the data (and that it holds a batch for every rank of ``comm``), the image tower, and that a new run does
+    not go into another run's folder."""
     step_folder = state = None
     folder = resume if resume is not None else config.out
     holder = runs.RunLock.holder(folder) if folder is not None else None
@@ -551,7 +552,13 @@ def prepare_start(config, resume):
         raise ValueError(f"--out {config.out} already holds a run: continue it with --resume {config.out}, or "
                          f"choose another --out")
     if config.data is not None:
-        caption_set(config)                     # the file or folder exists, is readable, has the columns
+        pairs = caption_set(config)             # the file or folder exists, is readable, has the columns
+        rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+        try:                                    # a batch for every rank (BatchOrder: no threads, nothing read)
+            BatchOrder(pairs, config.batch_size, config.seed, rank, size, transform=random_resized_crop,
+                       examples=config.examples)
+        except ValueError as error:
+            raise ValueError(f"--data {config.data}: {error} (--batch-size {config.batch_size})") from None
     if config.val_data is not None:
         validation_set(config)                  # and so does --val-data
     tower = load_image_tower(config) if config.image_tower else None
@@ -823,7 +830,7 @@ def train(config=None, resume=None, comm=None):
     backend.tune_malloc()                       # process-wide settings: asked for here, never at import
     distributed.install_abort_on_error(comm)    # an uncaught error on one rank ends the job instead of a hang
     with runs.stop_on_signals() as stop:
-        start = agreed(comm, lambda: prepare_start(config, resume))
+        start = agreed(comm, lambda: prepare_start(config, resume, comm))
         config = start.config
         if start.finished:
             message = (f"{config.out} has finished (step {config.steps} of {config.steps}; {runs.SUMMARY_FILE} is "
