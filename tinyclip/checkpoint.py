@@ -668,6 +668,17 @@ def from_pretrained(path, dtype=None, backend=None, image_size=None):
     return model
 
 
+def resized_config(config, image_size):
+    """``config`` for images of side ``image_size`` (``at_image_size``'s checks, no weights needed)."""
+    if config.vision_type != "vit":
+        raise ValueError(f"image_size {image_size}: only a ViT image tower has position embeddings to resize; "
+                         f"this model's tower is {config.vision_type!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < config.patch_size:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {config.patch_size}, "
+                         f"got {image_size!r}")
+    return dataclasses.replace(config, image_size=image_size)
+
+
 def at_image_size(model, image_size):
     """The same CLIP for images of side ``image_size``: its position embeddings resized to the new patch grid.
 
@@ -679,13 +690,7 @@ def at_image_size(model, image_size):
     """
     from .models.vision import resize_position_embedding
     config = model.config
-    if config.vision_type != "vit":
-        raise ValueError(f"image_size {image_size}: only a ViT image tower has position embeddings to resize; "
-                         f"this model's tower is {config.vision_type!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < config.patch_size:
-        raise ValueError(f"image_size must be a positive multiple of the patch size {config.patch_size}, "
-                         f"got {image_size!r}")
-    resized = CLIP(dataclasses.replace(config, image_size=image_size), dtype=model.log_scale.data.dtype,
+    resized = CLIP(resized_config(config, image_size), dtype=model.log_scale.data.dtype,
                    backend=_backend.backend_of(model.log_scale.data))
     state = dict(model.state_dict())
     state["visual.position_embedding"] = resize_position_embedding(

@@ -174,6 +174,8 @@ class TrainConfig:
 
     def _model_problems(self):
         """What makes the preset with its overrides untrainable here, said before anything starts."""
+        if self.init:
+            return []                 # the init model's own settings, checked by check_init before the run starts
         try:
             model = preset(self.preset, **self.model_overrides)
         except (TypeError, ValueError) as error:
@@ -274,6 +276,18 @@ def init_problems(config):
     if config.lock_image and config.lock_text:
         problems.append("lock_image and lock_text together leave only the scale and bias to train")
     return problems
+
+
+def check_init(config):
+    """ValueError naming --init when its model cannot start the run: its config, the --image-size it would be
+    resized to, its tokenizer (no weights are read)."""
+    try:
+        init = hub.model_config(config.init)
+        if config.model_overrides.get("image_size", init.image_size) != init.image_size:
+            checkpoint.resized_config(init, config.model_overrides["image_size"])
+        saved_tokenizer(config.init)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--init {config.init}: {error}") from None
 
 
 def load_init_model(config):
@@ -561,6 +575,8 @@ def prepare_start(config, resume, comm=None):
             raise ValueError(f"--data {config.data}: {error} (--batch-size {config.batch_size})") from None
     if config.val_data is not None:
         validation_set(config)                  # and so does --val-data
+    if config.init and state is None:
+        check_init(config)
     tower = load_image_tower(config) if config.image_tower else None
     tokenizer = saved_tokenizer(os.path.join(step_folder, "model")) if step_folder else None
     return Start(config, step_folder, state, tower, tokenizer=tokenizer)
