@@ -225,6 +225,7 @@ def test_every_train_flag_is_a_config_field_with_its_comment_and_default(capsys)
     assert "--steps STEPS optimiser steps in the whole run" in text and "(default: 700)" in text
     assert "--plots, --no-plots" in text and "(default: on)" in text
     assert "to validate on" in text and "runs." not in text     # no module name left in the words by a move
+    assert "or tar shards" in text and "(CSV/TSV, folder or shards)" in text   # --data and --val-data take shards
 
 
 def test_train_help_lists_the_presets_and_the_dtypes(capsys):

@@ -99,14 +99,14 @@ class TrainConfig:
     lock_text: bool = False          # keep the text tower fixed, its projection included (with init)
     seed: int = 0                    # model initialisation and data order
     # --- data ------------------------------------------------------------------------------------
-    data: str | None = None          # a CSV/TSV of images and captions, or a folder of images + .txt (None: shapes)
+    data: str | None = None          # a CSV/TSV of images and captions, a folder of images + .txt, or tar shards ('shards/s-{0..9}.tar') (None: shapes)
     image_column: str = "filepath"   # CSV/TSV column with image paths
     caption_column: str = "title"    # CSV/TSV column with captions
     strict: bool = False             # a missing or unreadable image is an error instead of a warning
     examples: int | None = None      # use only the first N examples (None: all; shapes are unlimited)
     tokenizer_captions: int = 4000   # captions the BPE tokenizer is trained on
     # --- validation and loading ------------------------------------------------------------------
-    val_data: str | None = None      # held-out pairs (CSV/TSV or folder) evaluated every eval_every steps
+    val_data: str | None = None      # held-out pairs (CSV/TSV, folder or shards) evaluated every eval_every steps
     val_fraction: float = 0.0        # hold out this fraction of --data's images (always the same ones) to validate on
     workers: int = 1                 # loader processes decoding images (1: the loader's own thread)
     # --- optimisation ----------------------------------------------------------------------------
