@@ -383,3 +383,13 @@ def test_export_never_replaces_a_file_or_a_folder_that_is_not_a_model(model_fold
         assert main(["export", "--model", str(model_folder / "clip"), "--format", "hf",
                      "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_a_warning_is_one_line_naming_the_command(model_folder, tmp_path, capsys):
+    import shutil
+    for name in ("red", "blue"):
+        shutil.copy(model_folder / f"{name}.png", tmp_path / f"{name}.png")
+    (tmp_path / "red.txt").write_text("a red picture")           # blue.png has no caption: skipped, with a warning
+    assert main(["eval", "--model", str(model_folder / "clip"), "--data", str(tmp_path)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "caption" in line]
+    assert len(warned) == 1 and warned[0].startswith("tinyclip eval: warning: "), warned

@@ -21,6 +21,7 @@ interrupted by SIGINT/SIGTERM after saving a checkpoint: resume with
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -31,6 +32,7 @@ import sys
 import textwrap
 import tokenize
 import types
+import warnings
 
 import numpy
 
@@ -645,7 +647,14 @@ def main(argv=None):
         return 2
     backend.tune_malloc()   # process-wide, so the command asks for it (importing tinyclip never does)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, args.command)
+            return args.run(args)
     except (CommandError, ValueError, OSError) as error:   # bad files or inputs: their messages name them
         print(f"tinyclip {args.command}: {error}", file=sys.stderr)
         return 2
+
+
+def _show_warning(command, message, category, filename, lineno, file=None, line=None):
+    """A warning (a skipped image, say) as one line naming the command, without Python's source line."""
+    print(f"tinyclip {command}: warning: {message}", file=sys.stderr if file is None else file)
