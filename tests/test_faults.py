@@ -509,6 +509,8 @@ FAILED_STARTS = {
     "missing data": ["--data", "nowhere.csv"],
     "missing folder": ["--data", "nowhere/"],
     "missing validation data": ["--data", "pairs.csv", "--val-data", "nowhere.csv"],
+    "init a name, not a folder": ["--init", "siglip-base-patch16-224", "--data", "pairs.csv"],
+    "image tower a name, not a folder": ["--image-tower", "clip-vit-base-patch32", "--lock-image"],
     "data smaller than a batch": ["--data", "pairs.csv", "--batch-size", "4", "--examples", "3"],
     "wrong column": ["--data", "pairs.csv", "--caption-column", "caption"],
     "preset too small for the shapes": ["--preset", "tiny", "--image-size", "16"],
@@ -525,6 +527,8 @@ def test_a_failed_start_creates_no_folder(tmp_path, monkeypatch, capsys, failure
     assert cli.main(["train", *TINY, *FAILED_STARTS[failure]]) == cli.EXIT_BAD_INPUT
     error = capsys.readouterr().err
     assert "Traceback" not in error and error.count("\n") == 1 and error.startswith("tinyclip train: ")
+    if "a name, not a folder" in failure:
+        assert "no such model folder (nothing is downloaded" in error
     assert sorted(os.listdir(tmp_path)) == before                  # no runs/<timestamp>/ either
 
 

@@ -104,8 +104,9 @@ def _hugging_face_model_type(model_dir):
 
 def _require_model_folder(path):
     """CommandError for a --model that is not there (a preset name, say): said the same by every command."""
+    from .hub import NO_SUCH_FOLDER
     if not os.path.exists(path):
-        raise CommandError(f"--model {path}: no such model folder")
+        raise CommandError(f"--model {path}: {NO_SUCH_FOLDER}")
 
 
 def _load_tokenizer(model_dir, bpe):

@@ -31,6 +31,10 @@ from .models import CLIP, CLIPConfig
 from .models.config import CLIP_INIT_LOG_SCALE
 from .tokenizer import SPIECE_FILE, SiglipTokenizer, Tokenizer
 
+# what to say of a model folder that is not there (a published model's name, say)
+NO_SUCH_FOLDER = ("no such model folder (nothing is downloaded: give the folder of a model you have, e.g. one "
+                  "fetched with huggingface-cli download)")
+
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 # the means and standard deviations open_clip's preprocess_cfg gives for each of tinyclip's normalisations

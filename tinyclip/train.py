@@ -255,6 +255,8 @@ def default_loss(init):
     """The loss a run takes when none is given: the family of the ``init`` model, else SigLIP's."""
     if init is None:
         return "siglip"
+    if not os.path.exists(init):
+        raise ValueError(f"--init {init}: {hub.NO_SUCH_FOLDER}")
     try:
         return hub.model_family(init)
     except (OSError, ValueError) as error:
@@ -393,6 +395,8 @@ def training_captions(config, count):
 
 def load_image_tower(config):
     """The model of ``config.image_tower`` (its image tower is what is used), or a clear error before training."""
+    if not os.path.exists(config.image_tower):
+        raise ValueError(f"--image-tower {config.image_tower}: {hub.NO_SUCH_FOLDER}")
     try:
         return checkpoint.from_pretrained(config.image_tower)
     except (OSError, ValueError) as error:
