@@ -351,6 +351,17 @@ def test_a_run_stopped_between_its_last_checkpoint_and_its_summary_finishes_with
     assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == summary["final_loss"]
 
 
+def test_resume_with_out_neither_copies_a_finished_run_nor_writes_into_another_run(tmp_path, capsys):
+    train.train(tiny_config(tmp_path / "done", steps=3, eval_every=0))
+    assert cli.main(["train", "--resume", str(tmp_path / "done"), "--out", str(tmp_path / "copy")]) == 0
+    assert f"{tmp_path / 'done'} has finished" in capsys.readouterr().out and not (tmp_path / "copy").exists()
+    interrupted_run(tmp_path / "stopped")
+    before = sorted(os.listdir(tmp_path / "done"))
+    assert cli.main(["train", "--resume", str(tmp_path / "stopped"), "--out", str(tmp_path / "done")]) == 2
+    assert f"--out {tmp_path / 'done'} already holds another run" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "done")) == before
+
+
 def interrupted_run(out, steps=6, at=3):
     """A run stopped by SIGTERM at step ``at`` (sent from inside the step, as a scheduler would send it)."""
     original = train.batch_loss

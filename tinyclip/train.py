@@ -560,10 +560,14 @@ def prepare_start(config, resume, comm=None):
         if state["step"] > config.steps:
             raise ValueError(f"{os.path.join(step_folder, checkpoint.TRAINING_STATE_FILE)}: field 'step' is "
                              f"{state['step']}, beyond the run's {config.steps} steps")
+        home = runs.run_folder_of(step_folder)
         if config.out is None:
-            config = dataclasses.replace(config, out=runs.run_folder_of(step_folder))
-        if state["step"] == config.steps and os.path.isfile(os.path.join(config.out, runs.SUMMARY_FILE)):
-            return Start(config, step_folder, state, finished=True)
+            config = dataclasses.replace(config, out=home)
+        if state["step"] == config.steps and os.path.isfile(os.path.join(home, runs.SUMMARY_FILE)):
+            return Start(dataclasses.replace(config, out=home), step_folder, state, finished=True)
+        if os.path.abspath(config.out) != os.path.abspath(home) and runs.holds_a_run(config.out):
+            raise ValueError(f"--out {config.out} already holds another run: continue {home} in a new folder, "
+                             f"or without --out")
     elif config.out is None:
         config = dataclasses.replace(config, out=runs.default_out())
     elif runs.holds_a_run(config.out):
