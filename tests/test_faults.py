@@ -360,6 +360,22 @@ def test_resume_with_out_neither_copies_a_finished_run_nor_writes_into_another_r
     assert cli.main(["train", "--resume", str(tmp_path / "stopped"), "--out", str(tmp_path / "done")]) == 2
     assert f"--out {tmp_path / 'done'} already holds another run" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "done")) == before
+    for held in ("done", "stopped"):                   # a finished run, a run with a checkpoint: a new run refused
+        assert cli.main(["train", *TINY, "--steps", "3", "--out", str(tmp_path / held)]) == 2
+        assert f"--out {tmp_path / held} already holds a run: continue it with --resume" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again_in_its_folder(tmp_path, capsys):
+    table = image_table(tmp_path, count=8)
+    (tmp_path / "3.png").write_bytes(b"not an image")
+    again = ["train", *TINY, "--data", str(table), "--strict", "--steps", "4", "--batch-size", "4",
+             "--out", str(tmp_path / "run")]
+    assert cli.main(again) == 2 and (tmp_path / "run" / "train_config.json").is_file()
+    assert "3.png" in capsys.readouterr().err
+    image_table(tmp_path, count=8)                     # the image repaired: the same command, not --resume,
+    assert cli.main(again) == 0                        # which would find no checkpoint
+    assert [record["step"] for record in runs.MetricsLog._read(tmp_path / "run" / "metrics.jsonl")
+            if "loss" in record] == [1, 2, 3, 4]
 
 
 def interrupted_run(out, steps=6, at=3):
