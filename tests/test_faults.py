@@ -378,6 +378,34 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again_in_its_folde
             if "loss" in record] == [1, 2, 3, 4]
 
 
+def test_a_run_on_relative_paths_resumes_from_another_directory(tmp_path, monkeypatch, capsys):
+    image_table(tmp_path, count=8)
+    monkeypatch.chdir(tmp_path)
+    stopped = interrupted_run_on(["--data", "pairs.csv", "--batch-size", "4", "--out", "run"])
+    assert stopped == cli.EXIT_INTERRUPTED
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"] == str(tmp_path / "pairs.csv")
+    monkeypatch.chdir(tmp_path.parent)                  # pairs.csv (and run) are not found from here
+    assert cli.main(["train", "--resume", str(tmp_path / "run")]) == cli.EXIT_FINISHED, capsys.readouterr().err
+
+
+def interrupted_run_on(arguments, steps=6, at=3):
+    """The exit status of ``tinyclip train`` stopped by SIGTERM at step ``at``."""
+    original = train.batch_loss
+    calls = []
+
+    def loss(*args):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    train.batch_loss = loss
+    try:
+        return cli.main(["train", *TINY, "--steps", str(steps), "--checkpoint-every", "0", *arguments])
+    finally:
+        train.batch_loss = original
+
+
 def interrupted_run(out, steps=6, at=3):
     """A run stopped by SIGTERM at step ``at`` (sent from inside the step, as a scheduler would send it)."""
     original = train.batch_loss

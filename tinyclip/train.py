@@ -133,6 +133,9 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
+        for name in PATH_FIELDS:            # saved absolute, so that --resume from another directory finds them
+            if isinstance(getattr(self, name), str) and getattr(self, name):
+                setattr(self, name, "::".join(os.path.abspath(part) for part in getattr(self, name).split("::")))
         if self.loss is None:
             self.loss = default_loss(self.init)
         for name, allowed in CHOICES.items():
@@ -196,6 +199,9 @@ class TrainConfig:
         as JSON gives them back (tuples as lists), so that a saved configuration compares equal to its source."""
         return json.loads(json.dumps({key: value for key, value in dataclasses.asdict(self).items()
                                       if key not in CHANGEABLE_ON_RESUME}))
+
+
+PATH_FIELDS = ("data", "val_data", "image_tower", "init")      # files and folders (a shard pattern may join several)
 
 
 def _is_int(value):
