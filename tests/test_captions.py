@@ -73,6 +73,13 @@ def test_missing_columns_are_named_with_the_columns_found(tmp_path):
     assert "--image-column and --caption-column" in str(error.value)    # the flags a command-line user types
 
 
+def test_a_missing_table_or_folder_is_named_as_missing(tmp_path):
+    # a missing folder given to the table reader has no suffix: "no such file", not a question about separators
+    for name in ("nowhere.csv", "nowhere"):
+        with pytest.raises(ValueError, match=f"{tmp_path / name}: no such file or folder"):
+            CSVCaptions(tmp_path / name)
+
+
 def test_empty_tables_fail_at_construction(tmp_path):
     header_only = write_table(tmp_path / "header.csv", [("filepath", "title")])
     with pytest.raises(ValueError, match="header.csv.*empty"):

@@ -157,6 +157,21 @@ def test_zeroshot_refuses_a_template_without_exactly_one_placeholder(model_folde
         assert f"argument --template: prompt template {bad!r} must contain exactly one {{}}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, said", [
+    (["zeroshot", "--labels", "cat", "--top", "0"], "argument --top: 0 must be at least 1"),
+    (["zeroshot", "--labels", "cat", "dog", "cat"], "--labels: 'cat' given more than once"),
+    (["eval", "--classes", "x", "--linear-probe", "--probe-c", "-1"], "argument --probe-c: -1.0 must be a positive"),
+    (["eval", "--classes", "x", "--linear-probe", "--probe-test-fraction", "1"],
+     "argument --probe-test-fraction: 1.0 must be between 0 and 1"),
+    (["eval", "--data", "x.csv", "--batch-size", "0"], "argument --batch-size: 0 must be at least 1")])
+def test_a_bad_number_or_label_is_refused_before_any_work_naming_the_flag(model_folder, capsys, command, said):
+    # --top 0 printed an empty line per image; --probe-c -1 ran the whole zero-shot, then printed sklearn's message
+    images = ["--images", str(model_folder / "red.png")] if command[0] == "zeroshot" else []
+    assert main([*command, *images, "--model", str(model_folder / "clip")]) == 2
+    error = capsys.readouterr().err
+    assert said in error and "Traceback" not in error
+
+
 def test_embed_writes_unit_vectors(model_folder, tmp_path, capsys):
     out = tmp_path / "emb.npz"
     code = main(["embed", "--model", str(model_folder / "clip"), "--images", str(model_folder / "red.png"),
@@ -176,6 +191,14 @@ def test_zeroshot_names_a_bad_image_and_a_missing_tokenizer(model_folder, tmp_pa
     assert "nope.json" in capsys.readouterr().err
     assert main(["embed", "--model", str(model_folder / "clip"), "--out", str(tmp_path / "x.npz")]) == 2
     assert "give --images and/or --texts" in capsys.readouterr().err
+    for command in (["zeroshot", "--images", bad, "--labels", "cat"], ["embed", "--texts", "a", "--out", "x.npz"],
+                    ["eval"], ["export", "--out", str(tmp_path / "hf")]):
+        assert main([*command, "--model", str(tmp_path / "ViT-B-32")]) == 2
+        assert f"--model {tmp_path / 'ViT-B-32'}: no such model folder" in capsys.readouterr().err
+    out = tmp_path / "no-such-folder" / "x.npz"                 # named as given, not as the staged file
+    assert main(["embed", "--model", str(model_folder / "clip"), "--texts", "a cat", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"No such file or directory: '{out}'" in error and ".partial-" not in error
 
 
 # ---------------------------------------------------------------------------------
@@ -201,6 +224,8 @@ def test_every_train_flag_is_a_config_field_with_its_comment_and_default(capsys)
         assert flag in text and " ".join(comments[field.name].replace("(None: ", "(default: ").split()) in text
     assert "--steps STEPS optimiser steps in the whole run" in text and "(default: 700)" in text
     assert "--plots, --no-plots" in text and "(default: on)" in text
+    assert "to validate on" in text and "runs." not in text     # no module name left in the words by a move
+    assert "or tar shards" in text and "(CSV/TSV, folder or shards)" in text   # --data and --val-data take shards
 
 
 def test_train_help_lists_the_presets_and_the_dtypes(capsys):
@@ -341,3 +366,30 @@ def test_a_wrong_column_name_is_reported_with_the_flags(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "pairs.csv"), "--steps", "2", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "no column 'filepath', 'title'" in err and "--image-column" in err and "--caption-column" in err
+
+
+def test_export_never_replaces_a_file_or_a_folder_that_is_not_a_model(model_folder, tmp_path, capsys):
+    # the staged write replaces its target whole: over a data file or a folder of photos that would delete them
+    table, photos = tmp_path / "pairs.csv", tmp_path / "photos"
+    table.write_text("filepath,title\n")
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"a photo")
+    for out in (table, photos):
+        assert main(["export", "--model", str(model_folder / "clip"), "--format", "hf", "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert f"{out} exists and is not a model folder" in error and "Traceback" not in error
+    assert table.read_text() == "filepath,title\n" and os.listdir(photos) == ["cat.jpg"]
+    for _ in range(2):                                        # a new folder, then the earlier export replaced
+        assert main(["export", "--model", str(model_folder / "clip"), "--format", "hf",
+                     "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_a_warning_is_one_line_naming_the_command(model_folder, tmp_path, capsys):
+    import shutil
+    for name in ("red", "blue"):
+        shutil.copy(model_folder / f"{name}.png", tmp_path / f"{name}.png")
+    (tmp_path / "red.txt").write_text("a red picture")           # blue.png has no caption: skipped, with a warning
+    assert main(["eval", "--model", str(model_folder / "clip"), "--data", str(tmp_path)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "caption" in line]
+    assert len(warned) == 1 and warned[0].startswith("tinyclip eval: warning: "), warned

@@ -8,7 +8,9 @@ own model built from a config dict for the import; transformers'
 reference model is small, random and saved by the test; nothing downloads.
 """
 
+import dataclasses
 import json
+import shutil
 
 import numpy
 import pytest
@@ -278,6 +280,29 @@ def test_export_round_trips_through_from_pretrained(clip_folder, tmp_path, capsy
     assert exported.config == original.config
     for (name, first), (_, second) in zip(original.state_dict().items(), exported.state_dict().items()):
         numpy.testing.assert_array_equal(first, second, err_msg=name)
+
+
+def test_a_clip_model_trained_with_the_siglip_loss_keeps_its_bias_through_export(clip_folder, tmp_path, capsys):
+    # CLIPModel has no logit bias: export keeps it in config.json, and loading it back must not drop it (else the
+    # model would come back as a CLIP-loss model: softmax zero-shot, --init under the CLIP loss)
+    from tinyclip import hub
+    original = checkpoint.load(clip_folder)
+    original = CLIP(dataclasses.replace(original.config, init_bias=-7.25), seed=3)
+    checkpoint.save(original, tmp_path / "siglip-loss")
+    shutil.copy(clip_folder / "tokenizer.tinyclip.json", tmp_path / "siglip-loss")
+    assert main(["export", "--model", str(tmp_path / "siglip-loss"), "--out", str(tmp_path / "hf")]) == 0
+    assert "kept in config.json as tinyclip_logit_bias" in capsys.readouterr().out
+    exported = checkpoint.from_pretrained(tmp_path / "hf")
+    assert exported.config.family == hub.model_family(tmp_path / "hf") == "siglip"
+    for (name, first), (_, second) in zip(original.state_dict().items(), exported.state_dict().items()):
+        numpy.testing.assert_array_equal(first, second, err_msg=name)
+    assert main(["export", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")]) == 0     # and again
+    assert float(checkpoint.from_pretrained(tmp_path / "hf").bias.data) == -7.25
+    document = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for bad in ("-7", None, True):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**document, "tinyclip_logit_bias": bad}))
+        with pytest.raises(ValueError, match="tinyclip_logit_bias .* must be a finite number"):
+            checkpoint.from_pretrained(tmp_path / "hf")
 
 
 def test_export_refuses_what_transformers_cannot_express(tmp_path, capsys):

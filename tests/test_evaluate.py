@@ -10,6 +10,7 @@ any batch size.
 """
 
 import re
+import warnings
 
 import numpy
 import pytest
@@ -316,6 +317,19 @@ def test_encoders_run_without_a_graph_in_eval_mode_and_restore_the_mode(tokenize
     model.eval()
     encode_texts(model, tokenizer, ["a red circle"])
     assert not model.training
+
+
+def test_classes_whose_prompts_are_cut_alike_are_warned_of(tokenizer):
+    # the tiny preset's 8 tokens hold "a photo of a" and none of the class name: every class scored the same
+    model = CLIP(preset("tiny", vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eot_id), seed=3)
+    long = ("a picture of a picture of a picture of a {}",)
+    with pytest.warns(UserWarning, match=r"2 class names give the same prompt tokens as another \('circle' = "
+                                         r"'square', 'circle' = 'triangle'\) once cut to the model's 8-token"):
+        classes = encode_classes(model, tokenizer, ["circle", "square", "triangle"], long)
+    numpy.testing.assert_allclose(classes[0], classes[1], rtol=1e-5, atol=1e-6)   # up to the rounding of a batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_classes(model, tokenizer, ["circle", "square", "triangle"], ("{}", *long))   # one template keeps them
 
 
 def test_encoder_bad_inputs_are_named(tokenizer):

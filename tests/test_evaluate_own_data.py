@@ -137,6 +137,20 @@ def test_image_classes_read_names_from_classnames_txt_in_sorted_folder_order(cla
         ImageClasses(tmp_path)
 
 
+def test_two_classes_of_one_name_are_refused(class_folder, tmp_path):
+    # they would share a prompt, and per_class (keyed by name) would report one of them
+    import shutil
+    shutil.copytree(class_folder, tmp_path / "named")                  # the fixture is shared: a copy to change
+    (tmp_path / "named" / "classnames.txt").write_text("cat\ndog\ndog\n")
+    with pytest.raises(ValueError, match=r"classnames.txt: the class name 'dog' names two classes"):
+        ImageClasses(tmp_path / "named")
+    for name in ("red_bird", "red bird"):
+        os.makedirs(tmp_path / "folders" / name)
+        write_image(tmp_path / "folders" / name / "a.png", 0)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'folders'}: the class name 'red bird' names two classes"):
+        ImageClasses(tmp_path / "folders")
+
+
 def test_the_probe_split_holds_out_part_of_every_class_the_same_way_each_time(class_folder):
     classes = ImageClasses(class_folder)
     train, test = classes.split(0.5)

@@ -16,6 +16,7 @@ each process takes about a second.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,6 +342,70 @@ def test_resuming_a_finished_run_changes_nothing_and_says_so(tmp_path, capsys):
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
+def test_a_run_stopped_between_its_last_checkpoint_and_its_summary_finishes_with_its_final_loss(tmp_path, capsys):
+    train.train(tiny_config(tmp_path, steps=4, checkpoint_every=2, eval_every=0))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").unlink()                       # as a kill just before the summary leaves it
+    assert cli.main(["train", "--resume", str(tmp_path)]) == cli.EXIT_FINISHED
+    assert f"final_loss {summary['final_loss']:.4g}," in capsys.readouterr().out
+    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+
+
+def test_resume_with_out_neither_copies_a_finished_run_nor_writes_into_another_run(tmp_path, capsys):
+    train.train(tiny_config(tmp_path / "done", steps=3, eval_every=0))
+    assert cli.main(["train", "--resume", str(tmp_path / "done"), "--out", str(tmp_path / "copy")]) == 0
+    assert f"{tmp_path / 'done'} has finished" in capsys.readouterr().out and not (tmp_path / "copy").exists()
+    interrupted_run(tmp_path / "stopped")
+    before = sorted(os.listdir(tmp_path / "done"))
+    assert cli.main(["train", "--resume", str(tmp_path / "stopped"), "--out", str(tmp_path / "done")]) == 2
+    assert f"--out {tmp_path / 'done'} already holds another run" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "done")) == before
+    for held in ("done", "stopped"):                   # a finished run, a run with a checkpoint: a new run refused
+        assert cli.main(["train", *TINY, "--steps", "3", "--out", str(tmp_path / held)]) == 2
+        assert f"--out {tmp_path / held} already holds a run: continue it with --resume" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again_in_its_folder(tmp_path, capsys):
+    table = image_table(tmp_path, count=8)
+    (tmp_path / "3.png").write_bytes(b"not an image")
+    again = ["train", *TINY, "--data", str(table), "--strict", "--steps", "4", "--batch-size", "4",
+             "--out", str(tmp_path / "run")]
+    assert cli.main(again) == 2 and (tmp_path / "run" / "train_config.json").is_file()
+    assert "3.png" in capsys.readouterr().err
+    image_table(tmp_path, count=8)                     # the image repaired: the same command, not --resume,
+    assert cli.main(again) == 0                        # which would find no checkpoint
+    assert [record["step"] for record in runs.MetricsLog._read(tmp_path / "run" / "metrics.jsonl")
+            if "loss" in record] == [1, 2, 3, 4]
+
+
+def test_a_run_on_relative_paths_resumes_from_another_directory(tmp_path, monkeypatch, capsys):
+    image_table(tmp_path, count=8)
+    monkeypatch.chdir(tmp_path)
+    stopped = interrupted_run_on(["--data", "pairs.csv", "--batch-size", "4", "--out", "run"])
+    assert stopped == cli.EXIT_INTERRUPTED
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"] == str(tmp_path / "pairs.csv")
+    monkeypatch.chdir(tmp_path.parent)                  # pairs.csv (and run) are not found from here
+    assert cli.main(["train", "--resume", str(tmp_path / "run")]) == cli.EXIT_FINISHED, capsys.readouterr().err
+
+
+def interrupted_run_on(arguments, steps=6, at=3):
+    """The exit status of ``tinyclip train`` stopped by SIGTERM at step ``at``."""
+    original = train.batch_loss
+    calls = []
+
+    def loss(*args):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    train.batch_loss = loss
+    try:
+        return cli.main(["train", *TINY, "--steps", str(steps), "--checkpoint-every", "0", *arguments])
+    finally:
+        train.batch_loss = original
+
+
 def interrupted_run(out, steps=6, at=3):
     """A run stopped by SIGTERM at step ``at`` (sent from inside the step, as a scheduler would send it)."""
     original = train.batch_loss
@@ -373,6 +438,18 @@ def test_resume_alone_continues_from_the_runs_own_settings_and_a_mismatch_lists_
     assert [record["step"] for record in runs.MetricsLog._read(tmp_path / "run" / "metrics.jsonl")
             if "loss" in record] == [1, 2, 3, 4, 6]          # every step to 3, then every second one (and the last)
     assert whole.losses[:3] == first.losses
+
+
+def test_a_moved_run_resumes_where_it_now_is_and_never_writes_to_its_old_folder(tmp_path, capsys):
+    whole = train.train(tiny_config(tmp_path / "whole", steps=6, checkpoint_every=0))
+    interrupted_run(tmp_path / "old")
+    shutil.move(tmp_path / "old", tmp_path / "moved")                  # copied off a cluster, renamed, ...
+    assert cli.main(["train", "--resume", str(tmp_path / "moved")]) == cli.EXIT_FINISHED
+    assert f"writing to {tmp_path / 'moved'}" in capsys.readouterr().out
+    assert not (tmp_path / "old").exists() and (tmp_path / "moved" / "summary.json").is_file()
+    assert same_weights(tmp_path / "moved" / "model", tmp_path / "whole" / "model") and whole.steps == 6
+    assert cli.main(["train", "--resume", str(tmp_path / "moved")]) == cli.EXIT_FINISHED
+    assert f"{tmp_path / 'moved'} has finished" in capsys.readouterr().out
 
 
 STATE_DAMAGE = {
@@ -468,6 +545,14 @@ def test_skipped_examples_are_counted_per_epoch_and_in_the_summary_naming_the_fi
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_examples"] == 6
 
 
+def test_an_image_skipped_in_every_epoch_is_named_once(tmp_path, capsys):
+    table = image_table(tmp_path, count=8)
+    (tmp_path / "1.png").write_bytes(b"not an image")
+    train.train(tiny_config(tmp_path / "run", data=str(table), steps=4, batch_size=4, examples=8))
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("the run: skipped 2")]
+    assert last == [f"the run: skipped 2 examples whose image could not be read (first on rank 0: {tmp_path / '1.png'})"]
+
+
 def test_a_table_that_is_not_utf8_is_named(tmp_path, capsys):
     (tmp_path / "pairs.csv").write_bytes("filepath,title\na.png,café\n".encode("latin-1"))
     assert cli.main(["train", *TINY, "--data", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "run")]) == 2
@@ -477,6 +562,11 @@ def test_a_table_that_is_not_utf8_is_named(tmp_path, capsys):
 
 FAILED_STARTS = {
     "missing data": ["--data", "nowhere.csv"],
+    "missing folder": ["--data", "nowhere/"],
+    "missing validation data": ["--data", "pairs.csv", "--val-data", "nowhere.csv"],
+    "init a name, not a folder": ["--init", "siglip-base-patch16-224", "--data", "pairs.csv"],
+    "image tower a name, not a folder": ["--image-tower", "clip-vit-base-patch32", "--lock-image"],
+    "data smaller than a batch": ["--data", "pairs.csv", "--batch-size", "4", "--examples", "3"],
     "wrong column": ["--data", "pairs.csv", "--caption-column", "caption"],
     "preset too small for the shapes": ["--preset", "tiny", "--image-size", "16"],
     "image tower missing": ["--image-tower", "nowhere", "--lock-image"],
@@ -490,7 +580,10 @@ def test_a_failed_start_creates_no_folder(tmp_path, monkeypatch, capsys, failure
     monkeypatch.chdir(tmp_path)
     before = sorted(os.listdir(tmp_path))
     assert cli.main(["train", *TINY, *FAILED_STARTS[failure]]) == cli.EXIT_BAD_INPUT
-    assert "Traceback" not in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.count("\n") == 1 and error.startswith("tinyclip train: ")
+    if "a name, not a folder" in failure:
+        assert "no such model folder (nothing is downloaded" in error
     assert sorted(os.listdir(tmp_path)) == before                  # no runs/<timestamp>/ either
 
 

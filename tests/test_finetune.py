@@ -107,3 +107,23 @@ def test_fine_tune_a_hugging_face_siglip_folder_from_the_command_line(spiece_fil
                  "--labels", "red", "blue", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["scores"] == "sigmoid" and os.path.join(str(tmp_path), "0.png") in result["images"]
+
+
+def test_an_init_model_that_cannot_start_is_refused_before_the_run_folder_naming_it(trained, tmp_path, capsys):
+    import shutil
+    untokenized = tmp_path / "untokenized"
+    untokenized.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained / name, untokenized / name)
+    tiny = ["--eval-per-class", "1", "--eval-pairs", "8", "--no-plots", "--steps", "2", "--batch-size", "8"]
+    for init, extra, said in ((untokenized, [], f"--init {untokenized}: {untokenized} holds no tokenizer"),
+                              (trained, ["--image-size", "40"], None),        # the tiny ViT's patch is 8: fine
+                              (trained, ["--image-size", "36"], "image_size 36 is not a multiple of patch_size 8")):
+        out = tmp_path / "run"
+        status = main(["train", "--init", str(init), *extra, *tiny, "--out", str(out)])
+        error = capsys.readouterr().err
+        if said is None:
+            assert status == 0, error                 # it was refused against the default preset's patch of 16
+            shutil.rmtree(out)
+        else:
+            assert status == 2 and said in error and "Traceback" not in error and not out.exists()

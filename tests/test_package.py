@@ -203,6 +203,13 @@ def _plain_environment():
             if not name.startswith(("PMI_", "MPI_LOCAL", "OMPI_", "PMIX_"))}
 
 
+def test_the_modules_the_docs_call_through_the_package_are_there():
+    # in a fresh process: within the test run another test may already have imported them
+    code = "import tinyclip as tc; tc.hub.load_model; tc.checkpoint.from_pretrained; tc.evaluate; tc.data.CSVCaptions"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
 def test_importing_tinyclip_changes_neither_malloc_nor_the_exception_hooks():
     (report,) = run_probe()
     assert report["mallopt_at_import"] == [] and report["malloc_tuned_flag"] is False

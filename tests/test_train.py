@@ -278,3 +278,4 @@ def test_the_lit_banner_says_what_is_trained_from_what(tmp_path, capsys):
     model = checkpoint.load(tmp_path / "lit" / "model")
     text_parameters = sum(parameter.data.size for parameter in model.text.parameters())
     assert f"{text_parameters + 2:,} trained parameters" in banner        # the text tower, the scale and the bias
+    assert banner.endswith(f" trained parameters, writing to {tmp_path / 'lit'}")

@@ -8,9 +8,9 @@
 __version__ = "0.1.0"
 
 from . import (backend, autograd, functional, nn, optim, losses, models, tokenizer, checkpoint, data,
-               distributed, evaluate, plots)
+               distributed, evaluate, plots, hub)
 from .autograd import Tensor, Function, no_grad, enable_grad, is_grad_enabled, tensor
 
 __all__ = ["Tensor", "Function", "tensor", "no_grad", "enable_grad", "is_grad_enabled",
            "backend", "autograd", "functional", "nn", "optim", "losses", "models", "tokenizer", "checkpoint", "data",
-           "distributed", "evaluate", "plots", "__version__"]
+           "distributed", "evaluate", "plots", "hub", "__version__"]

@@ -222,17 +222,27 @@ def staged_file(path):
         os.replace(temporary, path)
         _reached("staged_file:replaced", path)
         _sync_folder(os.path.dirname(path))
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if isinstance(error, OSError) and error.filename == temporary:      # name the file asked for, not ours
+            raise type(error)(error.errno, error.strerror, path) from None
         raise
 
 
 @contextlib.contextmanager
 def staged_folder(path):
     """``with staged_folder(path) as staging:`` fill ``staging``; when the block ends without an error it
-    takes ``path``'s place whole, and on an error it is deleted and ``path`` is left as it was."""
+    takes ``path``'s place whole, and on an error it is deleted and ``path`` is left as it was.
+
+    Only an empty folder or one written before (it holds a config.json) is replaced: any other ``path`` (a
+    file, a folder of images) raises ValueError before anything is written, since replacing it would delete it.
+    """
     path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not (os.path.isdir(path) and (
+            not os.listdir(path) or os.path.isfile(os.path.join(path, CONFIG_FILE)))):
+        raise ValueError(f"{path} exists and is not a model folder (no {CONFIG_FILE} in it), so it is not replaced: "
+                         f"write to a new folder, or remove it first")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = _hidden_name(path, "partial")
     os.mkdir(staging)
@@ -461,6 +471,9 @@ def config_from_hf(hf_config):
             problems.append(f"projection_dim {top['projection_dim']!r:.60} must be a positive integer")
         if not _real(top["logit_scale_init_value"]) or not math.isfinite(top["logit_scale_init_value"]):
             problems.append(f"logit_scale_init_value {top['logit_scale_init_value']!r:.60} must be a finite number")
+        bias = hf_config.get("tinyclip_logit_bias", 0.0)      # written by tinyclip's export (hub.export_hf)
+        if not _real(bias) or not math.isfinite(bias):
+            problems.append(f"tinyclip_logit_bias {bias!r:.60} must be a finite number")
     else:
         if text["projection_size"] is not None and not _positive_int(text["projection_size"]):
             problems.append(f"text_config.projection_size {text['projection_size']!r:.60} must be a positive "
@@ -502,6 +515,8 @@ def config_from_hf(hf_config):
         pooling = "argmax" if eos_id == 2 else "eos"
         shapes.update(text_pooling=pooling, eos_id=eos_id if pooling == "eos" else vocab_size - 1,
                       embed_dim=top["projection_dim"], init_log_scale=float(top["logit_scale_init_value"]))
+        if "tinyclip_logit_bias" in hf_config:    # a CLIPModel trained with the SigLIP loss: its bias comes back
+            shapes.update(init_bias=float(hf_config["tinyclip_logit_bias"]))
     else:
         shapes.update(embed_dim=text["projection_size"] or text["hidden_size"],
                       eos_id=eos_id if in_vocabulary else vocab_size - 1)     # unused by SigLIP's "last" pooling
@@ -593,16 +608,21 @@ def from_hf_array(array, kind, shape):
     return array.reshape(shape)
 
 
-def hf_plan(hf_shapes, model):
+def hf_plan(hf_shapes, model, architecture=None):
     """Where each of ``model``'s parameters comes from: ``{name: (Hugging Face key, kind)}`` (kinds of ``hf_layout``).
 
-    ``hf_shapes`` maps each Hugging Face key to its shape (a tuple). Raises
-    one ValueError that names every missing, unexpected and mis-shaped key.
+    ``hf_shapes`` maps each Hugging Face key to its shape (a tuple); ``architecture`` is the file's
+    ``model_type`` (default: the model's family). Raises one ValueError that names every missing, unexpected
+    and mis-shaped key. A CLIPModel has no logit bias: a model with one (``tinyclip_logit_bias``) is not
+    planned a key for it.
     """
     config = model.config
+    architecture = architecture or config.family
     plan, used, missing, mismatched = {}, set(), [], []
     for name, parameter in model.named_parameters():
-        key = hf_name(name, config.family)
+        if name == "bias" and architecture == "clip":
+            continue
+        key = hf_name(name, architecture)
         kind, expected = hf_layout(name, parameter.shape, config)
         if key not in hf_shapes:
             missing.append(key)
@@ -648,6 +668,17 @@ def from_pretrained(path, dtype=None, backend=None, image_size=None):
     return model
 
 
+def resized_config(config, image_size):
+    """``config`` for images of side ``image_size`` (``at_image_size``'s checks, no weights needed)."""
+    if config.vision_type != "vit":
+        raise ValueError(f"image_size {image_size}: only a ViT image tower has position embeddings to resize; "
+                         f"this model's tower is {config.vision_type!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < config.patch_size:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {config.patch_size}, "
+                         f"got {image_size!r}")
+    return dataclasses.replace(config, image_size=image_size)
+
+
 def at_image_size(model, image_size):
     """The same CLIP for images of side ``image_size``: its position embeddings resized to the new patch grid.
 
@@ -659,13 +690,7 @@ def at_image_size(model, image_size):
     """
     from .models.vision import resize_position_embedding
     config = model.config
-    if config.vision_type != "vit":
-        raise ValueError(f"image_size {image_size}: only a ViT image tower has position embeddings to resize; "
-                         f"this model's tower is {config.vision_type!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < config.patch_size:
-        raise ValueError(f"image_size must be a positive multiple of the patch size {config.patch_size}, "
-                         f"got {image_size!r}")
-    resized = CLIP(dataclasses.replace(config, image_size=image_size), dtype=model.log_scale.data.dtype,
+    resized = CLIP(resized_config(config, image_size), dtype=model.log_scale.data.dtype,
                    backend=_backend.backend_of(model.log_scale.data))
     state = dict(model.state_dict())
     state["visual.position_embedding"] = resize_position_embedding(
@@ -688,13 +713,16 @@ def _from_folder(path, dtype, backend):
     with _open_weights(path) as tensors:
         model = CLIP(config, dtype=dtype, backend=backend, values=False)
         try:
-            plan = hf_plan({key: entry.shape for key, entry in tensors.items()}, model)
+            plan = hf_plan({key: entry.shape for key, entry in tensors.items()}, model, hf_config["model_type"])
             problems = _not_float(tensors, [key for key, _ in plan.values()])
             if problems:
                 raise ValueError("\n  ".join(["the Hugging Face weights do not fit the model"] + problems))
         except ValueError as error:
             raise ValueError(f"checkpoint {path} ({_files_of(tensors)}): {error}") from None
         _fill(model, plan, tensors)
+        if model.bias is not None and "bias" not in plan:          # config.json's tinyclip_logit_bias
+            model.bias.data = _backend.asarray(numpy.full((), config.init_bias), _backend.backend_of(
+                model.log_scale.data), model.log_scale.data.dtype)
     return model
 
 

@@ -21,15 +21,18 @@ interrupted by SIGINT/SIGTERM after saving a checkpoint: resume with
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import json
+import math
 import os
 import platform
 import sys
 import textwrap
 import tokenize
 import types
+import warnings
 
 import numpy
 
@@ -99,6 +102,13 @@ def _hugging_face_model_type(model_dir):
     return config.get("model_type")
 
 
+def _require_model_folder(path):
+    """CommandError for a --model that is not there (a preset name, say): said the same by every command."""
+    from .hub import NO_SUCH_FOLDER
+    if not os.path.exists(path):
+        raise CommandError(f"--model {path}: {NO_SUCH_FOLDER}")
+
+
 def _load_tokenizer(model_dir, bpe):
     """The tokenizer given by --bpe, or the one saved in the model's folder (tokenizer.find_tokenizer).
 
@@ -107,6 +117,7 @@ def _load_tokenizer(model_dir, bpe):
     cannot stand in for, having another vocabulary).
     """
     from .tokenizer import SPIECE_FILE, TOKENIZER_FILES, find_tokenizer, load_tokenizer
+    _require_model_folder(model_dir)         # else it would be reported as a folder without a tokenizer
     if bpe:
         if _hugging_face_model_type(model_dir) == "siglip" and not bpe.endswith(".model"):
             raise CommandError(f"--bpe {bpe}: {model_dir} is a Hugging Face SigLIP model, whose tokenizer is "
@@ -135,11 +146,45 @@ def _prompt_template(template):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _positive_int(text):
+    """An argparse type: an int >= 1 (a count of labels, images or pairs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_number(text):
+    """An argparse type: a finite float > 0 (the linear probe's C)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return value
+
+
+def _open_fraction(text):
+    """An argparse type: a float strictly between 0 and 1 (a share held out, leaving some on both sides)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (both excluded)")
+    return value
+
+
 IMAGE_BATCH = 64   # images read, preprocessed and encoded at a time: memory holds one batch, whatever the count
 
 
 def _load_model(path, image_size=None):
     from . import hub
+    _require_model_folder(path)
     model = hub.load_model(path, image_size=image_size)
     model.eval()
     return model
@@ -187,6 +232,9 @@ def _logits(model, image_emb, text_emb):
 def run_zeroshot(args):
     """Score every image against every label (its prompts ensembled) and print the best labels, batch by batch."""
     from . import evaluate
+    repeated = sorted({label for label in args.labels if args.labels.count(label) > 1})
+    if repeated:                                 # one class each: a repeat would be scored twice (once in --json)
+        raise CommandError(f"--labels: {', '.join(map(repr, repeated))} given more than once")
     tokenizer = _load_tokenizer(args.model, args.bpe)     # first: a missing tokenizer fails before any work
     model = _load_model(args.model, args.image_size)
     templates = args.template or evaluate.DEFAULT_TEMPLATES
@@ -248,6 +296,7 @@ def run_embed(args):
 def run_export(args):
     """Write a model and its tokenizer in another library's layout (``--format hf``: transformers)."""
     from . import hub
+    _require_model_folder(args.model)
     model = hub.load_model(args.model)
     tokenizer = _load_tokenizer(args.model, args.bpe)
     for note in hub.export_hf(model, tokenizer, args.out):
@@ -320,6 +369,7 @@ def run_eval(args):
     import json
     from . import evaluate
     from .hub import load_model
+    _require_model_folder(args.model)
     model = load_model(args.model)
     tokenizer = _load_tokenizer(args.model, args.bpe)
     if args.data is None and args.classes is None:
@@ -511,7 +561,7 @@ def build_parser():
     zeroshot.add_argument("--template", action="append", type=_prompt_template, metavar="TEMPLATE",
                           help="prompt with one {} for the label; repeat it to ensemble several prompts per label "
                                f"(default: {' '.join(map(repr, DEFAULT_TEMPLATES))})")
-    zeroshot.add_argument("--top", type=int, default=5, help="labels to show per image")
+    zeroshot.add_argument("--top", type=_positive_int, default=5, help="labels to show per image")
     zeroshot.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
     _add_output_arguments(zeroshot, "print every label's full-precision score per image as JSON")
     zeroshot.set_defaults(run=run_zeroshot)
@@ -557,8 +607,8 @@ def build_parser():
                     "a linear probe (--linear-probe); without --data or --classes, the shapes sets as JSON.")
     evaluation.add_argument("--model", required=True, help="a tinyclip model folder (e.g. RUN/model)")
     evaluation.add_argument("--bpe", help="tokenizer file (default: looked up in the model folder)")
-    evaluation.add_argument("--eval-per-class", type=int, default=10, help="shapes: zero-shot images per class")
-    evaluation.add_argument("--eval-pairs", type=int, default=500, help="shapes: retrieval pairs and probe images")
+    evaluation.add_argument("--eval-per-class", type=_positive_int, default=10, help="shapes: zero-shot images per class")
+    evaluation.add_argument("--eval-pairs", type=_positive_int, default=500, help="shapes: retrieval pairs and probe images")
     evaluation.add_argument("--data", help="image-caption pairs: a CSV/TSV file, a folder of images with .txt "
                                            "captions, or tar shards; rows with the same image path are one image")
     evaluation.add_argument("--image-column", default="filepath", help="CSV/TSV column with image paths")
@@ -576,10 +626,11 @@ def build_parser():
     evaluation.add_argument("--linear-probe", action="store_true",
                             help="also fit a logistic regression on the image embeddings of a train split of "
                                  "--classes and report its test accuracy (scikit-learn when installed)")
-    evaluation.add_argument("--probe-test-fraction", type=float, default=0.5,
+    evaluation.add_argument("--probe-test-fraction", type=_open_fraction, default=0.5,
                             help="the share of each class held out to test the linear probe")
-    evaluation.add_argument("--probe-c", type=float, default=1.0, help="the linear probe's inverse L2 strength C")
-    evaluation.add_argument("--batch-size", type=int, default=64, help="images and texts encoded at a time")
+    evaluation.add_argument("--probe-c", type=_positive_number, default=1.0, help="the linear probe's inverse L2 strength C")
+    evaluation.add_argument("--batch-size", type=_positive_int, default=64,
+                            help="images and texts encoded at a time")
     evaluation.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     evaluation.set_defaults(run=run_eval)
     return parser
@@ -597,7 +648,14 @@ def main(argv=None):
         return 2
     backend.tune_malloc()   # process-wide, so the command asks for it (importing tinyclip never does)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, args.command)
+            return args.run(args)
     except (CommandError, ValueError, OSError) as error:   # bad files or inputs: their messages name them
         print(f"tinyclip {args.command}: {error}", file=sys.stderr)
         return 2
+
+
+def _show_warning(command, message, category, filename, lineno, file=None, line=None):
+    """A warning (a skipped image, say) as one line naming the command, without Python's source line."""
+    print(f"tinyclip {command}: warning: {message}", file=sys.stderr if file is None else file)

@@ -37,6 +37,7 @@ model over evaluation sets under ``no_grad`` in batches.
 import contextlib
 import dataclasses
 import string
+import warnings
 
 import numpy
 
@@ -381,8 +382,23 @@ def encode_classes(model, tokenizer, class_names, templates=DEFAULT_TEMPLATES, b
         raise ValueError("class_names is empty: a classifier needs at least one class")
     templates = _checked_templates(templates)
     prompts = [template.format(name) for name in class_names for template in templates]
+    _warn_of_classes_cut_alike(tokenizer, prompts, class_names, len(templates), model.config.context_length)
     prompt_emb = encode_texts(model, tokenizer, prompts, batch_size)           # (classes · templates, D)
     return zeroshot_classifier(prompt_emb.reshape(len(class_names), len(templates), -1))
+
+
+def _warn_of_classes_cut_alike(tokenizer, prompts, class_names, templates, context_length):
+    """Warn when classes' prompts are the same tokens once cut to the context: their scores are then the same,
+    whatever the image (a tiny model's 8 tokens hold "a photo of a" and nothing of the class name)."""
+    tokens = tokenizer(prompts, context_length=context_length).reshape(len(class_names), -1)  # (classes, templates·T)
+    _, first, inverse = numpy.unique(tokens, axis=0, return_index=True, return_inverse=True)
+    alike = [(class_names[first[group]], name) for name, group in zip(class_names, inverse.reshape(-1))
+             if class_names[first[group]] != name]
+    if alike:
+        pairs = ", ".join(f"{a!r} = {b!r}" for a, b in alike[:3]) + (" ..." if len(alike) > 3 else "")
+        warnings.warn(f"{len(alike)} class name{'s' if len(alike) > 1 else ''} give the same prompt tokens as "
+                      f"another ({pairs}) once cut to the model's {context_length}-token context, so they get the "
+                      f"same scores (a shorter template, e.g. '{{}}', or a longer context_length keeps them apart)", stacklevel=3)
 
 
 # ---- evaluation sets and the whole evaluation -------------------------------------------------------------

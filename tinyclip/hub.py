@@ -31,6 +31,10 @@ from .models import CLIP, CLIPConfig
 from .models.config import CLIP_INIT_LOG_SCALE
 from .tokenizer import SPIECE_FILE, SiglipTokenizer, Tokenizer
 
+# what to say of a model folder that is not there (a published model's name, say)
+NO_SUCH_FOLDER = ("no such model folder (nothing is downloaded: give the folder of a model you have, e.g. one "
+                  "fetched with huggingface-cli download)")
+
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 # the means and standard deviations open_clip's preprocess_cfg gives for each of tinyclip's normalisations
@@ -501,15 +505,21 @@ def model_family(path):
     Reads no weights, so that a training configuration can settle its loss
     before anything is loaded. Raises ValueError naming the file at fault.
     """
+    return model_config(path).family
+
+
+def model_config(path):
+    """The CLIPConfig of the model folder ``path`` (tinyclip, Hugging Face or open_clip), from its config alone;
+    reads no weights. Raises ValueError naming the file at fault."""
     path = os.fspath(path)
     open_clip_config = os.path.join(path, OPEN_CLIP_CONFIG)
     config_path = open_clip_config if os.path.isfile(open_clip_config) else os.path.join(path, "config.json")
     document = _read_json(config_path)
     try:
         if config_path == open_clip_config:
-            return config_from_open_clip(document).family
+            return config_from_open_clip(document)
         if "tinyclip_format" in document:
-            return CLIPConfig.from_dict(document.get("config") or {}).family
-        return checkpoint.config_from_hf(document).family
+            return CLIPConfig.from_dict(document.get("config") or {})
+        return checkpoint.config_from_hf(document)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_path}: {error}") from None

@@ -224,8 +224,16 @@ def run_folder_of(step_folder):
 
 
 def holds_a_run(folder):
-    return any(os.path.exists(os.path.join(folder, name))
-               for name in (CONFIG_FILE, checkpoint.TRAINING_CHECKPOINT_DIR, SUMMARY_FILE))
+    """Whether ``folder`` holds a run to keep: a finished one, or one with a checkpoint to resume. A run that
+    ended before its first checkpoint (train_config.json and metrics only) has nothing to resume: a new run
+    may start there, instead of being sent to a --resume that would find nothing."""
+    if os.path.exists(os.path.join(folder, SUMMARY_FILE)):
+        return True
+    try:
+        checkpoint.latest_training_checkpoint(folder)
+    except ValueError:
+        return False
+    return True
 
 
 def busy(folder, holder):

@@ -56,7 +56,7 @@ from . import backend, checkpoint, distributed, evaluate, hub, nn, optim, runs
 from .data import captions as caption_sets
 from .data import shapes
 from .data import shards
-from .data.loader import Loader
+from .data.loader import BatchOrder, Loader
 from .data.transforms import model_input, random_resized_crop
 from .models import CLIP, PRESETS, preset
 from .models.config import CLIP_INIT_LOG_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE, VISION_FIELDS
@@ -99,15 +99,15 @@ class TrainConfig:
     lock_text: bool = False          # keep the text tower fixed, its projection included (with init)
     seed: int = 0                    # model initialisation and data order
     # --- data ------------------------------------------------------------------------------------
-    data: str | None = None          # a CSV/TSV of images and captions, or a folder of images + .txt (None: shapes)
+    data: str | None = None          # a CSV/TSV of images and captions, a folder of images + .txt, or tar shards ('shards/s-{0..9}.tar') (None: shapes)
     image_column: str = "filepath"   # CSV/TSV column with image paths
     caption_column: str = "title"    # CSV/TSV column with captions
     strict: bool = False             # a missing or unreadable image is an error instead of a warning
     examples: int | None = None      # use only the first N examples (None: all; shapes are unlimited)
     tokenizer_captions: int = 4000   # captions the BPE tokenizer is trained on
     # --- validation and loading ------------------------------------------------------------------
-    val_data: str | None = None      # held-out pairs (CSV/TSV or folder) evaluated every eval_every steps
-    val_fraction: float = 0.0        # hold out this fraction of --data's images (always the same ones) to runs.validate on
+    val_data: str | None = None      # held-out pairs (CSV/TSV, folder or shards) evaluated every eval_every steps
+    val_fraction: float = 0.0        # hold out this fraction of --data's images (always the same ones) to validate on
     workers: int = 1                 # loader processes decoding images (1: the loader's own thread)
     # --- optimisation ----------------------------------------------------------------------------
     steps: int = 700                 # optimiser steps in the whole run (~6 min on 2 CPU cores at the defaults)
@@ -133,6 +133,9 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
+        for name in PATH_FIELDS:            # saved absolute, so that --resume from another directory finds them
+            if isinstance(getattr(self, name), str) and getattr(self, name):
+                setattr(self, name, "::".join(os.path.abspath(part) for part in getattr(self, name).split("::")))
         if self.loss is None:
             self.loss = default_loss(self.init)
         for name, allowed in CHOICES.items():
@@ -174,6 +177,8 @@ class TrainConfig:
 
     def _model_problems(self):
         """What makes the preset with its overrides untrainable here, said before anything starts."""
+        if self.init:
+            return []                 # the init model's own settings, checked by check_init before the run starts
         try:
             model = preset(self.preset, **self.model_overrides)
         except (TypeError, ValueError) as error:
@@ -194,6 +199,9 @@ class TrainConfig:
         as JSON gives them back (tuples as lists), so that a saved configuration compares equal to its source."""
         return json.loads(json.dumps({key: value for key, value in dataclasses.asdict(self).items()
                                       if key not in CHANGEABLE_ON_RESUME}))
+
+
+PATH_FIELDS = ("data", "val_data", "image_tower", "init")      # files and folders (a shard pattern may join several)
 
 
 def _is_int(value):
@@ -253,6 +261,8 @@ def default_loss(init):
     """The loss a run takes when none is given: the family of the ``init`` model, else SigLIP's."""
     if init is None:
         return "siglip"
+    if not os.path.exists(init):
+        raise ValueError(f"--init {init}: {hub.NO_SUCH_FOLDER}")
     try:
         return hub.model_family(init)
     except (OSError, ValueError) as error:
@@ -274,6 +284,18 @@ def init_problems(config):
     if config.lock_image and config.lock_text:
         problems.append("lock_image and lock_text together leave only the scale and bias to train")
     return problems
+
+
+def check_init(config):
+    """ValueError naming --init when its model cannot start the run: its config, the --image-size it would be
+    resized to, its tokenizer (no weights are read)."""
+    try:
+        init = hub.model_config(config.init)
+        if config.model_overrides.get("image_size", init.image_size) != init.image_size:
+            checkpoint.resized_config(init, config.model_overrides["image_size"])
+        saved_tokenizer(config.init)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--init {config.init}: {error}") from None
 
 
 def load_init_model(config):
@@ -350,7 +372,7 @@ def caption_set(config):
 
 
 def validation_set(config):
-    """The held-out pairs to runs.validate on (--val-data, or --val-fraction of --data), or None."""
+    """The held-out pairs to validate on (--val-data, or --val-fraction of --data), or None."""
     if config.val_data:
         return read_pairs(config, config.val_data)
     if config.val_fraction:
@@ -379,6 +401,8 @@ def training_captions(config, count):
 
 def load_image_tower(config):
     """The model of ``config.image_tower`` (its image tower is what is used), or a clear error before training."""
+    if not os.path.exists(config.image_tower):
+        raise ValueError(f"--image-tower {config.image_tower}: {hub.NO_SUCH_FOLDER}")
     try:
         return checkpoint.from_pretrained(config.image_tower)
     except (OSError, ValueError) as error:
@@ -474,14 +498,18 @@ def train_step(model, optimizer, schedule, config, comm, images, tokens, stop_re
 
 
 def saved_config(step_folder, state):
-    """The TrainConfig a checkpoint was made with (its state.json's train_config), or an error naming the file."""
+    """The TrainConfig a checkpoint was made with (its state.json's train_config), or an error naming the file.
+
+    Its ``out`` is the run folder that holds the checkpoint now: the one saved may be relative to another
+    working directory, or the folder the run was moved away from, and must not be written to.
+    """
     where = os.path.join(step_folder, checkpoint.TRAINING_STATE_FILE)
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(state["train_config"]) - known)
     if unknown:
         raise ValueError(f"{where}: field 'train_config' has fields this tinyclip does not know: {unknown}")
     try:
-        return TrainConfig(**state["train_config"])
+        return TrainConfig(**{**state["train_config"], "out": runs.run_folder_of(step_folder)})
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: field 'train_config': {error}") from None
 
@@ -520,9 +548,10 @@ class Start:
     tokenizer: object = None            # the resumed run's tokenizer (a new run trains its own)
 
 
-def prepare_start(config, resume):
+def prepare_start(config, resume, comm=None):
     """Check everything a run needs before anything is written: the checkpoint and configuration to resume,
-    the data, the image tower, and that a new run does not go into another run's folder."""
+    the data (and that it holds a batch for every rank of ``comm``), the image tower, and that a new run does
+    not go into another run's folder."""
     step_folder = state = None
     folder = resume if resume is not None else config.out
     holder = runs.RunLock.holder(folder) if folder is not None else None
@@ -537,17 +566,31 @@ def prepare_start(config, resume):
         if state["step"] > config.steps:
             raise ValueError(f"{os.path.join(step_folder, checkpoint.TRAINING_STATE_FILE)}: field 'step' is "
                              f"{state['step']}, beyond the run's {config.steps} steps")
+        home = runs.run_folder_of(step_folder)
         if config.out is None:
-            config = dataclasses.replace(config, out=runs.run_folder_of(step_folder))
-        if state["step"] == config.steps and os.path.isfile(os.path.join(config.out, runs.SUMMARY_FILE)):
-            return Start(config, step_folder, state, finished=True)
+            config = dataclasses.replace(config, out=home)
+        if state["step"] == config.steps and os.path.isfile(os.path.join(home, runs.SUMMARY_FILE)):
+            return Start(dataclasses.replace(config, out=home), step_folder, state, finished=True)
+        if os.path.abspath(config.out) != os.path.abspath(home) and runs.holds_a_run(config.out):
+            raise ValueError(f"--out {config.out} already holds another run: continue {home} in a new folder, "
+                             f"or without --out")
     elif config.out is None:
         config = dataclasses.replace(config, out=runs.default_out())
     elif runs.holds_a_run(config.out):
         raise ValueError(f"--out {config.out} already holds a run: continue it with --resume {config.out}, or "
                          f"choose another --out")
     if config.data is not None:
-        caption_set(config)                     # the file or folder exists, is readable, has the columns
+        pairs = caption_set(config)             # the file or folder exists, is readable, has the columns
+        rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+        try:                                    # a batch for every rank (BatchOrder: no threads, nothing read)
+            BatchOrder(pairs, config.batch_size, config.seed, rank, size, transform=random_resized_crop,
+                       examples=config.examples)
+        except ValueError as error:
+            raise ValueError(f"--data {config.data}: {error} (--batch-size {config.batch_size})") from None
+    if config.val_data is not None:
+        validation_set(config)                  # and so does --val-data
+    if config.init and state is None:
+        check_init(config)
     tower = load_image_tower(config) if config.image_tower else None
     tokenizer = saved_tokenizer(os.path.join(step_folder, "model")) if step_folder else None
     return Start(config, step_folder, state, tower, tokenizer=tokenizer)
@@ -659,8 +702,9 @@ class Run:
         images, captions = next(self.loader)
         self.data_wait = time.perf_counter() - waiting_since
         skipped = self.loader.last_skipped
-        if len(self.named_skips) < NAMED_SKIPS:
-            self.named_skips += [self.dataset.path(index) for index in skipped][:NAMED_SKIPS - len(self.named_skips)]
+        for path in (self.dataset.path(index) for index in skipped):   # an image is skipped again every epoch
+            if len(self.named_skips) < NAMED_SKIPS and path not in self.named_skips:
+                self.named_skips.append(path)
         images = model_input(images, self.model.config.image_normalization, self.device, self.config.dtype)
         tokens = self.tokenizer(captions, context_length=self.model.config.context_length)   # (b, T)
         return images, backend.asarray(tokens, self.device), len(skipped)
@@ -742,13 +786,18 @@ class Run:
                                       for key, value in results.items()))
         return results
 
+    def final_loss(self):
+        """The last step's loss: this process's, or for a run resumed after its last step, metrics.jsonl's."""
+        logged = [record["loss"] for record in self.metrics.records if "loss" in record]
+        return self.losses[-1] if self.losses else logged[-1] if logged else None
+
     def finish(self):
         """The last evaluation, the final model, the pictures and, last, summary.json; returns the summary."""
         results = self.evaluate()
         # the shapes metrics for a run on the shapes; on your data, what validation measured (no empty keys)
         summary = {key: results.get(key) for key in SUMMARY_KEYS[:5] if self.eval_sets is not None or key in results}
         summary.update({key: value for key, value in results.items() if key.startswith("val_")})
-        summary.update(final_loss=self.losses[-1] if self.losses else None, steps=self.step,
+        summary.update(final_loss=self.final_loss(), steps=self.step,
                        examples_seen=self.examples_seen(), seconds=round(self.seconds(), 1),
                        skipped_examples=self.skipped)
         if self.skipped:
@@ -791,7 +840,7 @@ def banner(run, comm):
     trained = sum(parameter.data.size for _, parameter in trainable(run.model))
     return (f"training {towers} with the {config.loss} loss on {data}, from step {run.step} to {config.steps}: "
             f"batch {config.batch_size} on {comm.size} process{'es' if comm.size > 1 else ''}, "
-            f"{trained:,} trained parameters, runs.writing to {config.out}")
+            f"{trained:,} trained parameters, writing to {config.out}")
 
 
 def train(config=None, resume=None, comm=None):
@@ -811,7 +860,7 @@ def train(config=None, resume=None, comm=None):
     backend.tune_malloc()                       # process-wide settings: asked for here, never at import
     distributed.install_abort_on_error(comm)    # an uncaught error on one rank ends the job instead of a hang
     with runs.stop_on_signals() as stop:
-        start = agreed(comm, lambda: prepare_start(config, resume))
+        start = agreed(comm, lambda: prepare_start(config, resume, comm))
         config = start.config
         if start.finished:
             message = (f"{config.out} has finished (step {config.steps} of {config.steps}; {runs.SUMMARY_FILE} is "

@@ -137,6 +137,8 @@ class CSVCaptions(CaptionSet):
 
     def __init__(self, path, image_column="filepath", caption_column="title", separator=None, strict=False):
         path = os.path.abspath(os.fspath(path))
+        if not os.path.exists(path):     # said before the suffix is looked at: a missing folder has none
+            raise ValueError(f"{path}: no such file or folder")
         if separator is None:
             suffix = os.path.splitext(path)[1].lower()
             if suffix not in SEPARATORS:

@@ -55,12 +55,18 @@ class ImageClasses:
     def _class_names(self, folder):
         path = os.path.join(folder, CLASSNAMES_FILE)
         if not os.path.isfile(path):
-            return [name.replace("_", " ") for name in self.folders]
-        with open(path, encoding="utf-8") as file:
-            names = [line.strip() for line in file if line.strip()]
-        if len(names) != len(self.folders):
-            raise ValueError(f"{path}: {len(names)} class names for {len(self.folders)} class folders; give one "
-                             f"line per folder, in sorted folder order")
+            names, where = [name.replace("_", " ") for name in self.folders], folder
+        else:
+            with open(path, encoding="utf-8") as file:
+                names, where = [line.strip() for line in file if line.strip()], path
+            if len(names) != len(self.folders):
+                raise ValueError(f"{path}: {len(names)} class names for {len(self.folders)} class folders; give "
+                                 f"one line per folder, in sorted folder order")
+        # two classes of one name would share a prompt and a row of the report (per_class is keyed by name)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{where}: the class name{'s' if len(repeated) > 1 else ''} "
+                             f"{', '.join(map(repr, repeated))} name{'' if len(repeated) > 1 else 's'} two classes")
         return names
 
     def __len__(self):
