@@ -11,9 +11,10 @@ scores a saved model on your captions or classes, or on the held-out shapes sets
 code instead of exiting, so that tests and other Python code can call it.
 
 Exit codes (docs/faults.md): 0 finished (or nothing left to do); 1 failed
-while training (the loss diverged; under MPI, any rank's error ends the
-whole job with it); 2 could not start or a file could not be read or
-written (the message names it), or a usage error; 75 (EX_TEMPFAIL)
+while training (the loss diverged, or an unexpected error, printed with its
+traceback; under MPI it ends the whole job); 2 could not start or a file
+could not be read or written (the message names it; under MPI, on any
+rank, which ends the whole job), or a usage error; 75 (EX_TEMPFAIL)
 interrupted by SIGINT/SIGTERM after saving a checkpoint: resume with
 ``tinyclip train --resume RUN``; 130 stopped at once by a second signal.
 """
@@ -594,8 +595,9 @@ def build_parser():
                                             "Writes metrics.jsonl, checkpoints, the model, summary.json and "
                                             "pictures into the run folder. SIGINT or SIGTERM: finish the step, "
                                             "save, exit 75; resume with --resume RUN. Exit codes: 0 finished, "
-                                            "1 diverged or a rank failed, 2 bad input or a file that could not "
-                                            "be read or written, 75 interrupted and saved, 130 stopped at once "
+                                            "1 diverged (or an unexpected error, with its traceback), 2 bad input "
+                                            "or a file that could not be read or written, on any rank under "
+                                            "mpiexec, 75 interrupted and saved, 130 stopped at once "
                                             "by a second signal (docs/faults.md).")
     _add_train_arguments(train)
     train.set_defaults(run=run_train)
