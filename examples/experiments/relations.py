@@ -27,6 +27,7 @@ import time
 
 import common                  # first: it sets the BLAS threads before NumPy loads
 import numpy
+from tinyclip import evaluate
 from tinyclip import functional as F
 
 BATCH = 64
@@ -50,12 +51,16 @@ def loss_with_hard_negatives(toy, indices, images, captions):
     logits (B, B + E): row i scores image i against the B captions and the E
     hard negatives; positives are the diagonal of the first B columns.
     """
-    extra = [text for index, caption in zip(indices, captions)
-             for text in hard_negatives(toy.data.scene(index), caption)]
+    owners, extra = [], []                        # the image each hard negative belongs to, and its text
+    for row, (index, caption) in enumerate(zip(indices, captions)):
+        for text in hard_negatives(toy.data.scene(index), caption):
+            owners.append(row)
+            extra.append(text)
     model, batch = toy.model, len(captions)
     image_emb = model.encode_image(toy.pixels(images))                              # (B, D)
     text_emb = model.encode_text(toy.tokens(captions + extra))                      # (B + E, D)
     logits = F.exp(model.log_scale) * (image_emb @ text_emb.T)                      # (B, B + E)
+    note_training_accuracy(toy, logits.data, owners)
     positive = numpy.zeros(logits.shape, dtype=image_emb.data.dtype)
     positive[numpy.arange(batch), numpy.arange(batch)] = 1.0
     if toy.cfg.loss == "siglip":             # every pair a binary question: z = +1 on positives, -1 elsewhere
@@ -65,6 +70,25 @@ def loss_with_hard_negatives(toy, indices, images, captions):
     image_to_text = F.sum(F.log_softmax(logits, axis=1) * positive)
     text_to_image = F.sum(F.log_softmax(logits[:, :batch], axis=0) * positive[:, :batch])
     return -(image_to_text + text_to_image) * (1.0 / (2 * batch))
+
+
+def note_training_accuracy(toy, logits, owners):
+    """Count, on this training batch, the hard negatives scored below their image's true caption."""
+    batch = logits.shape[0]
+    owners = numpy.asarray(owners, dtype=int)
+    beaten = logits[owners, batch + numpy.arange(len(owners))] < logits[owners, owners]
+    toy.hard_seen = getattr(toy, "hard_seen", 0) + len(owners)
+    toy.hard_beaten = getattr(toy, "hard_beaten", 0) + int(beaten.sum())
+
+
+def caption_similarity(toy, quick):
+    """Mean cosine between the text embeddings of the probe's true and swapped captions (1: bag of words)."""
+    probe = common.eval_sets(quick)["relation"]
+    toy.model.eval()
+    true = evaluate.encode_texts(toy.model, toy.tokenizer, probe.true_captions)
+    swapped = evaluate.encode_texts(toy.model, toy.tokenizer, probe.swapped_captions)
+    toy.model.train()
+    return float((true * swapped).sum(axis=1).mean())
 
 
 def main(argv=None):
@@ -82,7 +106,11 @@ def main(argv=None):
             curve = []
 
             def probe(toy):
-                curve.append({"step": toy.steps_done, **toy.evaluate(args.quick)})
+                curve.append({"step": toy.steps_done, **toy.evaluate(args.quick),
+                              "true_vs_swapped_caption_cosine": round(caption_similarity(toy, args.quick), 4)})
+                if loss_fn is not None:          # since the last point: hard negatives below the true caption
+                    curve[-1]["training_hard_negatives_beaten"] = round(toy.hard_beaten / max(toy.hard_seen, 1), 4)
+                    toy.hard_seen = toy.hard_beaten = 0
                 print(name, curve[-1], flush=True)
 
             losses = toy.run(every=max(1, steps // 5), callback=probe)
