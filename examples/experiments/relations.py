@@ -19,6 +19,7 @@ text -> image side (CLIP) and the positives are unchanged. Both models are
 trained for the same steps on the same pairs.
 
     python examples/experiments/relations.py            # ~8 min on 2 cores
+    python examples/experiments/relations.py --loss clip --steps 1500    # -> relations_clip_1500.json
     python examples/experiments/relations.py --quick    # seconds: checks that it runs
 """
 
@@ -131,7 +132,9 @@ def main(argv=None):
     axis.set_xlabel(f"step (batch {batch}, {args.loss} loss)")
     axis.set_ylabel("held-out probe accuracy")
     axis.legend(fontsize=7)
-    common.write(args.out, "relations", {"settings": {"batch_size": batch, "steps": steps, "loss": args.loss,
+    # the default run is relations.json; another loss or length is written beside it, not over it
+    name = "relations" if (args.loss, args.steps) == (LOSS, STEPS) else f"relations_{args.loss}_{args.steps}"
+    common.write(args.out, name, {"settings": {"batch_size": batch, "steps": steps, "loss": args.loss,
                                                       "seeds": args.seeds, "model": common.SMALL},
                                          "runs": runs}, started, figure)
     return 0
