@@ -30,6 +30,7 @@ import common                  # first: it sets the BLAS threads before NumPy lo
 import numpy
 from tinyclip import evaluate
 from tinyclip import functional as F
+from tinyclip.data import shapes
 
 BATCH = 64
 STEPS = 500
@@ -92,6 +93,28 @@ def caption_similarity(toy, quick):
     return float((true * swapped).sum(axis=1).mean())
 
 
+def left_right_from_image(toy, quick):
+    """Can the image embeddings alone tell which object is on the left? Held-out accuracy of a linear classifier.
+
+    Each probe image shows two different (colour, shape) classes side by side;
+    the label is whether the one on the left comes first in a fixed order of
+    the classes. Both arrangements of a pair are equally likely, so an
+    embedding that only records which objects are present scores 0.5.
+    """
+    probe = shapes.relation_probe(120 if quick else 600, seed=1, image_size=toy.model.config.image_size)
+    labels = []
+    for scene in probe.scenes:
+        first, second = scene.objects
+        left, right = (first, second) if scene.relation == "to the left of" else (second, first)
+        labels.append(int((left.colour, left.shape) < (right.colour, right.shape)))
+    toy.model.eval()
+    features = evaluate.encode_images(toy.model, probe.images)
+    toy.model.train()
+    half = len(labels) // 2
+    accuracy, _ = evaluate.linear_probe(features[:half], labels[:half], features[half:], labels[half:], classes=2)
+    return accuracy
+
+
 def main(argv=None):
     parser = common.arguments(__doc__)
     parser.add_argument("--loss", choices=("siglip", "clip"), default=LOSS)
@@ -108,12 +131,14 @@ def main(argv=None):
 
             def probe(toy):
                 curve.append({"step": toy.steps_done, **toy.evaluate(args.quick),
-                              "true_vs_swapped_caption_cosine": round(caption_similarity(toy, args.quick), 4)})
+                              "true_vs_swapped_caption_cosine": round(caption_similarity(toy, args.quick), 4),
+                              "left_right_from_image": round(left_right_from_image(toy, args.quick), 4)})
                 if loss_fn is not None:          # since the last point: hard negatives below the true caption
                     curve[-1]["training_hard_negatives_beaten"] = round(toy.hard_beaten / max(toy.hard_seen, 1), 4)
                     toy.hard_seen = toy.hard_beaten = 0
                 print(name, curve[-1], flush=True)
 
+            probe(toy)                           # step 0: what the untrained towers already tell apart
             losses = toy.run(every=max(1, steps // 5), callback=probe)
             runs.append({"training": name, "seed": seed, "final_loss": round(losses[-1], 4), "curve": curve,
                          **curve[-1]})
