@@ -133,7 +133,7 @@ def main(argv=None):
                 curve.append({"step": toy.steps_done, **toy.evaluate(args.quick),
                               "true_vs_swapped_caption_cosine": round(caption_similarity(toy, args.quick), 4),
                               "left_right_from_image": round(left_right_from_image(toy, args.quick), 4)})
-                if loss_fn is not None:          # since the last point: hard negatives below the true caption
+                if loss_fn is not None and toy.steps_done:     # since the last point: hard negatives beaten
                     curve[-1]["training_hard_negatives_beaten"] = round(toy.hard_beaten / max(toy.hard_seen, 1), 4)
                     toy.hard_seen = toy.hard_beaten = 0
                 print(name, curve[-1], flush=True)
