@@ -1,6 +1,6 @@
 """Batch size, sigmoid vs softmax: does SigLIP's loss beat CLIP's mainly at small batches?
 
-The claim (SigLIP, Zhai et al. 2023, §4.1 and Fig. 2): the sigmoid loss is
+The claim (SigLIP, Zhai et al. 2023, its study of the batch size): the sigmoid loss is
 clearly better than the softmax loss at small batch sizes and the gap closes
 as the batch grows. Here both losses train the same small model on the
 synthetic shapes with every batch size from 16 to 512 at a fixed number of

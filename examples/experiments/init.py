@@ -1,6 +1,6 @@
 """Temperature and bias initialisation of the sigmoid loss: why SigLIP starts at t' = log 10, b = -10.
 
-SigLIP (Zhai et al. 2023, §3.2) starts the scale at t = exp(t') = 10 and the
+SigLIP (Zhai et al. 2023, where it defines the loss) starts the scale at t = exp(t') = 10 and the
 bias at b = -10, "to ensure the training starts roughly close to the prior
 and does not require massive over-correction": of the B² pairs in a batch
 only B are positives, so at the start (cosines near 0, logits near b) the

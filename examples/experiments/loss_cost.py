@@ -10,7 +10,7 @@ Two measurements, both from the benchmarks in ``benchmarks/``:
   CLIP by the ring and by all-gather, and SigLIP's chunked ring — time,
   per-rank peak memory and bytes sent.
 
-The claim to check (SigLIP, Zhai et al. 2023, §3.3; DESIGN.md): the tiled
+The claim to check (SigLIP, Zhai et al. 2023, its efficient "chunked" implementation; DESIGN.md): the tiled
 losses need O(tile·B) memory, never B², so their memory grows linearly
 where the reference's grows quadratically, at a small cost in time; the
 ring never holds the global batch's embeddings, the gather does.

@@ -1,6 +1,6 @@
 """Which negatives to drop from the sigmoid loss: random, hard, easy — and hard with the pairs seen matched.
 
-The SigLIP paper (Zhai et al. 2023, §4.2, Fig. 5) masks negatives out of
+The SigLIP paper (Zhai et al. 2023, "negative ratio in sigmoid loss") masks negatives out of
 the loss, keeping a fraction of each row's: chosen at random, the hardest
 (highest logits), or the easiest; and, because keeping fewer pairs means
 learning from fewer pairs, hard negatives again with more steps so that

@@ -1,6 +1,6 @@
 """Noisy pairs: is the sigmoid loss more robust than the softmax loss when some pairs are wrong?
 
-The SigLIP paper (Zhai et al. 2023, §4.5, Fig. 7) corrupts a fraction p of
+The SigLIP paper (Zhai et al. 2023, "label noise robustness") corrupts a fraction p of
 the training pairs — the image replaced by noise, the text replaced by
 random tokens, or the pairing broken by giving the image another example's
 caption — and reports that the sigmoid loss degrades less than the
