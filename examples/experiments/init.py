@@ -48,7 +48,8 @@ def main(argv=None):
                 toy = common.Toy(cfg)
                 losses = toy.run()
                 runs.append({"log_scale": scale_name, "bias": bias_name, "seed": seed,
-                             "first_loss": round(losses[0], 4), "estimate_at_start": round(initial_loss(bias, batch), 4),
+                             "first_loss": round(losses[0], 4),
+                             "estimate_at_start": round(initial_loss(bias, batch), 4),
                              "early_loss": round(sum(losses[:early]) / early, 4), "final_loss": round(losses[-1], 4),
                              "final_bias": round(float(toy.model.bias.item()), 3),
                              "final_scale": round(math.exp(float(toy.model.log_scale.item())), 3),
