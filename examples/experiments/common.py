@@ -49,7 +49,9 @@ def arguments(doc, **defaults):
 
 def config(quick=False, **fields):
     """A TrainConfig for the small model: nothing written to disk, no evaluation while training."""
-    overrides = dict(SMALL, **fields.pop("model_overrides", {}))
+    small = SMALL if fields.get("preset", "shapes") == "shapes" else {  # a ViT tower has no conv_channels
+        key: value for key, value in SMALL.items() if key != "conv_channels"}
+    overrides = dict(small, **fields.pop("model_overrides", {}))
     base = dict(preset="shapes", model_overrides=overrides, plots=False, eval_every=0, checkpoint_every=0,
                 tokenizer_captions=400 if quick else 2000, eval_per_class=EVAL_PER_CLASS, eval_pairs=EVAL_PAIRS)
     base.update(fields)

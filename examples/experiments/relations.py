@@ -20,6 +20,7 @@ trained for the same steps on the same pairs.
 
     python examples/experiments/relations.py            # ~8 min on 2 cores
     python examples/experiments/relations.py --loss clip --steps 1500    # -> relations_clip_1500.json
+    python examples/experiments/relations.py --tower vit --steps 800     # -> relations_siglip_800_vit.json
     python examples/experiments/relations.py --quick    # seconds: checks that it runs
 """
 
@@ -35,6 +36,8 @@ from tinyclip.data import shapes
 BATCH = 64
 STEPS = 500
 LOSS = "siglip"
+# image towers: the shapes CNN ends in a global mean over positions; the ViT keeps a position embedding per patch
+TOWERS = {"cnn": {}, "vit": {"preset": "shapes-vit", "model_overrides": {"vision_layers": 2, "patch_size": 8}}}
 OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
             "below": "above"}
 
@@ -119,13 +122,16 @@ def main(argv=None):
     parser = common.arguments(__doc__)
     parser.add_argument("--loss", choices=("siglip", "clip"), default=LOSS)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--tower", choices=tuple(TOWERS), default="cnn",
+                        help="image tower: the small CNN (global mean) or a small ViT (position embeddings)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     batch, steps = (16, 3) if args.quick else (BATCH, args.steps)
     runs = []
     for name, loss_fn in (("standard", None), ("hard negatives", loss_with_hard_negatives)):
         for seed in range(args.seeds):
-            cfg = common.config(args.quick, loss=args.loss, batch_size=batch, steps=steps, seed=seed)
+            cfg = common.config(args.quick, loss=args.loss, batch_size=batch, steps=steps, seed=seed,
+                                **TOWERS[args.tower])
             toy = common.Toy(cfg, loss_fn=loss_fn)
             curve = []
 
@@ -158,10 +164,11 @@ def main(argv=None):
     axis.set_ylabel("held-out probe accuracy")
     axis.legend(fontsize=7)
     # the default run is relations.json; another loss or length is written beside it, not over it
-    name = "relations" if (args.loss, args.steps) == (LOSS, STEPS) else f"relations_{args.loss}_{args.steps}"
-    common.write(args.out, name, {"settings": {"batch_size": batch, "steps": steps, "loss": args.loss,
-                                                      "seeds": args.seeds, "model": common.SMALL},
-                                         "runs": runs}, started, figure)
+    name = ("relations" if (args.loss, args.steps, args.tower) == (LOSS, STEPS, "cnn")
+            else f"relations_{args.loss}_{args.steps}" + ("_vit" if args.tower == "vit" else ""))
+    settings = {"batch_size": batch, "steps": steps, "loss": args.loss, "tower": args.tower, "seeds": args.seeds,
+                "preset": cfg.preset, "model": cfg.model_overrides}
+    common.write(args.out, name, {"settings": settings, "runs": runs}, started, figure)
     return 0
 
 
