@@ -8,7 +8,7 @@ examples seen (so a batch of 16 takes 32 times the steps of one of 512),
 then are scored on held-out images: zero-shot top-1 over 60 colour x shape
 classes and image -> text retrieval R@1 among 200 captions.
 
-    python examples/experiments/batch_size.py            # ~8 min on 2 cores
+    python examples/experiments/batch_size.py            # ~9 min on a loaded 2-core CPU
     python examples/experiments/batch_size.py --quick    # seconds: checks that it runs
 """
 

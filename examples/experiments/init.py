@@ -10,7 +10,7 @@ t' ∈ {log 1, log 10} and b ∈ {0, -5, -10, -log B} and records the loss of
 the first steps (with that estimate beside it) and the held-out accuracy at
 the end.
 
-    python examples/experiments/init.py             # ~6 min on 2 cores
+    python examples/experiments/init.py             # ~8 min on a loaded 2-core CPU
     python examples/experiments/init.py --quick     # seconds: checks that it runs
 """
 

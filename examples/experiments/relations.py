@@ -18,7 +18,7 @@ image -> text side of the loss then has B + E candidates per image; the
 text -> image side (CLIP) and the positives are unchanged. Both models are
 trained for the same steps on the same pairs.
 
-    python examples/experiments/relations.py            # ~8 min on 2 cores
+    python examples/experiments/relations.py            # ~6 min on a loaded 2-core CPU
     python examples/experiments/relations.py --loss clip --steps 1500    # -> relations_clip_1500.json
     python examples/experiments/relations.py --tower vit --steps 800     # -> relations_siglip_800_vit.json
     python examples/experiments/relations.py --quick    # seconds: checks that it runs
