@@ -102,7 +102,7 @@ class TrainConfig:
     model_overrides: dict = dataclasses.field(default_factory=dict)   # CLIPConfig fields to replace
     loss: str | None = None          # sigmoid loss with a bias (SigLIP) or softmax loss (CLIP) (None: the --init model's family, else siglip)
     clip_method: str = "ring"        # how the CLIP loss runs over MPI ranks (same numbers either way)
-    keep_negatives: float = 1.0      # SigLIP loss, one process: keep this fraction of each row's negatives (SigLIP §4.2)
+    keep_negatives: float = 1.0      # SigLIP loss, one process: the fraction of each row's negatives kept (1: all)
     negatives: str = "random"        # which negatives keep_negatives keeps: random, hard (highest logits) or easy
     dtype: str = "float32"           # parameter dtype (float64 for exact checks)
     image_tower: str | None = None   # a model folder (tinyclip's or Hugging Face's) whose image tower to start from

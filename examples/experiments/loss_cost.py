@@ -15,7 +15,7 @@ losses need O(tile·B) memory, never B², so their memory grows linearly
 where the reference's grows quadratically, at a small cost in time; the
 ring never holds the global batch's embeddings, the gather does.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/experiments/loss_cost.py   # ~6 min on a loaded 2-core CPU
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/experiments/loss_cost.py   # ~6 min, loaded 2 cores
     python examples/experiments/loss_cost.py --quick    # seconds: checks that it runs
 """
 
