@@ -52,7 +52,7 @@ import time
 
 import numpy
 
-from . import backend, checkpoint, distributed, evaluate, hub, nn, optim, runs
+from . import backend, checkpoint, distributed, evaluate, hub, losses, nn, optim, runs
 from .data import captions as caption_sets
 from .data import shapes
 from .data import shards
@@ -71,7 +71,7 @@ NAMED_SKIPS = 5                    # skipped examples named in messages and metr
 
 # the choices of the configuration's string fields (the command line lists them)
 CHOICES = {"preset": tuple(PRESETS), "loss": ("siglip", "clip"), "clip_method": ("ring", "gather"),
-           "dtype": ("float32", "float64")}
+           "dtype": ("float32", "float64"), "negatives": losses.NEGATIVE_CHOICES}
 # dtypes asked for that training cannot use yet, and what to do instead
 REFUSED_DTYPES = {
     "float16": "float16 training needs loss scaling and float32 master weights, which tinyclip does not have "
@@ -92,6 +92,8 @@ class TrainConfig:
     model_overrides: dict = dataclasses.field(default_factory=dict)   # CLIPConfig fields to replace
     loss: str | None = None          # sigmoid loss with a bias (SigLIP) or softmax loss (CLIP) (None: the --init model's family, else siglip)
     clip_method: str = "ring"        # how the CLIP loss runs over MPI ranks (same numbers either way)
+    keep_negatives: float = 1.0      # SigLIP loss, one process: the fraction of each row's negatives kept (1: all)
+    negatives: str = "random"        # which negatives keep_negatives keeps: random, hard (highest logits) or easy
     dtype: str = "float32"           # parameter dtype (float64 for exact checks)
     image_tower: str | None = None   # a model folder (tinyclip's or Hugging Face's) whose image tower to start from
     lock_image: bool = False         # LiT (Zhai et al. 2022): keep that image tower fixed, train the text tower
@@ -166,6 +168,11 @@ class TrainConfig:
                             "model")
         problems += init_problems(self)
         problems += validation_problems(self)
+        if isinstance(self.keep_negatives, bool) or not isinstance(self.keep_negatives, (int, float)) \
+                or not 0 <= self.keep_negatives <= 1:
+            problems.append(f"keep_negatives must be in [0, 1], got {self.keep_negatives!r}")
+        elif self.keep_negatives < 1 and self.loss != "siglip":
+            problems.append("keep_negatives < 1 drops negatives of the SigLIP loss; the CLIP loss has none to drop")
         if self.grad_clip < 0 or self.max_scale <= 0:
             problems.append(f"need grad_clip >= 0 and max_scale > 0, got {self.grad_clip}, {self.max_scale}")
         if not isinstance(self.model_overrides, dict):
@@ -448,6 +455,9 @@ def batch_loss(model, config, images, tokens, comm):
     if comm.all_reduce(numpy.array([float(len(bad))]))[0]:
         raise NonFiniteLoss(f"the {' and '.join(bad)} hold inf or NaN" if bad
                             else "another rank's embeddings hold inf or NaN")
+    if config.loss == "siglip" and config.keep_negatives < 1:       # one process (train() refuses more)
+        return losses.siglip_loss(image_emb, text_emb, log_scale, bias, keep_negatives=config.keep_negatives,
+                                  negatives=config.negatives, mask_seed=config.seed)
     if config.loss == "siglip":
         return distributed.siglip_loss(image_emb, text_emb, log_scale, bias, comm)
     return distributed.clip_loss(image_emb, text_emb, log_scale, comm, method=config.clip_method)
@@ -862,6 +872,8 @@ def train(config=None, resume=None, comm=None):
     with runs.stop_on_signals() as stop:
         start = agreed(comm, lambda: prepare_start(config, resume, comm))
         config = start.config
+        if config.keep_negatives < 1 and comm.size > 1:      # every rank sees the same config: all raise alike
+            raise ValueError("keep_negatives < 1 runs on one process only (the ring loss keeps every negative)")
         if start.finished:
             message = (f"{config.out} has finished (step {config.steps} of {config.steps}; {runs.SUMMARY_FILE} is "
                        f"written): nothing to do, nothing changed")
