@@ -166,7 +166,8 @@ def write_open_clip_folder(folder, kind):
     return model
 
 
-@pytest.mark.parity
+# not a `parity` test: open_clip (with the torchvision it requires) is not in README's parity command, so
+# this comparison runs only where open_clip is installed and skips, saying so, elsewhere
 @pytest.mark.parametrize("kind", sorted(OPEN_CLIP_MODELS))
 def test_open_clip_checkpoint_gives_open_clips_embeddings(tmp_path, kind):
     import torch
