@@ -99,7 +99,7 @@ def cpu_seconds():
 
 def rate(dataset, workers, batch_size, batches):
     """(images per second over ``batches`` batches after one warm-up batch, CPU seconds per image loaded)."""
-    transform = functools.partial(random_resized_crop, image_size=IMAGE_SIZE, family="clip")
+    transform = functools.partial(random_resized_crop, image_size=IMAGE_SIZE, family=None)   # uint8, as training
     with Loader(dataset, batch_size, seed=0, transform=transform, workers=workers, prefetch=2) as loader:
         next(loader)
         # the pipeline is full now (the loader loads ahead) and stays full to the end, so the CPU time between

@@ -265,3 +265,15 @@ def test_upright_twice_is_upright_once(tmp_path):
     once = load_image(tmp_path / "photo.jpg")
     numpy.testing.assert_array_equal(numpy.asarray(transforms.upright(once)), numpy.asarray(once))
     assert transforms.upright(once).size == (40, 80)
+
+
+def test_a_crop_without_a_family_is_the_uint8_pixels_the_normalised_crop_is_made_of():
+    """The trainer's loader sends uint8 crops (a quarter of the bytes) and normalises batches later."""
+    from tinyclip.data.transforms import normalize, random_resized_crop
+    from PIL import Image
+    image = Image.fromarray(numpy.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=numpy.uint8))
+    for family in ("clip", "siglip"):
+        pixels = random_resized_crop(image, 16, numpy.random.default_rng(7), family=None)
+        normalised = random_resized_crop(image, 16, numpy.random.default_rng(7), family=family)
+        assert pixels.dtype == numpy.uint8 and pixels.shape == (16, 16, 3)
+        numpy.testing.assert_array_equal(normalize(pixels[None], family)[0], normalised)   # bit for bit

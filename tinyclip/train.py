@@ -387,15 +387,14 @@ def validation_set(config):
     return None
 
 
-def dataset_of(config, image_size, normalization=None):
-    """(data set, transform) for the Loader: the shapes, or a caption set with a random resized crop.
-
-    ``normalization``: the model's pixel normalisation (default: the loss's family's).
-    """
+def dataset_of(config, image_size):
+    """(data set, transform) for the Loader: the shapes (uint8), or a caption set with a random resized crop
+    giving uint8 pixels; ``Run.next_batch`` normalises them for the model's family."""
     if config.data is None:
         return shapes.ShapesDataset(seed=config.seed, image_size=image_size), None
-    return caption_set(config), functools.partial(random_resized_crop, image_size=image_size,
-                                                  family=normalization or family_of(config))
+    # uint8 crops (family None): normalised a batch at a time by model_input in next_batch, bit for bit the same
+    # numbers, while loader workers send and the prefetch queue holds a quarter of float32's bytes
+    return caption_set(config), functools.partial(random_resized_crop, image_size=image_size, family=None)
 
 
 def training_captions(config, count):
@@ -682,7 +681,7 @@ class Run:
         distributed.broadcast_parameters(self.model.parameters(), comm)
         self.device = backend.backend_of(self.model.log_scale.data)                # 'numpy' or 'cupy'
         image_size = self.model.config.image_size
-        self.dataset, transform = dataset_of(config, image_size, self.model.config.image_normalization)
+        self.dataset, transform = dataset_of(config, image_size)
         try:
             self.loader = Loader(self.dataset, config.batch_size, seed=config.seed, rank=comm.rank,
                                  world_size=comm.size, transform=transform, examples=config.examples,

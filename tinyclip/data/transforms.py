@@ -122,8 +122,12 @@ def _check_family(family, caller):
 
 
 def _checked_rgb_image(image, image_size, family, caller):
-    """Validate the arguments shared by ``preprocess`` and ``random_resized_crop``; the image as RGB PIL."""
-    _check_family(family, caller)
+    """Validate the arguments shared by ``preprocess`` and ``random_resized_crop``; the image as RGB PIL.
+
+    ``family`` None (only ``random_resized_crop`` allows it) means: no normalisation.
+    """
+    if family is not None or caller != "random_resized_crop":
+        _check_family(family, caller)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"{caller}: image_size must be a positive int, got {image_size!r}")
     if isinstance(image, (str, os.PathLike)):
@@ -217,7 +221,11 @@ def random_resized_crop(image, image_size, rng, family="clip", scale=(0.9, 1.0),
 
     The training augmentation of open_clip (``RandomResizedCrop`` with
     bicubic resizing); the box comes from ``random_crop_box`` with the
-    NumPy Generator ``rng``, so one seed gives one crop.
+    NumPy Generator ``rng``, so one seed gives one crop. With ``family``
+    None the crop comes back as its uint8 pixels, unnormalised: the trainer
+    normalises whole batches later (``model_input``, the same arithmetic),
+    so loader workers send a quarter of the bytes. Raises ValueError for a
+    bad size, scale, ratio or family, TypeError for something not an image.
     """
     image = _checked_rgb_image(image, image_size, family, "random_resized_crop")
     for name, (low, high) in (("scale", scale), ("ratio", ratio)):
@@ -227,7 +235,8 @@ def random_resized_crop(image, image_size, rng, family="clip", scale=(0.9, 1.0),
     left, top, crop_width, crop_height = random_crop_box(width, height, rng, scale, ratio)
     # crop first, then resize, as torchvision's resized_crop: the filter sees no pixels outside the box
     crop = image.crop((left, top, left + crop_width, top + crop_height))
-    return normalize(numpy.asarray(crop.resize((image_size, image_size), Image.BICUBIC)), family)
+    pixels = numpy.asarray(crop.resize((image_size, image_size), Image.BICUBIC))           # (S, S, 3) uint8
+    return pixels if family is None else normalize(pixels, family)
 
 
 def preprocess_batch(images, image_size, family="clip"):
