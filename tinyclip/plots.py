@@ -45,8 +45,8 @@ def _new_figure(size):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(MISSING_MATPLOTLIB) from None
+    except ImportError as error:     # missing, or present but broken (say why: a module shadowed by a local file)
+        raise ImportError(f"{MISSING_MATPLOTLIB} (importing it failed: {error})") from None
     figure = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
