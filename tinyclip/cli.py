@@ -395,14 +395,8 @@ def run_eval(args):
 def _eval_retrieval(args, model, tokenizer):
     """Recall@1/5/10 both ways on the pairs of --data, captions grouped by image path."""
     from . import evaluate
-    from .data import captions, shards
-    if shards.is_shard_pattern(args.data):
-        pairs = shards.ShardCaptions(args.data, strict=True)
-    elif os.path.isdir(args.data):
-        pairs = captions.FolderCaptions(args.data, strict=True)
-    else:
-        pairs = captions.CSVCaptions(args.data, image_column=args.image_column, caption_column=args.caption_column,
-                                     strict=True)
+    from .data.shards import read_pairs
+    pairs = read_pairs(args.data, image_column=args.image_column, caption_column=args.caption_column, strict=True)
     metrics, _ = evaluate.caption_retrieval(model, tokenizer, pairs, batch_size=args.batch_size)
     return {"data": args.data, **metrics}
 

@@ -53,7 +53,6 @@ import time
 import numpy
 
 from . import backend, checkpoint, distributed, evaluate, hub, losses, nn, optim, runs
-from .data import captions as caption_sets
 from .data import shapes
 from .data import shards
 from .data.loader import BatchOrder, Loader
@@ -362,14 +361,10 @@ def model_config(config, tokenizer, image_tower=None):
 
 
 def read_pairs(config, path):
-    """The image–caption pairs at ``path``: tar shards (a pattern), a folder of images with .txt captions, or a
-    CSV/TSV file."""
-    if shards.is_shard_pattern(path):
-        return shards.ShardCaptions(path, strict=config.strict)
-    if os.path.isdir(path):
-        return caption_sets.FolderCaptions(path, strict=config.strict)
-    return caption_sets.CSVCaptions(path, image_column=config.image_column, caption_column=config.caption_column,
-                                    strict=config.strict)
+    """The image–caption pairs at ``path`` (shards, a caption folder or a CSV/TSV), read with --data's columns
+    and --strict (``data.shards.read_pairs``)."""
+    return shards.read_pairs(path, image_column=config.image_column, caption_column=config.caption_column,
+                             strict=config.strict)
 
 
 def caption_set(config):

@@ -29,6 +29,7 @@ import numpy
 from braceexpand import braceexpand
 from PIL import Image
 
+from . import captions
 from .captions import CaptionSet, warn_skipped
 from .transforms import to_rgb
 
@@ -52,6 +53,19 @@ def expand_shards(pattern):
 def is_shard_pattern(path):
     """Whether ``path`` names tar shards (a .tar file, or a pattern of them) rather than a CSV or a folder."""
     return any(part.rstrip("}").endswith(".tar") for part in str(path).split("::") if part)
+
+
+def read_pairs(path, image_column="filepath", caption_column="title", strict=False):
+    """The image–caption pairs at ``path``, whatever their layout: tar shards (``is_shard_pattern``), a folder
+    of images with .txt captions, or a CSV/TSV table (its columns named by ``image_column``, ``caption_column``).
+
+    Raises what the chosen reader raises (FileNotFoundError, ValueError naming the file).
+    """
+    if is_shard_pattern(path):
+        return ShardCaptions(path, strict=strict)
+    if os.path.isdir(path):
+        return captions.FolderCaptions(path, strict=strict)
+    return captions.CSVCaptions(path, image_column=image_column, caption_column=caption_column, strict=strict)
 
 
 def _split_key(name):
