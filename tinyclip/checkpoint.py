@@ -48,6 +48,7 @@ from . import backend as _backend
 from . import files
 from .models import CLIP, CLIPConfig
 from .models.config import PRESETS
+from .models.vision import resize_position_embedding
 from .tokenizer import SPIECE_FILE, TOKENIZER_FILE, TOKENIZER_FILES, SiglipTokenizer
 
 FORMAT_VERSION = 1
@@ -659,13 +660,7 @@ def from_pretrained(path, dtype=None, backend=None, image_size=None):
     side (``at_image_size``). Raises FileNotFoundError for a missing folder
     or file, ValueError naming the file and the fault for anything malformed.
     """
-    model = _from_folder(path, dtype, backend)
-    if image_size is not None and image_size != model.config.image_size:
-        try:
-            model = at_image_size(model, image_size)
-        except ValueError as error:
-            raise ValueError(f"checkpoint {os.fspath(path)}: {error}") from None
-    return model
+    return at_image_size(_from_folder(path, dtype, backend), image_size, where=path)
 
 
 def resized_config(config, image_size):
@@ -679,19 +674,25 @@ def resized_config(config, image_size):
     return dataclasses.replace(config, image_size=image_size)
 
 
-def at_image_size(model, image_size):
+def at_image_size(model, image_size, where=None):
     """The same CLIP for images of side ``image_size``: its position embeddings resized to the new patch grid.
 
-    The class token's embedding is kept and the patch grid's is resized
+    ``model`` itself when ``image_size`` is None or already its size. The
+    class token's embedding is kept and the patch grid's is resized
     bicubically (``models.vision.resize_position_embedding``, transformers'
     ``interpolate_pos_encoding``); every other weight is copied. Raises
     ValueError for a CNN tower (it has no position embeddings and takes any
-    size already) or a side that is not a positive multiple of the patch size.
+    size already) or a side that is not a positive multiple of the patch size,
+    naming the checkpoint ``where`` the model came from when given.
     """
-    from .models.vision import resize_position_embedding
     config = model.config
-    resized = CLIP(resized_config(config, image_size), dtype=model.log_scale.data.dtype,
-                   backend=_backend.backend_of(model.log_scale.data))
+    if image_size is None or image_size == config.image_size:
+        return model
+    try:
+        new_config = resized_config(config, image_size)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {os.fspath(where)}: {error}" if where is not None else str(error)) from None
+    resized = CLIP(new_config, dtype=model.log_scale.data.dtype, backend=_backend.backend_of(model.log_scale.data))
     state = dict(model.state_dict())
     state["visual.position_embedding"] = resize_position_embedding(
         state["visual.position_embedding"], config.image_size // config.patch_size,

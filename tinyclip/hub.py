@@ -54,13 +54,7 @@ def load_model(path, dtype=None, backend=None, image_size=None):
         refuse_pickle(path)
     if not os.path.isfile(os.path.join(path, OPEN_CLIP_CONFIG)):
         return checkpoint.from_pretrained(path, dtype=dtype, backend=backend, image_size=image_size)
-    model = from_open_clip(path, dtype=dtype, backend=backend)
-    if image_size is not None and image_size != model.config.image_size:
-        try:
-            model = checkpoint.at_image_size(model, image_size)
-        except ValueError as error:
-            raise ValueError(f"checkpoint {path}: {error}") from None
-    return model
+    return checkpoint.at_image_size(from_open_clip(path, dtype=dtype, backend=backend), image_size, where=path)
 
 
 def refuse_pickle(path):
