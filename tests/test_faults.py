@@ -14,6 +14,7 @@ Every run is the ``tiny`` preset at 32 px for a few steps of batch 8, so
 each process takes about a second.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -388,8 +389,10 @@ def test_a_run_on_relative_paths_resumes_from_another_directory(tmp_path, monkey
     assert cli.main(["train", "--resume", str(tmp_path / "run")]) == cli.EXIT_FINISHED, capsys.readouterr().err
 
 
-def interrupted_run_on(arguments, steps=6, at=3):
-    """The exit status of ``tinyclip train`` stopped by SIGTERM at step ``at``."""
+@contextlib.contextmanager
+def sigterm_at_step(at):
+    """Inside the block, SIGTERM reaches this process during step ``at`` (sent from inside the step, as a
+    scheduler's would arrive while one runs)."""
     original = train.batch_loss
     calls = []
 
@@ -401,27 +404,21 @@ def interrupted_run_on(arguments, steps=6, at=3):
 
     train.batch_loss = loss
     try:
-        return cli.main(["train", *TINY, "--steps", str(steps), "--checkpoint-every", "0", *arguments])
+        yield
     finally:
         train.batch_loss = original
+
+
+def interrupted_run_on(arguments, steps=6, at=3):
+    """The exit status of ``tinyclip train`` stopped by SIGTERM at step ``at``."""
+    with sigterm_at_step(at):
+        return cli.main(["train", *TINY, "--steps", str(steps), "--checkpoint-every", "0", *arguments])
 
 
 def interrupted_run(out, steps=6, at=3):
-    """A run stopped by SIGTERM at step ``at`` (sent from inside the step, as a scheduler would send it)."""
-    original = train.batch_loss
-    calls = []
-
-    def loss(*args):
-        calls.append(1)
-        if len(calls) == at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args)
-
-    train.batch_loss = loss
-    try:
+    """A run stopped by SIGTERM at step ``at``."""
+    with sigterm_at_step(at):
         return train.train(tiny_config(out, steps=steps, checkpoint_every=0))
-    finally:
-        train.batch_loss = original
 
 
 def test_resume_alone_continues_from_the_runs_own_settings_and_a_mismatch_lists_each_field(tmp_path, capsys):
