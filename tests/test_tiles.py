@@ -74,7 +74,7 @@ def test_a_missing_scalar_is_an_error_that_names_it(name):
 
 
 def test_default_tile_never_exceeds_the_batch_and_refuses_a_bad_tile():
-    assert tiles.default_tile(10) == 10 and tiles.default_tile(1 << 13) == 1 << 10
+    assert tiles.default_tile(10) == 10 and tiles.default_tile(1 << 13) == 1 << 11
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="tile must be a positive integer"):
             tiles.resolve_tile(bad, 10, numpy.zeros((2, 2)))
