@@ -8,13 +8,14 @@ log-sum-exp of all of them and is never below any of them, and a tile's
 diagonal is the pairs' own logits.
 """
 
+import itertools
 import math
 
 import numpy
 import pytest
 from hypothesis import given, strategies as st
 
-from tinyclip import Tensor, backend, losses, tiles
+from tinyclip import Tensor, backend, distributed, losses, tiles
 
 from .strategies import normal, seeds
 
@@ -147,8 +148,12 @@ def test_clip_on_threads_is_deterministic_and_equals_the_reference(seed, batch, 
     x, y = normal(seed, (batch, 3)), normal(seed + 1, (batch, 3))
     arrays = [x, y, numpy.asarray(log_scale)]
     reference = _loss_and_grads(losses.clip_loss_reference, arrays)
-    for threads in (1, 2, 3):
-        run = lambda: _loss_and_grads(lambda *t: losses.clip_loss(*t, tile=tile), arrays)   # noqa: E731
+    fused = {"one process": lambda *t: losses.clip_loss(*t, tile=tile),
+             # the all-gather method's two sides are softmaxes over whole rows (row_softmax_sweep)
+             "gather": lambda *t: distributed.clip_loss(*t, comm=distributed.SingleProcess(), method="gather",
+                                                        tile=tile)}
+    for threads, loss in itertools.product((1, 2, 3), fused.values()):
+        run = lambda: _loss_and_grads(loss, arrays)   # noqa: E731
         first, again = on_threads(threads, run), on_threads(threads, run)
         for got, repeated, expected in zip(first, again, reference):
             numpy.testing.assert_array_equal(got, repeated)        # column sums merge in row order

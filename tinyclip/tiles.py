@@ -229,7 +229,6 @@ class TiledLogits:
         self.columns = y.shape[0] if columns is None else columns
         # flat, so that a tile of n rows and m ≤ columns columns is one contiguous (n, m) view
         self.logits = xp.empty(self.tile * self.columns, dtype=self.work)
-        self.buffer = None    # a second (tile, columns) buffer, made only if asked for (work_buffer)
         self.scaled_rows = xp.empty((self.tile, x.shape[1]), dtype=self.work)      # (tile, D)
         self.row_product = xp.empty_like(self.scaled_rows)                          # (tile, D): G·Y of a tile
         self.column_product = xp.empty((self.columns, x.shape[1]), dtype=self.work)  # (columns, D): Gᵀ·X
@@ -266,15 +265,6 @@ class TiledLogits:
         if self.shift and shifted:
             block += self.shift
         return block
-
-    def work_buffer(self, start, stop):
-        """An (n, m) work buffer beside the logits of rows start .. stop−1, made on first use.
-
-        The sweeps here need none; it is for code that works on whole tiles.
-        """
-        if self.buffer is None:
-            self.buffer = self.xp.empty_like(self.logits)
-        return self._view(self.buffer, stop - start)
 
     def chunk_rows(self):
         """Rows per chunk of the element-wise work: about ``CHUNK_ELEMENTS`` logits, at least one row."""
@@ -444,6 +434,38 @@ def _clip_probability_rows(logits, row_lse, column_lse, step):
         xp.exp(xp.subtract(chunk, row_lse[lo:hi, None], out=probs), out=probs)   # softmax over j
         xp.exp(xp.subtract(chunk, column_lse, out=chunk), out=chunk)             # softmax over i
         chunk += probs
+
+
+def row_softmax_sweep(tiles, stats, positives, offset, grad_rows=None, grad_columns=None):
+    """A softmax over whole rows only (the all-gather CLIP's two sides): fold every tile into ``stats``.
+
+    The current texts must be all the columns, so that each tile's rows are
+    complete. Copies each tile's l_ii, at column ``offset`` + row, into
+    ``positives`` (n,); with gradient buffers also adds P·Y to ``grad_rows``
+    and Pᵀ·X to ``grad_columns``, P the rows' softmax.
+    """
+    want_probs = grad_rows is not None
+    softmax = functools.partial(_row_softmax_rows, weighted=stats.weighted, step=tiles.chunk_rows(),
+                                want_probs=want_probs)
+    for start, stop in tiles.ranges():
+        block = tiles.compute(start, stop)                                       # (n, m)
+        positives[start:stop] = diagonal_of(block, offset + start)
+        parallel.map_rows(softmax, block, stats.stats[:, start:stop].T)        # block becomes P when wanted
+        if want_probs:
+            tiles.accumulate(block, start, stop, grad_rows, grad_columns)
+
+
+def _row_softmax_rows(logits, row_stats, weighted, step, want_probs):
+    """Fold rows ``logits`` (k, m) into their stats ``row_stats`` (k, 3); with ``want_probs`` make them their softmax."""
+    xp = backend.get_array_module(logits)
+    rows, width = logits.shape
+    exps_all = xp.empty((min(step, rows), width), dtype=logits.dtype)
+    row_lse = RunningLSE(xp, rows, logits.dtype, weighted, stats=row_stats.T)
+    for lo, hi in _chunks(rows, step):
+        chunk, exps = logits[lo:hi], exps_all[:hi - lo]
+        row_lse.update(chunk, 1, exps, slice(lo, hi))                            # exps = e^(l − max)
+        if want_probs:
+            xp.divide(exps, row_stats[lo:hi, 1:2], out=chunk)                    # the rows are whole: e^(l − max)/s
 
 
 def diagonal_of(block, offset):
