@@ -56,7 +56,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout, uninstalled
 import tinyclip as tc  # noqa: E402
 from benchmarks.common import machine_description, peak_extra_bytes, synchronizer  # noqa: E402
-from tinyclip import backend  # noqa: E402
+from tinyclip import backend, parallel  # noqa: E402
 
 MB = 1 << 20
 TIME_TARGET_BATCH, TIME_TARGET_RATIO = 4096, 1.15         # fused loss / its products (3 SigLIP, 4 CLIP)
@@ -121,22 +121,24 @@ def clearing_gradients(step, leaves):
     return run
 
 
-def timed_rounds(functions, xp, repeat, warmup):
-    """Wall seconds of each function in each of ``repeat`` rounds after ``warmup`` rounds: [[s, ...], ...].
+def timed_rounds(functions, xp, repeat, warmup, clock=time.perf_counter):
+    """Seconds of each function in each of ``repeat`` rounds after ``warmup`` rounds: [[s, ...], ...].
 
     The functions take turns within each round (device synchronised), so that
-    ratios taken within a round compare runs under the same load.
+    ratios taken within a round compare runs under the same load. ``clock``:
+    wall time, or ``time.process_time`` (the CPU time of all this process's
+    threads, which a busy neighbour inflates less).
     """
     synchronize = synchronizer(xp)
     times = [[] for _ in functions]
     for round_index in range(warmup + repeat):
         for fn, samples in zip(functions, times):
             synchronize()
-            start = time.perf_counter()
+            start = clock()
             fn()
             synchronize()
             if round_index >= warmup:
-                samples.append(time.perf_counter() - start)
+                samples.append(clock() - start)
     return times
 
 
@@ -174,6 +176,9 @@ def main():
                         help="time the from-primitives references only up to this batch (they hold B×B matrices)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time (the targets' measure), or the CPU time of all the process's threads "
+                             "(a check on a loaded machine; OpenBLAS threads that spin while waiting count in it)")
     args = parser.parse_args()
     backend.tune_malloc()   # as the tinyclip command and train() do: the figures are those of a real run
 
@@ -184,9 +189,9 @@ def main():
     print(machine_description(xp, args.backend))
     print("OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE set: "
           f"{[name for name in ('OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE') if name in os.environ] or 'neither'}; "
-          f"tinyclip threads: {tc.parallel.thread_count()}")
+          f"tinyclip threads: {parallel.thread_count()}")
     print(f"D = {args.dim}, float32, every input requires a gradient; {args.repeat} rounds after {args.warmup} "
-          f"warm-up rounds, median and min; peak extra memory over one forward + backward, MB = 2^20 bytes")
+          f"warm-up rounds, median and min of {args.clock} time; peak extra memory over one forward + backward, MB = 2^20 bytes")
     header = (f"{'B':>6} {'tile':>5}  {'':26}{'ms median':>10} {'min':>8} {'/3 prod med':>12} {'min':>6} "
               f"{'/4 prod med':>12} {'min':>6} {'peak MB':>8} {'less grads':>11}  target")
     print(header)
@@ -202,7 +207,9 @@ def main():
         functions = ([make_products(xp, host_rng, batch, args.dim, dtype),
                       make_products(xp, host_rng, batch, args.dim, dtype, logits_twice=True)] + list(steps.values()))
         load_before = load_average()
-        times = timed_rounds([clearing_gradients(fn, leaves) for fn in functions], xp, args.repeat, args.warmup)
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        times = timed_rounds([clearing_gradients(fn, leaves) for fn in functions], xp, args.repeat, args.warmup,
+                             clock)
         print(f"load average (1/5/15 min) before: {load_before}, after: {load_average()}")
         for name, fn, samples in zip(names, functions, times):
             for leaf in leaves:   # what is held before: the inputs, no gradients
