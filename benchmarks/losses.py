@@ -191,7 +191,8 @@ def main():
           f"{[name for name in ('OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE') if name in os.environ] or 'neither'}; "
           f"tinyclip threads: {parallel.thread_count()}")
     print(f"D = {args.dim}, float32, every input requires a gradient; {args.repeat} rounds after {args.warmup} "
-          f"warm-up rounds, median and min of {args.clock} time; peak extra memory over one forward + backward, MB = 2^20 bytes")
+          f"warm-up rounds, median and min of {args.clock} time; peak extra memory over one forward + backward, "
+          f"MB = 2^20 bytes")
     header = (f"{'B':>6} {'tile':>5}  {'':26}{'ms median':>10} {'min':>8} {'/3 prod med':>12} {'min':>6} "
               f"{'/4 prod med':>12} {'min':>6} {'peak MB':>8} {'less grads':>11}  target")
     print(header)
@@ -221,7 +222,8 @@ def main():
             to_four, to_four_min = ratios(samples, times[1])
             own_ratio = to_four if name.startswith("clip") else to_three
             note = target_note(args.backend, batch, name, own_ratio, extra_mb, beyond_gradients_mb)
-            print(f"{batch:>6} {tile:>5}  {name:<26}{statistics.median(samples) * 1e3:>10.1f} {min(samples) * 1e3:>8.1f} "
+            median_ms, min_ms = statistics.median(samples) * 1e3, min(samples) * 1e3
+            print(f"{batch:>6} {tile:>5}  {name:<26}{median_ms:>10.1f} {min_ms:>8.1f} "
                   f"{to_three:>12.3f} {to_three_min:>6.3f} {to_four:>12.3f} {to_four_min:>6.3f} {extra_mb:>8.1f} "
                   f"{beyond_gradients_mb:>11.1f}  {note}".rstrip(), flush=True)
         del inputs, leaves, steps, functions   # free this batch's arrays (G is B×B) before the next is made

@@ -463,7 +463,7 @@ def row_softmax_sweep(tiles, stats, positives, offset, grad_rows=None, grad_colu
 
 
 def _row_softmax_rows(logits, row_stats, weighted, step, want_probs):
-    """Fold rows ``logits`` (k, m) into their stats ``row_stats`` (k, 3); with ``want_probs`` make them their softmax."""
+    """Fold rows ``logits`` (k, m) into their stats ``row_stats`` (k, 3); ``want_probs``: make them their softmax."""
     xp = backend.get_array_module(logits)
     rows, width = logits.shape
     exps_all = xp.empty((min(step, rows), width), dtype=logits.dtype)
