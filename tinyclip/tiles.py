@@ -19,10 +19,11 @@ from all of a row's or a column's logits is folded in as the tiles go by:
 * ``row_softmax_sweep``: a softmax over whole rows (the all-gather CLIP).
 
 Between a tile's products, its element-wise work (B² exponentials and
-logarithms, as costly as the products on a CPU) runs in place in the logits'
-buffer, on row blocks on every core (``tinyclip.parallel.map_rows``) and in
-cache-sized chunks of rows (``CHUNK_ELEMENTS``): each tile is read from
-memory once per sweep, and no second (tile, M) buffer is needed.
+logarithms: on one core, some 40% more time on top of the products) runs in
+place in the logits' buffer, on row blocks on every core
+(``tinyclip.parallel.map_rows``) and in cache-sized chunks of rows
+(``CHUNK_ELEMENTS``): each tile is read from memory once per sweep, and no
+second (tile, M) buffer is needed. docs/losses.md, section 9, has the costs.
 
 ``tinyclip.losses`` (one process) and ``tinyclip.distributed`` (the ring and
 all-gather losses over MPI, which pass every rank's text chunk through the
