@@ -53,8 +53,8 @@ TILE_ELEMENTS = {"numpy": 1 << 24, "cupy": 1 << 25}
 # Logits per chunk of a tile's element-wise work. On the CPU the tile's logits are then read
 # from memory once per sweep, and the few chunk-sized arrays the maths passes through (256 KB
 # each in float32) stay in the core's caches between its passes; smaller chunks pay more
-# Python per logit (some 20 NumPy calls a chunk, ~1 µs each). 2¹⁶ took the least CPU time of
-# 2¹³ .. 2¹⁸ at B = 4096 on the shared 2-core AMD EPYC. On a GPU the chunks only bound the
+# Python per logit (some 20 NumPy calls a chunk, ~1 µs each). 2¹⁶ had the lowest minimum CPU time of
+# 2¹³ .. 2¹⁸ at B = 4096 on the shared, loaded 2-core AMD EPYC (noisy). On a GPU the chunks only bound the
 # scratch memory.
 CHUNK_ELEMENTS = {"numpy": 1 << 16, "cupy": 1 << 22}
 
