@@ -8,13 +8,14 @@ log-sum-exp of all of them and is never below any of them, and a tile's
 diagonal is the pairs' own logits.
 """
 
+import itertools
 import math
 
 import numpy
 import pytest
 from hypothesis import given, strategies as st
 
-from tinyclip import backend, tiles
+from tinyclip import Tensor, backend, distributed, losses, tiles
 
 from .strategies import normal, seeds
 
@@ -74,7 +75,86 @@ def test_a_missing_scalar_is_an_error_that_names_it(name):
 
 
 def test_default_tile_never_exceeds_the_batch_and_refuses_a_bad_tile():
-    assert tiles.default_tile(10) == 10 and tiles.default_tile(1 << 13) == 1 << 10
+    assert tiles.default_tile(10) == 10 and tiles.default_tile(1 << 13) == 1 << 11
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="tile must be a positive integer"):
             tiles.resolve_tile(bad, 10, numpy.zeros((2, 2)))
+
+
+# ---------------------------------------------------------------------------------
+# The sweeps' element-wise work: its stable forms, its chunks and its threads
+# ---------------------------------------------------------------------------------
+
+# logits from deep in either tail to 0: e = exp(−|l|) runs from 1 down past float32's smallest
+# normal number, through the range where log(1 + e) alone would lose e's digits (|l| ≳ 9) or all
+# of them (|l| > 16.6)
+SIGLIP_LOGITS = numpy.concatenate([numpy.linspace(-87.0, 87.0, 2001), [-17.0, -16.0, -1e-6, 0.0, 1e-6, 16.0, 17.0]])
+
+
+def test_siglip_terms_are_softplus_and_sigmoid_to_a_few_units_in_the_last_place(xp):
+    logits32 = SIGLIP_LOGITS.astype(numpy.float32)
+    exact = logits32.astype(numpy.float64)                  # the float32 values, in float64
+    softplus = numpy.logaddexp(0.0, exact)                  # −log σ(−l)
+    sigmoid = numpy.exp(-numpy.logaddexp(0.0, -exact))      # σ(l)
+    # one logit per row: each row's sum is that logit's own term
+    logits = xp.asarray(logits32[:, None].copy())
+    loss_rows, sigma_rows = xp.empty((2, logits.shape[0]), dtype=numpy.float32)
+    tiles.siglip_terms(logits, loss_rows, sigma_rows, step=7)
+    unit = float(numpy.finfo(numpy.float32).eps)
+    numpy.testing.assert_allclose(host(loss_rows), softplus, rtol=3 * unit, atol=0)
+    numpy.testing.assert_allclose(host(sigma_rows), sigmoid, rtol=3 * unit, atol=0)
+    numpy.testing.assert_array_equal(host(logits)[:, 0], host(sigma_rows))     # the logits became σ(l)
+    # a positive scores softplus(−l), ≥ 0 however it rounds
+    logits = xp.asarray(logits32[:, None].copy())
+    tiles.siglip_terms(logits, loss_rows, sigma_rows, positive_columns=xp.zeros(logits.shape[0], dtype=int))
+    numpy.testing.assert_allclose(host(loss_rows), numpy.logaddexp(0.0, -exact), rtol=3 * unit, atol=0)
+    assert (host(loss_rows) >= 0).all()
+
+
+def on_threads(threads, fn):
+    """fn() with chunks of a few logits and every map_rows call on ``threads`` threads: small tests take every path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tiles.CHUNK_ELEMENTS, "numpy", 5)
+        patch.setattr(tiles.parallel, "MIN_PARALLEL_SIZE", 1)
+        patch.setenv(tiles.parallel.THREADS_ENV, str(threads))
+        return fn()
+
+
+def _loss_and_grads(loss, arrays):
+    inputs = [Tensor(array, requires_grad=True) for array in arrays]
+    value = loss(*inputs)
+    value.backward()
+    return [value.data] + [tensor.grad for tensor in inputs]
+
+
+@given(seed=seeds, batch=st.integers(2, 11), tile=st.integers(1, 11), masked=st.booleans())
+def test_siglip_is_the_same_bit_for_bit_at_every_thread_count(seed, batch, tile, masked):
+    x, y = normal(seed, (batch, 3)), normal(seed + 1, (batch, 3))
+    arrays = [x, y, numpy.asarray(1.5), numpy.asarray(-2.0)]
+    options = {"keep_negatives": 0.5} if masked else {}
+    results = [on_threads(threads, lambda: _loss_and_grads(
+        lambda *t: losses.siglip_loss(*t, tile=tile, **options), arrays)) for threads in (1, 2, 3)]
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            numpy.testing.assert_array_equal(got, expected)
+    reference = losses.siglip_loss_reference(x, y, 1.5, -2.0, mask=losses.siglip_negative_mask(
+        x, y, 1.5, -2.0, 0.5) if masked else None)
+    numpy.testing.assert_allclose(results[0][0], reference.data, rtol=1e-12)
+
+
+@given(seed=seeds, batch=st.integers(2, 11), tile=st.integers(1, 11), log_scale=st.sampled_from([2.0, 7.0]))
+def test_clip_on_threads_is_deterministic_and_equals_the_reference(seed, batch, tile, log_scale):
+    # at log_scale 7 the logits reach ~10³: a shift below a column's max would overflow exp in float64
+    x, y = normal(seed, (batch, 3)), normal(seed + 1, (batch, 3))
+    arrays = [x, y, numpy.asarray(log_scale)]
+    reference = _loss_and_grads(losses.clip_loss_reference, arrays)
+    fused = {"one process": lambda *t: losses.clip_loss(*t, tile=tile),
+             # the all-gather method's two sides are softmaxes over whole rows (row_softmax_sweep)
+             "gather": lambda *t: distributed.clip_loss(*t, comm=distributed.SingleProcess(), method="gather",
+                                                        tile=tile)}
+    for threads, loss in itertools.product((1, 2, 3), fused.values()):
+        run = lambda: _loss_and_grads(loss, arrays)   # noqa: E731
+        first, again = on_threads(threads, run), on_threads(threads, run)
+        for got, repeated, expected in zip(first, again, reference):
+            numpy.testing.assert_array_equal(got, repeated)        # column sums merge in row order
+            numpy.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)

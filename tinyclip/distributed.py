@@ -48,7 +48,7 @@ from . import backend
 from .autograd import Function
 from .losses import clip_loss_of
 from .tiles import (TiledLogits, RunningLSE, as_array, check_inputs, clip_gradient_sweep, clip_lse_sweep,
-                    diagonal_of, resolve_tile, scalar_input, scalar_like, scale_saved_gradients, siglip_sweep)
+                    resolve_tile, row_softmax_sweep, scalar_input, scalar_like, scale_saved_gradients, siglip_sweep)
 
 METHODS = ("ring", "gather")
 ABORT_GRACE_SECONDS = 0.5     # how long abort() lets the launcher forward this rank's last output
@@ -607,13 +607,7 @@ class GatherCLIPLoss(Function):
             positives = xp.empty(tiles.rows, dtype=work)        # l_ii as this side's tiles computed them
             own = xp.zeros_like(tiles.images) if want_grad else None
             everyone = xp.zeros_like(tiles.texts) if want_grad else None
-            for start, stop in tiles.ranges():
-                block, probs = tiles.compute(start, stop), tiles.work_buffer(start, stop)   # (n, B)
-                positives[start:stop] = diagonal_of(block, offset + start)
-                stats.update(block, 1, probs, slice(start, stop))                           # probs = e^(l − max)
-                if want_grad:
-                    probs /= stats.stats[1, start:stop, None]                               # softmax over the row
-                    tiles.accumulate(probs, start, stop, own, everyone)
+            row_softmax_sweep(tiles, stats, positives, offset, own, everyone)
             sides.append((stats, positives, own, everyone))
         (row_stats, positives, grad_images, texts_partial), (column_stats, column_positives, grad_texts,
                                                               images_partial) = sides

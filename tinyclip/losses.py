@@ -33,9 +33,10 @@ three, the price of never holding B×B. docs/losses.md has the derivations.
 The tiles, the running log-sum-exp and the sweeps are the tile engine in
 ``tinyclip.tiles``, which ``tinyclip.distributed`` builds its losses from too.
 
-Numerics: log-sum-exp with the max subtracted; log σ(u) = min(u, 0) − log1p(e^−|u|);
-σ(u) = exp(min(u, 0) − log1p(e^−|u|)); float16 inputs are computed in float32
-and give a float32 loss (their gradients come back in float16).
+Numerics: log-sum-exp with the max subtracted; with e = e^−|u| ∈ (0, 1],
+softplus(u) = −log σ(−u) = max(u, 0) + log1p(e), σ(u) = 1/(1 + e) for u ≥ 0 and
+e/(1 + e) for u < 0 (``tinyclip.tiles.siglip_terms``); float16 inputs are computed
+in float32 and give a float32 loss (their gradients come back in float16).
 """
 
 import functools
