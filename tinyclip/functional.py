@@ -12,6 +12,13 @@ convolutional image tower adds two more: ``patches`` (im2col for
 channels-last images; a convolution is ``linear(patches(x), W)``) and batch
 norm.
 
+The element-wise and row-wise work of GELU, QuickGELU, layer norm and the
+attention softmax is written once, as a row function beside its op
+(``_gelu_tanh_rows``, ...), and run through ``parallel.map_rows``, which
+cuts it into row blocks on a thread pool so that one process uses every
+core (one call on CuPy); every output row depends only on the same input
+rows, so the result is the same bit for bit at every thread count.
+
 Conventions: ``g`` is the gradient of the loss with respect to the op's
 output; broadcasting is undone by ``autograd.unbroadcast``; a backward
 returns one gradient per positional input (``None`` where none is needed).
@@ -1230,7 +1237,7 @@ class ScaledDotProductAttention(Function):
             t = q.shape[-2]
             future = xp.triu(xp.ones((t, t), dtype=bool), k=1)  # (T, T): key j > query i
             xp.copyto(scores, -xp.inf, where=future)             # not scores[..., future]: no GPU sync
-        probs = scores                                           # the softmax overwrites the scores
+        probs = scores              # the softmax overwrites the scores (a fresh C-order product: _rows is a view)
         parallel.map_rows(_softmax_rows, _rows(probs))           # (B, H, Tq, Tk)
         ctx.save_for_backward(q, k, v, probs)
         ctx.scale = scale
@@ -1242,7 +1249,7 @@ class ScaledDotProductAttention(Function):
         q, k, v, probs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dv = _swap_last(probs) @ g if needs[2] else None        # (B, H, Tk, d)
-        dscores = g @ _swap_last(v)                              # dP (B, H, Tq, Tk), turned into dS in place
+        dscores = g @ _swap_last(v)      # dP (B, H, Tq, Tk), C order, turned into dS in place through _rows
         parallel.map_rows(_softmax_backward_rows, _rows(dscores), _rows(probs), ctx.scale)
         dq = dscores @ k if needs[0] else None                   # (B, H, Tq, d)
         dk = _swap_last(dscores) @ q if needs[1] else None       # (B, H, Tk, d)
