@@ -16,7 +16,9 @@
   norm is at most ``max_norm`` (Pascanu et al. 2013).
 
 Parameters are updated in place (``p.data``), with the array module of the
-parameters themselves, so the same code runs on NumPy and CuPy. Parameters
+parameters themselves, so the same code runs on NumPy and CuPy; AdamW's
+update of a large parameter is cut into row blocks on ``parallel``'s thread
+pool (each element's update unchanged, so bit for bit the same). Parameters
 whose ``grad`` is None are skipped. Optimiser state is plain arrays and
 numbers, so a checkpoint stores it without pickle.
 """
