@@ -62,7 +62,13 @@ def random(shape, seed, dtype=numpy.float32):
     return numpy.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-# odd shapes, all above MIN_PARALLEL_SIZE elements so that they really are cut
+@pytest.fixture(autouse=True)
+def cut_small_arrays(monkeypatch):
+    """A threshold of 1,000 elements, so that these tests' small arrays are cut as a training step's large ones."""
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 1000)
+
+
+# odd shapes, all above the threshold so that they really are cut; the last one just above the real one
 SHAPES = [(1001, 67), (257, 3, 61), (parallel.MIN_PARALLEL_SIZE + 3,)]
 
 
@@ -96,15 +102,41 @@ def test_adamw_update_with_moments_in_place_matches_serial(threads):
 
 
 def test_blocks_run_on_pool_threads_as_well_as_the_caller():
-    seen = []
+    seen, lock = [], threading.Lock()
+    # the first two blocks meet at a barrier: the call can only finish if a pool thread runs one of them
+    # while the caller runs the other (a barrier that times out raises BrokenBarrierError)
+    barrier = threading.Barrier(2, timeout=60)
 
     def record(out, x):
-        seen.append(threading.get_ident())
+        with lock:
+            seen.append(threading.get_ident())
+            first_two = len(seen) <= 2
+        if first_two:
+            barrier.wait()
         out[...] = x
 
     x = random((600, 100), 9)
-    parallel.map_rows(record, numpy.empty_like(x), x, threads=3)
-    assert len(seen) == 3 and threading.get_ident() in seen and len(set(seen)) >= 2
+    out = numpy.empty_like(x)
+    parallel.map_rows(record, out, x, threads=3)
+    assert len(seen) == len(parallel.row_blocks(600, 3 * parallel.BLOCKS_PER_THREAD))
+    assert threading.get_ident() in seen and len(set(seen)) >= 2
+    assert out.tobytes() == x.tobytes()
+
+
+def test_a_late_helper_thread_leaves_its_blocks_to_the_caller():
+    """A helper that has not started by the time the caller runs out of blocks is not waited for."""
+    released = threading.Event()
+    pool = parallel._executor(1)
+    # every pool thread busy until the call is over; each returns whether it was released (not timed out)
+    busy = [pool.submit(released.wait, 30) for _ in range(parallel._pool_size)]
+    x = random((400, 100), 14)
+    out = numpy.empty_like(x)
+    try:
+        parallel.map_rows(lambda block, source: block.__setitem__(Ellipsis, source), out, x, threads=2)
+    finally:
+        released.set()
+    assert out.tobytes() == x.tobytes()
+    assert all(future.result() for future in busy), "map_rows waited for a pool thread that had not started"
 
 
 def test_small_arrays_and_one_thread_run_as_one_call():
@@ -132,17 +164,16 @@ def test_row_blocks_cover_the_rows_in_order_with_sizes_within_one(rows, parts):
 
 
 def test_an_error_in_any_block_is_raised_after_all_blocks_finish():
-    finished = []
-
-    def fail_in_last_block(out, x):
-        if out.shape[0] and x[0, 0] == 2:
-            raise ArithmeticError("block with 2")
-        finished.append(True)
+    def fail_where_x_is_2(out, x):
+        out[...] = x                                  # written first: every block's rows show that it ran
+        if (x == 2).any():
+            raise ArithmeticError(f"block from row value {x[0, 0]}")
 
     x = numpy.repeat(numpy.arange(3, dtype=numpy.float32), 200)[:, None] * numpy.ones((1, 100), numpy.float32)
-    with pytest.raises(ArithmeticError, match="block with 2"):
-        parallel.map_rows(fail_in_last_block, numpy.empty_like(x), x, threads=3)
-    assert len(finished) == 2
+    out = numpy.full_like(x, numpy.nan)
+    with pytest.raises(ArithmeticError, match="block from row value"):
+        parallel.map_rows(fail_where_x_is_2, out, x, threads=3)
+    assert out.tobytes() == x.tobytes()
 
 
 @pytest.mark.parametrize("threads", [0, -1, 2.0, True])

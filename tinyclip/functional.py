@@ -12,6 +12,13 @@ convolutional image tower adds two more: ``patches`` (im2col for
 channels-last images; a convolution is ``linear(patches(x), W)``) and batch
 norm.
 
+The element-wise and row-wise work of GELU, QuickGELU, layer norm and the
+attention softmax is written once, as a row function beside its op
+(``_gelu_tanh_rows``, ...), and run through ``parallel.map_rows``, which
+cuts it into row blocks on a thread pool so that one process uses every
+core (one call on CuPy); every output row depends only on the same input
+rows, so the result is the same bit for bit at every thread count.
+
 Conventions: ``g`` is the gradient of the loss with respect to the op's
 output; broadcasting is undone by ``autograd.unbroadcast``; a backward
 returns one gradient per positional input (``None`` where none is needed).
@@ -31,7 +38,7 @@ attention (Vaswani et al. 2017); batch norm (Ioffe & Szegedy 2015).
 
 import math
 
-from . import backend
+from . import backend, parallel
 from .autograd import Function, Tensor, unbroadcast
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -60,6 +67,16 @@ def _normalize_axes(axis, ndim):
         if not -ndim <= a < ndim:
             raise ValueError(f"axis {a} is out of range for an input with {ndim} dimensions")
     return tuple(sorted(a % ndim for a in axes))
+
+
+def _flat(a):
+    """``a`` as one row of elements (a view when ``a`` is C-contiguous): element-wise work is cut into blocks of it."""
+    return a.reshape(-1)
+
+
+def _rows(a):
+    """``a`` as rows of its last axis, (N, last) (a view when ``a`` is C-contiguous): row-wise work is cut into blocks of rows."""
+    return a.reshape(-1, a.shape[-1])
 
 
 def _stable_sigmoid(xp, x):
@@ -409,39 +426,49 @@ class GELUTanh(Function):
     @staticmethod
     def forward(ctx, x):
         """f(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))   (the tanh approximation)"""
-        t = _gelu_tanh_inner(x)
+        xp = _xp(x)
+        y, t = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)   # C order, so _flat gives views
+        parallel.map_rows(_gelu_tanh_rows, _flat(y), _flat(x), _flat(t))
         ctx.save_for_backward(x, t)
-        y = t + 1
-        y *= x
-        y *= 0.5
         return y
 
     @staticmethod
     def backward(ctx, g):
         """f'(x) = (1 + t)/2 + x/2 · (1 - t²) · √(2/π) (1 + 3·0.044715 x²),  t = tanh(...)"""
         x, t = ctx.saved_tensors
-        xp = _xp(x)
-        # beyond |x| = 100 tanh is ±1 in every float type, so capping x² changes no result,
-        # but keeps (1 - t²) · x² from becoming 0 · ∞ = nan in float16
-        slope = xp.minimum(x * x, 1e4)
-        slope *= 3 * _GELU_TANH_COEFF
-        slope += 1
-        slope *= _SQRT_2_OVER_PI * 0.5
-        slope *= 1 - t * t         # before x, so that 0 · (huge x) never meets ∞ in float16
-        slope *= x
-        slope += 0.5 * (1 + t)
-        slope *= g
-        return slope
+        dx = _xp(x).empty(x.shape, x.dtype)
+        parallel.map_rows(_gelu_tanh_backward_rows, _flat(dx), _flat(x), _flat(t), _flat(g))
+        return dx
 
 
-def _gelu_tanh_inner(x):
-    """tanh(√(2/π) · x · (1 + 0.044715 x²)), computed in one buffer."""
-    inner = x * x
-    inner *= _GELU_TANH_COEFF
-    inner += 1
-    inner *= x
-    inner *= _SQRT_2_OVER_PI
-    return _xp(x).tanh(inner, out=inner)
+def _gelu_tanh_rows(y, x, t):
+    """t = tanh(√(2/π) · x · (1 + 0.044715 x²)) and y = x/2 · (1 + t) on a block of elements, into y and t."""
+    xp = _xp(x)
+    xp.multiply(x, x, out=t)
+    t *= _GELU_TANH_COEFF
+    t += 1
+    t *= x
+    t *= _SQRT_2_OVER_PI
+    xp.tanh(t, out=t)
+    xp.add(t, 1, out=y)
+    y *= x
+    y *= 0.5
+
+
+def _gelu_tanh_backward_rows(dx, x, t, g):
+    """dx = g · f'(x) on a block of elements, from x and the forward's t (GELUTanh.backward's formula)."""
+    xp = _xp(x)
+    # beyond |x| = 100 tanh is ±1 in every float type, so capping x² changes no result,
+    # but keeps (1 - t²) · x² from becoming 0 · ∞ = nan in float16
+    xp.multiply(x, x, out=dx)
+    xp.minimum(dx, 1e4, out=dx)
+    dx *= 3 * _GELU_TANH_COEFF
+    dx += 1
+    dx *= _SQRT_2_OVER_PI * 0.5
+    dx *= 1 - t * t            # before x, so that 0 · (huge x) never meets ∞ in float16
+    dx *= x
+    dx += 0.5 * (1 + t)
+    dx *= g
 
 
 class GELU(Function):
@@ -449,15 +476,30 @@ class GELU(Function):
     def forward(ctx, x):
         """f(x) = x · Φ(x),  Φ(x) = (1 + erf(x/√2)) / 2   (exact)"""
         ctx.save_for_backward(x)
-        return 0.5 * x * (1 + backend.erf(x * (1 / math.sqrt(2))))
+        y = _xp(x).empty(x.shape, x.dtype)
+        parallel.map_rows(_gelu_rows, _flat(y), _flat(x))
+        return y
 
     @staticmethod
     def backward(ctx, g):
         """f'(x) = Φ(x) + x · φ(x),  φ(x) = e^(-x²/2) / √(2π)"""
         (x,) = ctx.saved_tensors
-        cdf = 0.5 * (1 + backend.erf(x * (1 / math.sqrt(2))))
-        pdf = _xp(x).exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-        return g * (cdf + x * pdf)
+        dx = _xp(x).empty(x.shape, x.dtype)
+        parallel.map_rows(_gelu_backward_rows, _flat(dx), _flat(x), _flat(g))
+        return dx
+
+
+def _gelu_rows(y, x):
+    """y = x · Φ(x) on a block of elements."""
+    _xp(x).multiply(0.5 * x, 1 + backend.erf(x * (1 / math.sqrt(2))), out=y)
+
+
+def _gelu_backward_rows(dx, x, g):
+    """dx = g · (Φ(x) + x · φ(x)) on a block of elements."""
+    xp = _xp(x)
+    cdf = 0.5 * (1 + backend.erf(x * (1 / math.sqrt(2))))
+    pdf = xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    xp.multiply(g, cdf + x * pdf, out=dx)
 
 
 def gelu(x, approximate="tanh"):
@@ -479,23 +521,40 @@ class QuickGELU(Function):
         # σ(z) = (1 + tanh(z/2)) / 2 cannot overflow and takes three passes over one buffer where
         # the exp form takes ten over several; it loses relative precision only where σ is below
         # float precision anyway, which x · σ(1.702 x) cannot see
-        s = _xp(x).tanh(x * (0.5 * _QUICK_GELU_ALPHA))
-        s += 1
-        s *= 0.5
+        xp = _xp(x)
+        y, s = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)   # C order, so _flat gives views
+        parallel.map_rows(_quick_gelu_rows, _flat(y), _flat(x), _flat(s))
         ctx.save_for_backward(x, s)
-        return x * s
+        return y
 
     @staticmethod
     def backward(ctx, g):
         """f'(x) = σ(1.702x) + 1.702 x σ(1.702x)(1 - σ(1.702x))"""
         x, s = ctx.saved_tensors
-        dx = 1 - s                 # one buffer, updated in place: these arrays are (B·T, 4D)
-        dx *= x
-        dx *= _QUICK_GELU_ALPHA
-        dx += 1
-        dx *= s
-        dx *= g
+        dx = _xp(x).empty(x.shape, x.dtype)
+        parallel.map_rows(_quick_gelu_backward_rows, _flat(dx), _flat(x), _flat(s), _flat(g))
         return dx
+
+
+def _quick_gelu_rows(y, x, s):
+    """s = σ(1.702 x) = (1 + tanh(0.851 x)) / 2 and y = x · s on a block of elements, into y and s."""
+    xp = _xp(x)
+    xp.multiply(x, 0.5 * _QUICK_GELU_ALPHA, out=s)
+    xp.tanh(s, out=s)
+    s += 1
+    s *= 0.5
+    xp.multiply(x, s, out=y)
+
+
+def _quick_gelu_backward_rows(dx, x, s, g):
+    """dx = g · s · (1 + 1.702 x (1 - s)) on a block of elements, s = σ(1.702 x) from the forward."""
+    xp = _xp(x)
+    xp.subtract(1, s, out=dx)      # one buffer, updated in place: these arrays are (B·T, 4D)
+    dx *= x
+    dx *= _QUICK_GELU_ALPHA
+    dx += 1
+    dx *= s
+    dx *= g
 
 
 def quick_gelu(x):
@@ -1038,12 +1097,13 @@ class LayerNorm(Function):
         for name, p in (("weight", weight), ("bias", bias)):
             if p is not None and p.shape != (dim,):
                 raise ValueError(f"layer_norm: {name} must have shape ({dim},) for input {x.shape}, got {p.shape}")
-        xhat = x - x.mean(axis=-1, keepdims=True)                # centred, normalised in place below
-        variance = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / dim   # (..., 1)
-        rstd = 1.0 / xp.sqrt(variance + eps)                     # (..., 1)
-        xhat *= rstd
+        y, xhat = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)   # C order: _rows gives views
+        rstd = xp.empty(x.shape[:-1] + (1,), x.dtype)                      # (..., 1)
+        # weight and bias as (1, D): a (D,) vector would be cut into blocks if D happened to equal N
+        parallel.map_rows(_layer_norm_rows, _rows(y), _rows(x), _rows(xhat), _rows(rstd),
+                          _as_row(weight), _as_row(bias), eps)
         ctx.save_for_backward(xhat, rstd, weight)
-        return _scale_shift(xhat, weight, bias)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -1055,14 +1115,43 @@ class LayerNorm(Function):
         g2d, xhat2d = g.reshape(-1, dim), xhat.reshape(-1, dim)  # (N, D): column sums become one reduction
         dx = None
         if needs[0]:
-            ghat = g * weight if weight is not None else g.copy()
-            mean_ghat = ghat.mean(axis=-1, keepdims=True)                                  # (..., 1)
-            mean_ghat_xhat = xp.einsum("...i,...i->...", ghat, xhat)[..., None] / dim     # (..., 1)
-            ghat -= mean_ghat          # dx is built in ghat's buffer
-            ghat -= xhat * mean_ghat_xhat
-            ghat *= rstd
-            dx = ghat
+            dx = xp.empty(g.shape, xhat.dtype)
+            parallel.map_rows(_layer_norm_backward_rows, _rows(dx), g2d, xhat2d, _rows(rstd), _as_row(weight))
         return (dx, *_scale_shift_grads(g2d, xhat2d, needs))
+
+
+def _layer_norm_rows(y, x, xhat, rstd, weight, bias, eps):
+    """x̂ = (x - μ) / √(σ² + eps), rstd = 1 / √(σ² + eps) and y = x̂ · w + b on a block of (n, D) rows, into y, xhat, rstd."""
+    xp = _xp(x)
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)            # centred, normalised in place below
+    variance = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / x.shape[-1]   # (n, 1)
+    xp.divide(1.0, xp.sqrt(variance + eps), out=rstd)
+    xhat *= rstd
+    if weight is not None:
+        xp.multiply(xhat, weight, out=y)
+    else:
+        y[...] = xhat
+    if bias is not None:
+        y += bias
+
+
+def _layer_norm_backward_rows(dx, g, xhat, rstd, weight):
+    """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)), ĝ = g ⊙ w, on a block of (n, D) rows (LayerNorm.backward)."""
+    xp = _xp(g)
+    if weight is not None:     # dx is built in place from ĝ
+        xp.multiply(g, weight, out=dx)
+    else:
+        dx[...] = g
+    mean_ghat = dx.mean(axis=-1, keepdims=True)                                   # (n, 1)
+    mean_ghat_xhat = xp.einsum("...i,...i->...", dx, xhat)[..., None] / dx.shape[-1]   # (n, 1)
+    dx -= mean_ghat
+    dx -= xhat * mean_ghat_xhat
+    dx *= rstd
+
+
+def _as_row(vector):
+    """A (D,) vector as a (1, D) row (None stays None), so that map_rows passes it whole to every block."""
+    return None if vector is None else vector.reshape(1, -1)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
@@ -1074,7 +1163,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 
 
 def _scale_shift(xhat, weight, bias):
-    """y = x̂ · w + b, either of w and b may be None (the affine end of layer norm and batch norm)."""
+    """y = x̂ · w + b, either of w and b may be None (the affine end of batch norm; _layer_norm_rows does layer norm's)."""
     y = xhat * weight if weight is not None else xhat.copy()
     if bias is not None:
         y += bias
@@ -1148,9 +1237,8 @@ class ScaledDotProductAttention(Function):
             t = q.shape[-2]
             future = xp.triu(xp.ones((t, t), dtype=bool), k=1)  # (T, T): key j > query i
             xp.copyto(scores, -xp.inf, where=future)             # not scores[..., future]: no GPU sync
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = xp.exp(scores, out=scores)
-        probs /= probs.sum(axis=-1, keepdims=True)               # (B, H, Tq, Tk)
+        probs = scores              # the softmax overwrites the scores (a fresh C-order product: _rows is a view)
+        parallel.map_rows(_softmax_rows, _rows(probs))           # (B, H, Tq, Tk)
         ctx.save_for_backward(q, k, v, probs)
         ctx.scale = scale
         return probs @ v                                         # (B, H, Tq, d)
@@ -1161,13 +1249,26 @@ class ScaledDotProductAttention(Function):
         q, k, v, probs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dv = _swap_last(probs) @ g if needs[2] else None        # (B, H, Tk, d)
-        dscores = g @ _swap_last(v)                              # dP (B, H, Tq, Tk), turned into dS in place
-        dscores -= _xp(g).einsum("...j,...j->...", dscores, probs)[..., None]
-        dscores *= probs
-        dscores *= ctx.scale
+        dscores = g @ _swap_last(v)      # dP (B, H, Tq, Tk), C order, turned into dS in place through _rows
+        parallel.map_rows(_softmax_backward_rows, _rows(dscores), _rows(probs), ctx.scale)
         dq = dscores @ k if needs[0] else None                   # (B, H, Tq, d)
         dk = _swap_last(dscores) @ q if needs[1] else None       # (B, H, Tk, d)
         return dq, dk, dv
+
+
+def _softmax_rows(p):
+    """p ← softmax(p) along the last axis of a block of rows, in place (max subtracted: exp never overflows)."""
+    xp = _xp(p)
+    p -= p.max(axis=-1, keepdims=True)
+    xp.exp(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
+
+
+def _softmax_backward_rows(dp, p, scale):
+    """dp ← s · p ⊙ (dp - Σ_j dp_j p_j) on a block of rows, in place: the softmax's backward, times the scale."""
+    dp -= _xp(p).einsum("...j,...j->...", dp, p)[..., None]
+    dp *= p
+    dp *= scale
 
 
 def scaled_dot_product_attention(q, k, v, causal=False, scale=None):

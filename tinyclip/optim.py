@@ -16,14 +16,16 @@
   norm is at most ``max_norm`` (Pascanu et al. 2013).
 
 Parameters are updated in place (``p.data``), with the array module of the
-parameters themselves, so the same code runs on NumPy and CuPy. Parameters
+parameters themselves, so the same code runs on NumPy and CuPy; AdamW's
+update of a large parameter is cut into row blocks on ``parallel``'s thread
+pool (each element's update unchanged, so bit for bit the same). Parameters
 whose ``grad`` is None are skipped. Optimiser state is plain arrays and
 numbers, so a checkpoint stores it without pickle.
 """
 
 import math
 
-from . import backend
+from . import backend, parallel
 from .autograd import Tensor
 
 
@@ -220,17 +222,27 @@ class AdamW(Optimizer):
             if not state:
                 state.update(step=0, exp_avg=xp.zeros_like(p.data), exp_avg_sq=xp.zeros_like(p.data))
             state["step"] = int(state["step"]) + 1
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            if weight_decay:
-                p.data *= 1 - lr * weight_decay
-            m *= beta1
-            m += (1 - beta1) * grad
-            v *= beta2
-            v += (1 - beta2) * (grad * grad)
-            bias1 = 1 - beta1 ** state["step"]
-            bias2 = 1 - beta2 ** state["step"]
-            denominator = xp.sqrt(v) / math.sqrt(bias2) + eps   # √v̂ + eps
-            p.data -= (lr / bias1) * m / denominator
+            hyperparameters = (lr, weight_decay, beta1, beta2, eps, state["step"])
+            arrays = (grad, state["exp_avg"], state["exp_avg_sq"])
+            if p.data.ndim == 0:        # a scalar (the temperature, the bias): nothing to cut into rows
+                _adamw_update(p.data, *arrays, *hyperparameters)
+            else:                       # the rows of a large matrix on every core, each element's update unchanged
+                parallel.map_rows(_adamw_update, p.data, *arrays, *hyperparameters)
+
+
+def _adamw_update(param, grad, m, v, lr, weight_decay, beta1, beta2, eps, step):
+    """One AdamW update of a block of rows of a parameter and its moments m, v, all in place (AdamW's formula)."""
+    xp = backend.get_array_module(param)
+    if weight_decay:
+        param *= 1 - lr * weight_decay
+    m *= beta1
+    m += (1 - beta1) * grad
+    v *= beta2
+    v += (1 - beta2) * (grad * grad)
+    bias1 = 1 - beta1 ** step
+    bias2 = 1 - beta2 ** step
+    denominator = xp.sqrt(v) / math.sqrt(bias2) + eps   # √v̂ + eps
+    param -= (lr / bias1) * m / denominator
 
 
 def param_groups_for_decay(named_parameters, weight_decay, no_decay=()):

@@ -12,7 +12,12 @@ that::
         out += 1
         out *= 0.5 * x
 
-    parallel.map_rows(gelu_rows, out, x)         # out[i:j] from x[i:j], one block per thread
+    parallel.map_rows(gelu_rows, out, x)         # out[i:j] from x[i:j], a few blocks per thread
+
+The rows are cut into ``BLOCKS_PER_THREAD`` blocks per thread, and each
+thread (the caller and the pool's helpers) takes the next untaken block
+until none is left; so a helper that a busy machine starts late costs
+nothing: the caller takes its blocks.
 
 Determinism. Each block is computed by the same function on the same rows
 whichever thread runs it, and the blocks are cut the same way for a given
@@ -40,8 +45,12 @@ import numpy
 from . import backend
 
 THREADS_ENV = "TINYCLIP_THREADS"
-# below this many output elements a thread hand-off (~10-20 µs) costs more than the work it splits
-MIN_PARALLEL_SIZE = 1 << 15
+# below this many output elements the hand-off costs more than the work it splits: on the 2-core
+# development machine under load 5-6 (docs/vit.md, `benchmarks/parallel.py --sweep`) two threads were
+# slower than one up to 2^17 elements for the cheapest row work (the softmax backward, 3 passes) and GELU
+MIN_PARALLEL_SIZE = 1 << 18
+# blocks per thread: more blocks even out threads that a busy machine starts late, each costs a Python call
+BLOCKS_PER_THREAD = 2
 
 _pool = None
 _pool_size = 0
@@ -104,7 +113,7 @@ def _is_row_array(array, rows):
 
 
 def map_rows(fn, out, *arrays, threads=None):
-    """Call ``fn(out[i:j], *(a[i:j] for a in arrays))`` on contiguous row blocks, one block per thread.
+    """Call ``fn(out[i:j], *(a[i:j] for a in arrays))`` on contiguous row blocks, on ``threads`` threads.
 
     out: a NumPy array written in place by ``fn`` (rows along axis 0); arrays:
     NumPy arrays with ``out.shape[0]`` rows, cut like ``out``, or anything
@@ -113,12 +122,14 @@ def map_rows(fn, out, *arrays, threads=None):
     ``out``'s row count is always cut, so a vector meant to broadcast along
     the rows must not happen to have that length (reshape it to (1, n)).
     ``fn`` must write only its own block of ``out``; its return value is
-    ignored. threads: the number of blocks (default ``thread_count()``).
+    ignored. threads: the number of threads (default ``thread_count()``);
+    the rows are cut into ``BLOCKS_PER_THREAD`` blocks per thread.
 
     Returns ``out``. CuPy arrays, and outputs under ``MIN_PARALLEL_SIZE``
     elements, run as one call in this thread. An exception raised by ``fn``
-    in any block is raised here, after every block has finished.
-    Raises ValueError for a ``threads`` below 1 or a 0-d ``out``.
+    in any block is raised here, after every block has finished (the first
+    block's, when several fail). Raises ValueError for a ``threads`` below 1
+    or a 0-d ``out``.
     """
     threads = thread_count() if threads is None else threads
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -132,21 +143,54 @@ def map_rows(fn, out, *arrays, threads=None):
     if threads == 1 or rows < 2 or out.size < MIN_PARALLEL_SIZE:
         fn(out, *arrays)
         return out
-    blocks = row_blocks(rows, threads)
-    pool = _executor(len(blocks) - 1)
-    # the calling thread takes the first block itself: one hand-off fewer, and with two cores one helper thread
-    futures = [pool.submit(fn, out[start:stop], *(_split(a, rows, start, stop) for a in arrays))
-               for start, stop in blocks[1:]]
-    first_error = None
-    try:
-        start, stop = blocks[0]
-        fn(out[start:stop], *(_split(a, rows, start, stop) for a in arrays))
-    except BaseException as error:                 # wait for the others before raising: no block left writing
-        first_error = error
-    for future in futures:
-        error = future.exception()
-        if first_error is None and error is not None:
-            first_error = error
-    if first_error is not None:
-        raise first_error
+    job = _Job(fn, out, arrays, row_blocks(rows, threads * BLOCKS_PER_THREAD))
+    pool = _executor(threads - 1)
+    for _ in range(threads - 1):
+        pool.submit(job.work)
+    job.work()                  # the calling thread works too: with two cores, one helper thread
+    job.wait()
     return out
+
+
+class _Job:
+    """One map_rows call: its blocks, each claimed by whichever thread is free first.
+
+    A helper thread that a busy machine does not schedule in time finds every
+    block taken and returns at once, so the caller never waits for a thread
+    that has not started: on a loaded machine the call is at worst about as
+    slow as one thread doing it all. Which thread computes a block changes
+    nothing in its result.
+    """
+
+    def __init__(self, fn, out, arrays, blocks):
+        self.fn, self.out, self.arrays, self.blocks = fn, out, arrays, blocks
+        self.errors = [None] * len(blocks)
+        self.claimed = self.finished = 0
+        self.lock = threading.Condition()
+
+    def work(self):
+        """Compute unclaimed blocks until none is left."""
+        rows = self.out.shape[0]
+        while True:
+            with self.lock:
+                index = self.claimed
+                if index == len(self.blocks):
+                    return
+                self.claimed += 1
+            start, stop = self.blocks[index]
+            try:
+                self.fn(self.out[start:stop], *(_split(a, rows, start, stop) for a in self.arrays))
+            except BaseException as error:       # raised by wait(), in the caller, once every block is done
+                self.errors[index] = error
+            with self.lock:
+                self.finished += 1
+                if self.finished == len(self.blocks):
+                    self.lock.notify_all()
+
+    def wait(self):
+        """Return when every block has finished; raise the first failed block's exception."""
+        with self.lock:
+            self.lock.wait_for(lambda: self.finished == len(self.blocks))
+        error = next((error for error in self.errors if error is not None), None)
+        if error is not None:
+            raise error
