@@ -340,3 +340,14 @@ def test_sincos_model_saves_and_loads_without_the_table(tmp_path):
     assert loaded.config == config
     images, _ = inputs_for(config, numpy, 5)
     numpy.testing.assert_array_equal(loaded.encode_image(images).data, model.encode_image(images).data)
+
+
+def test_mimetic_attention_init_changes_only_the_image_towers_attention():
+    plain = CLIP(preset("tiny", vision_layers=2), seed=0, dtype="float64")
+    mimetic = CLIP(preset("tiny", vision_layers=2, vision_attention_init="mimetic"), seed=0, dtype="float64")
+    changed = {name for name, p in plain.named_parameters()
+               if not numpy.array_equal(p.data, dict(mimetic.named_parameters())[name].data)}
+    assert changed == {f"visual.transformer.blocks.{i}.attn.{proj}.weight"
+                       for i in range(2) for proj in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    with pytest.raises(ValueError, match="vision_attention_init"):
+        preset("tiny", vision_attention_init="identity")

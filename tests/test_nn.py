@@ -536,3 +536,71 @@ def test_numpy_state_loads_into_a_cupy_model():
     assert all(p.backend == "cupy" for p in gpu_model.parameters())
     for name, value in gpu_model.state_dict().items():
         numpy.testing.assert_array_equal(host(value), cpu_model.state_dict()[name])
+
+
+# --- mimetic initialisation of attention (Trockman & Kolter 2023) ---------------------------------------------------
+
+class _ScriptedRNG:
+    """An rng whose normal draws are given in advance, so the expected weights can be computed here."""
+
+    def __init__(self, draws):
+        self.draws = list(draws)
+
+    def normal(self, shape, std=1.0, dtype=None):
+        draw = self.draws.pop(0)
+        assert draw.shape == tuple(shape)
+        return draw * std
+
+
+def _best_rank(target, rank):
+    u, sigma, vt = numpy.linalg.svd(target)
+    return (u[:, :rank] * sigma[:rank]) @ vt[:rank]
+
+
+@pytest.mark.parametrize("dim, heads", [(8, 2), (12, 3), (6, 1)])
+def test_mimetic_init_gives_each_head_the_best_low_rank_target(dim, heads):
+    attention = nn.MultiHeadAttention(dim, heads, dtype="float64", seed=0)
+    rng = numpy.random.default_rng(1)
+    draws = [rng.standard_normal((dim, dim)) for _ in range(heads + 1)]   # one Z per head, then V/O's
+    nn.mimetic_init(attention, _ScriptedRNG(draws), qk=(0.7, 0.5), vo=(0.4, 0.3))
+    head = dim // heads
+    q, k = attention.q_proj.weight.data, attention.k_proj.weight.data              # (D, D), y = x Wᵀ
+    for h in range(heads):
+        rows = slice(h * head, (h + 1) * head)
+        target = 0.7 * draws[h] * dim ** -0.5 + 0.5 * numpy.eye(dim)
+        numpy.testing.assert_allclose(q[rows].T @ k[rows], _best_rank(target, head), atol=1e-12)
+    value_output = attention.v_proj.weight.data.T @ attention.out_proj.weight.data.T   # x ↦ x W_vᵀ W_oᵀ
+    numpy.testing.assert_allclose(value_output, 0.4 * draws[heads] * dim ** -0.5 - 0.3 * numpy.eye(dim), atol=1e-12)
+
+
+def test_mimetic_init_makes_attention_prefer_nearby_tokens_with_sincos_positions():
+    from tinyclip.models.vision import sincos_position_embedding
+    dim, grid = 64, 8
+    tokens = sincos_position_embedding(grid, dim)[None]                  # (1, 64, 64): position alone
+    mean_weight = {}
+    for init in ("random", "mimetic"):
+        attention = nn.MultiHeadAttention(dim, 4, dtype="float64", seed=0)
+        if init == "mimetic":
+            nn.mimetic_init(attention, backend.RNG(3))
+        q = tokens @ attention.q_proj.weight.data.T
+        k = tokens @ attention.k_proj.weight.data.T
+        head = dim // 4
+        scores = numpy.stack([q[0, :, h * head:(h + 1) * head] @ k[0, :, h * head:(h + 1) * head].T
+                              for h in range(4)]) / math.sqrt(head)
+        weights = numpy.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)                        # (heads, T, T)
+        y, x = numpy.divmod(numpy.arange(grid * grid), grid)
+        distance = numpy.maximum(abs(y[:, None] - y[None]), abs(x[:, None] - x[None]))
+        mean_weight[init] = weights.mean(0)[distance <= 1].sum() / (grid * grid)   # share on self + 8 neighbours
+    # random weights attend about uniformly (0.118 of the weight on self + neighbours, the share of such pairs);
+    # mimetic ones lean local (0.16 at this seed: a mild lean, sin-cos rows of near and far tokens are alike at width 64)
+    uniform = (distance <= 1).mean()
+    assert abs(mean_weight["random"] - uniform) < 0.1 * uniform
+    assert mean_weight["mimetic"] > 1.25 * uniform
+
+
+def test_mimetic_init_refuses_other_layers_and_draws_nothing_without_values():
+    with pytest.raises(TypeError, match="MultiHeadAttention"):
+        nn.mimetic_init(nn.Linear(4, 4, seed=0), backend.RNG(0))
+    placeholder = nn.MultiHeadAttention(8, 2, rng=nn.NoValues())
+    nn.mimetic_init(placeholder, nn.NoValues())                         # no error, nothing written

@@ -24,6 +24,8 @@ without either both start from seed 0 and so get identical weights. An
 
 import collections
 
+import numpy
+
 from . import backend as _backend
 from . import functional as F
 from .autograd import Tensor
@@ -537,6 +539,47 @@ class MultiHeadAttention(Module):
 def _check_tokens(layer, name, x, dim):
     if x.ndim != 3 or x.shape[-1] != dim:
         raise ValueError(f"{layer}: {name} must have shape (batch, tokens, {dim}), got {tuple(x.shape)}")
+
+
+def mimetic_init(attention, rng, qk=(0.7, 0.7), vo=(0.4, 0.4)):
+    """Redraw ``attention``'s four weights in place so that it starts out mixing nearby tokens.
+
+    Mimetic initialisation (Trockman & Kolter 2023, "Mimetic Initialization of
+    Self-Attention Layers"): trained ViTs' attention maps show, per head,
+    W_q W_kᵀ ≈ α₁Z₁ + β₁I and, over the concatenated heads, W_v W_o ≈ α₂Z₂ − β₂I,
+    with Z (D, D) Gaussian of variance 1/D. Starting there, a token's query
+    matches keys like its own input (with a sin-cos position embedding, a mild
+    lean towards nearby tokens), and the value path starts as a damped copy,
+    the statistics of a trained ViT that a small one on little data would
+    otherwise have to learn. Each head's
+    (D, d) maps are the rank-d factors of the target's SVD, so W_q^h W_k^hᵀ is
+    its best rank-d approximation; V and O factor their (D, D) target exactly.
+    ``qk`` = (α₁, β₁) and ``vo`` = (α₂, β₂) are the paper's ViT values. The
+    layer's convention is y = x Wᵀ, so W_q^h is rows h·d … (h+1)·d of q_proj.weight.
+    Raises TypeError for anything but a MultiHeadAttention.
+    """
+    if not isinstance(attention, MultiHeadAttention):
+        raise TypeError(f"mimetic_init needs a MultiHeadAttention, got {type(attention).__name__}")
+    if isinstance(rng, NoValues):
+        return                                          # weights come from a file; nothing to draw
+    dim, head = attention.dim, attention.dim // attention.heads
+
+    def factors(alpha, beta, rank):
+        """(A, B), each (rank, D): Aᵀ B is the best rank-``rank`` approximation of αZ + βI."""
+        z = rng.normal((dim, dim), std=dim ** -0.5, dtype="float64")
+        u, sigma, vt = numpy.linalg.svd(alpha * _backend.to_numpy(z) + beta * numpy.eye(dim))
+        root = numpy.sqrt(sigma[:rank])[:, None]
+        return root * u[:, :rank].T, root * vt[:rank]
+
+    q = numpy.empty((dim, dim))
+    k = numpy.empty((dim, dim))
+    for first in range(0, dim, head):                   # one target per head
+        q[first:first + head], k[first:first + head] = factors(qk[0], qk[1], head)
+    v, o = factors(vo[0], -vo[1], dim)                  # x W_vᵀ W_oᵀ ≈ x (α₂Z₂ − β₂I)
+    for layer, value in ((attention.q_proj, q), (attention.k_proj, k), (attention.v_proj, v),
+                         (attention.out_proj, o.T)):
+        weight = layer.weight
+        weight.data[...] = _backend.asarray(value, _backend.backend_of(weight.data), weight.dtype)
 
 
 class Block(Module):

@@ -93,3 +93,6 @@ def _init_like_clip(model, rng):
             if std is not None:
                 draw = rng.normal(parameter.shape, std=std, dtype=parameter.dtype)
                 parameter.data[...] = _backend.asarray(draw, _backend.backend_of(parameter.data), parameter.dtype)
+    if config.vision_type == "vit" and config.vision_attention_init == "mimetic":
+        for block in model.visual.transformer.blocks:
+            nn.mimetic_init(block.attn, rng)

@@ -17,6 +17,7 @@ ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 VISION_POOLING = ("cls", "gap", "map")
 VISION_TYPES = ("vit", "cnn")
 POSITION_EMBEDDINGS = ("learned", "sincos")
+ATTENTION_INITS = ("random", "mimetic")
 # the fields that decide what the image tower computes: a tower moved into another model brings them along
 # (activation and ln_eps are shared with the text tower, which then follows the image tower's)
 VISION_FIELDS = ("vision_type", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
@@ -61,6 +62,8 @@ class CLIPConfig:
     conv_channels: tuple = ()        # "cnn": output channels of each 3×3 stride-2 conv + batch norm stage
     position_embedding: str = "learned"   # "learned" (CLIP, SigLIP) or "sincos": fixed 2-D sine-cosine
                                           # (Chen et al. 2021, MoCo v3; Beyer et al. 2022), a zero row for a class token
+    vision_attention_init: str = "random"   # "random" (CLIP's stds) or "mimetic": each head starts attending to
+                                            # tokens like its own (Trockman & Kolter 2023; nn.mimetic_init)
     # --- text tower ------------------------------------------------------------------------------
     context_length: int = 77         # tokens per caption
     vocab_size: int = 49408          # token ids are in [0, vocab_size)
@@ -164,7 +167,8 @@ _INT_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vis
 _FLOAT_FIELDS = ("vision_mlp_ratio", "text_mlp_ratio", "ln_eps", "init_log_scale")
 _BOOL_FIELDS = ("class_token", "vision_pre_norm", "patch_bias", "vision_projection", "causal", "text_projection_bias")
 _CHOICES = {"vision_type": VISION_TYPES, "vision_pooling": VISION_POOLING, "text_pooling": TEXT_POOLING,
-            "activation": ACTIVATIONS, "pixel_norm": PIXEL_NORMS, "position_embedding": POSITION_EMBEDDINGS}
+            "activation": ACTIVATIONS, "pixel_norm": PIXEL_NORMS, "position_embedding": POSITION_EMBEDDINGS,
+            "vision_attention_init": ATTENTION_INITS}
 _RANGES = {"image_size": (1, MAX_IMAGE_SIZE), "patch_size": (1, MAX_IMAGE_SIZE), "vision_width": (1, MAX_WIDTH),
            "vision_layers": (1, MAX_LAYERS), "vision_heads": (1, MAX_WIDTH), "vision_mlp_ratio": (0.0, MAX_MLP_RATIO),
            "context_length": (1, MAX_CONTEXT_LENGTH), "vocab_size": (1, MAX_VOCAB_SIZE),
@@ -192,7 +196,8 @@ def _type_problems(config):
     if config.init_bias is not None and (not isinstance(config.init_bias, numbers.Real)
                                          or isinstance(config.init_bias, bool)):
         problems.append(f"init_bias {config.init_bias!r} must be a number or None")
-    for name in ("vision_type", "vision_pooling", "text_pooling", "activation"):
+    for name in ("vision_type", "vision_pooling", "text_pooling", "activation", "position_embedding",
+                 "vision_attention_init"):
         if not isinstance(getattr(config, name), str):
             problems.append(f"{name} {getattr(config, name)!r} must be a string, one of {_CHOICES[name]}")
     if config.pixel_norm is not None and not isinstance(config.pixel_norm, str):
