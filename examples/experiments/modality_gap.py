@@ -16,7 +16,8 @@ CLIP's initial 1/0.07, and every few steps measures on 200 held-out pairs:
 then, at the end, moves the image embeddings by λ·(text centroid − image
 centroid) (renormalised) for λ from 0 to 1 and measures zero-shot top-1.
 
-    python examples/experiments/modality_gap.py            # ~5 min on a loaded 2-core CPU
+    python examples/experiments/modality_gap.py            # one seed: ~5 min on a loaded 2-core CPU
+    python examples/experiments/modality_gap.py --seeds 3  # three seeds: about 3x that
     python examples/experiments/modality_gap.py --quick    # seconds: checks that it runs
 """
 

@@ -10,7 +10,8 @@ negatives with matched pairs seen do best. The masking is
 ``siglip_loss(..., keep_negatives=, negatives=)``, exposed as the
 TrainConfig fields (``tinyclip train --keep-negatives 0.25 --negatives hard``).
 
-    python examples/experiments/negatives.py            # ~9 min on a loaded 2-core CPU
+    python examples/experiments/negatives.py            # one seed: ~9 min on a loaded 2-core CPU
+    python examples/experiments/negatives.py --seeds 3  # docs/experiments.md's run: 3x that (43 min at load 6-7)
     python examples/experiments/negatives.py --quick    # seconds: checks that it runs
 """
 

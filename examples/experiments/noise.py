@@ -9,7 +9,8 @@ softmax loss under every kind of noise. Here each kind at p ∈ {0.1, 0.2,
 clean. Corruption is drawn per example from the run's seed and the
 example's index, so every run sees the same corrupted pairs.
 
-    python examples/experiments/noise.py            # ~5 min on a loaded 2-core CPU
+    python examples/experiments/noise.py            # one seed: ~5 min on a loaded 2-core CPU
+    python examples/experiments/noise.py --seeds 3  # docs/experiments.md's run: 41 min at load 6-7
     python examples/experiments/noise.py --quick    # seconds: checks that it runs
 """
 
