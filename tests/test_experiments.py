@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import numpy
 import pytest
 
 from .test_examples import environment
@@ -64,7 +65,7 @@ def test_init(tmp_path):
 
 
 def test_negatives(tmp_path):
-    record = run_quick("negatives", tmp_path, "--seeds", "1")
+    record = run_quick("negatives", tmp_path, "--seeds", "2")
     rules = {(row["rule"], row["keep"]) for row in record["runs"]}
     assert rules == {("all", 1.0)} | {(rule, keep) for keep in record["settings"]["keep"]
                                        for rule in ("random", "hard", "easy", "hard, matched")}
@@ -75,10 +76,40 @@ def test_negatives(tmp_path):
     assert pairs["hard"] < pairs["all"]
     for row in record["runs"]:
         check_metrics(row)
+    check_seeds_and_pairs(record, 2, [("all", 1.0)] + [(rule, keep) for rule in record["versus_all"]
+                                                        for keep in record["settings"]["keep"]],
+                          lambda row: (row["rule"], row["keep"]))
+    for rule, by_keep in record["versus_all"].items():          # each seed's masked score minus its full-loss score
+        for keep, by_key in by_keep.items():
+            for key, spread in by_key.items():
+                mine = [row[key] for row in sorted(record["runs"], key=lambda row: row["seed"])
+                        if (row["rule"], str(row["keep"])) == (rule, keep)]
+                full = [row[key] for row in sorted(record["runs"], key=lambda row: row["seed"]) if row["rule"] == "all"]
+                assert spread["values"] == pytest.approx([a - b for a, b in zip(mine, full)], abs=1e-4)
+
+
+def check_seeds_and_pairs(record, seeds, settings, setting_of):
+    """Every setting ran once per seed, and each table cell is the mean ± std of exactly those runs' scores."""
+    assert record["settings"]["seeds"] == seeds
+    for setting in settings:
+        assert sorted(row["seed"] for row in record["runs"] if setting_of(row) == setting) == list(range(seeds))
+    for cell in cells(record["table"]):
+        assert len(cell["values"]) == seeds
+        assert cell["mean"] == pytest.approx(sum(cell["values"]) / seeds, abs=1e-4)
+        assert cell["std"] == pytest.approx(float(numpy.std(cell["values"])), abs=1e-4)
+
+
+def cells(table):
+    """The {"mean", "std", "values"} leaves of a nested table."""
+    if "values" in table:
+        yield table
+        return
+    for value in table.values():
+        yield from cells(value)
 
 
 def test_noise(tmp_path):
-    record = run_quick("noise", tmp_path, "--seeds", "1")
+    record = run_quick("noise", tmp_path, "--seeds", "2")
     settings = {(row["loss"], row["noise"], row["p"]) for row in record["runs"]}
     for loss in ("siglip", "clip"):
         assert (loss, "clean", 0.0) in settings
@@ -86,6 +117,19 @@ def test_noise(tmp_path):
             assert {(loss, kind, p) for p in record["settings"]["p"] if p} <= settings
     for row in record["runs"]:
         check_metrics(row)
+    check_seeds_and_pairs(record, 2, settings, lambda row: (row["loss"], row["noise"], row["p"]))
+
+    def scores(loss, kind, p, key):
+        kind = "clean" if p == 0 else kind
+        return [row[key] for row in sorted(record["runs"], key=lambda row: row["seed"])
+                if (row["loss"], row["noise"], row["p"]) == (loss, kind, p)]
+    for kind, by_p in record["clip_minus_siglip"].items():     # paired: the same seed's data and corruption
+        assert set(by_p) == {str(p) for p in record["settings"]["p"]}
+        for p, by_key in by_p.items():
+            for key, spread in by_key.items():
+                expected = [a - b for a, b in zip(scores("clip", kind, float(p), key),
+                                                  scores("siglip", kind, float(p), key))]
+                assert spread["values"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_noise_corrupts_the_fraction_asked_and_the_same_pairs_every_time():
@@ -138,15 +182,18 @@ def test_hard_negatives_are_false_of_the_image():
 
 
 def test_modality_gap(tmp_path):
-    record = run_quick("modality_gap", tmp_path)
-    assert len(record["runs"]) == 4
+    record = run_quick("modality_gap", tmp_path, "--seeds", "2")
+    assert len(record["runs"]) == 8
+    check_seeds_and_pairs(record, 2, set(record["table"]), lambda row: row["setting"])
+    for row in record["runs"]:                # the table's last-point gap is each seed's curve's last point
+        assert record["table"][row["setting"]]["gap"]["values"][row["seed"]] == row["curve"][-1]["gap"]
     for row in record["runs"]:
         check_metrics(row)
         assert row["curve"][0]["step"] == 0 and row["curve"][-1]["step"] == record["settings"]["steps"]
         for point in row["curve"]:
             assert 0.0 <= point["gap"] <= 2.0 and 0.0 <= point["separability"] <= 1.0
         assert set(row["zeroshot_after_shift"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
-    fixed = [row for row in record["runs"] if "fixed" in row["setting"]]
+    fixed = [row for row in record["runs"] if "fixed" in row["setting"] and row["seed"] == 0]
     assert [row["curve"][-1]["scale"] for row in fixed] == [1.0, 10.0, 100.0]     # a fixed scale stays fixed
 
 

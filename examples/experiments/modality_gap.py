@@ -16,7 +16,8 @@ CLIP's initial 1/0.07, and every few steps measures on 200 held-out pairs:
 then, at the end, moves the image embeddings by λ·(text centroid − image
 centroid) (renormalised) for λ from 0 to 1 and measures zero-shot top-1.
 
-    python examples/experiments/modality_gap.py            # ~5 min on a loaded 2-core CPU
+    python examples/experiments/modality_gap.py            # one seed: ~5 min on a loaded 2-core CPU
+    python examples/experiments/modality_gap.py --seeds 3  # three seeds: about 3x that
     python examples/experiments/modality_gap.py --quick    # seconds: checks that it runs
 """
 
@@ -65,6 +66,31 @@ def shifted_zeroshot(model, tokenizer, zeroshot, retrieval):
     return scores
 
 
+def train_and_measure(name, scale, seed, batch, steps, every, sets, quick):
+    """One run of the CLIP loss at a fixed (or learned) scale: its gap curve, final scores and shifted zero-shot."""
+    init = math.log(scale if scale else 1 / 0.07)
+    cfg = common.config(quick, loss="clip", batch_size=batch, steps=steps, seed=seed,
+                        model_overrides={"init_log_scale": init})
+    toy = common.Toy(cfg)
+    toy.model.log_scale.requires_grad = scale is None                 # a fixed temperature takes no step
+    curve = []
+
+    def measure(toy):
+        toy.model.eval()
+        gap, separable = gap_and_separability(toy.model, toy.tokenizer, sets["retrieval"])
+        toy.model.train()
+        curve.append({"step": toy.steps_done, "gap": round(gap, 4), "separability": round(separable, 4),
+                      "scale": round(math.exp(float(toy.model.log_scale.item())), 3)})
+        print(name, seed, curve[-1], flush=True)
+
+    measure(toy)                                                        # step 0: the gap at initialisation
+    toy.run(every=every, callback=measure)
+    run = {"setting": name, "seed": seed, "curve": curve, **toy.evaluate(quick),
+           "zeroshot_after_shift": shifted_zeroshot(toy.model, toy.tokenizer, sets["zeroshot"], sets["retrieval"])}
+    print(name, seed, run["zeroshot_after_shift"], flush=True)
+    return run
+
+
 def main(argv=None):
     args = common.arguments(__doc__).parse_args(argv)
     started = time.perf_counter()
@@ -72,41 +98,36 @@ def main(argv=None):
     sets = common.eval_sets(args.quick)
     runs = []
     for name, scale in SCALES.items():
-        init = math.log(scale if scale else 1 / 0.07)
-        cfg = common.config(args.quick, loss="clip", batch_size=batch, steps=steps, seed=0,
-                            model_overrides={"init_log_scale": init})
-        toy = common.Toy(cfg)
-        toy.model.log_scale.requires_grad = scale is None                 # a fixed temperature takes no step
-        curve = []
+        for seed in range(args.seeds):
+            runs.append(train_and_measure(name, scale, seed, batch, steps, every, sets, args.quick))
 
-        def measure(toy):
-            toy.model.eval()
-            gap, separable = gap_and_separability(toy.model, toy.tokenizer, sets["retrieval"])
-            toy.model.train()
-            curve.append({"step": toy.steps_done, "gap": round(gap, 4), "separability": round(separable, 4),
-                          "scale": round(math.exp(float(toy.model.log_scale.item())), 3)})
-            print(name, curve[-1], flush=True)
+    def of(name, pick):
+        return [pick(run) for run in runs if run["setting"] == name]                   # in seed order
 
-        measure(toy)                                                        # step 0: the gap at initialisation
-        toy.run(every=every, callback=measure)
-        runs.append({"setting": name, "curve": curve, **toy.evaluate(args.quick),
-                     "zeroshot_after_shift": shifted_zeroshot(toy.model, toy.tokenizer, sets["zeroshot"],
-                                                              sets["retrieval"])})
-        print(name, runs[-1]["zeroshot_after_shift"], flush=True)
-
+    final = {"gap": lambda run: run["curve"][-1]["gap"], "separability": lambda run: run["curve"][-1]["separability"],
+             "scale": lambda run: run["curve"][-1]["scale"]}
+    final.update({key: (lambda run, key=key: run[key]) for key in ("zeroshot_top1", "retrieval_i2t_r1")})
+    final.update({f"zeroshot_shift_{s}": (lambda run, s=s: run["zeroshot_after_shift"][str(s)]) for s in SHIFTS})
+    final["zeroshot_largest_shift_change"] = lambda run: max(abs(score - run["zeroshot_after_shift"]["0.0"])
+                                                            for score in run["zeroshot_after_shift"].values())
+    table = {name: {key: common.mean_spread(of(name, pick)) for key, pick in final.items()} for name in SCALES}
     plt = common.pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for run in runs:
-        axes[0].plot([p["step"] for p in run["curve"]], [p["gap"] for p in run["curve"]], "o-", label=run["setting"])
-        axes[1].plot([p["step"] for p in run["curve"]], [p["separability"] for p in run["curve"]], "o-",
-                     label=run["setting"])
-        axes[2].plot(SHIFTS, [run["zeroshot_after_shift"][str(s)] for s in SHIFTS], "o-", label=run["setting"])
-    axes[0].set(xlabel="step", ylabel="‖image centroid − text centroid‖", title="the gap")
+    colours = dict(zip(SCALES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for run in runs:                        # one line per seed, a colour per setting
+        look = {"color": colours[run["setting"]], "label": run["setting"] if run["seed"] == 0 else None,
+                "alpha": 1.0 if run["seed"] == 0 else 0.5}
+        axes[0].plot([p["step"] for p in run["curve"]], [p["gap"] for p in run["curve"]], "o-", ms=3, **look)
+        axes[1].plot([p["step"] for p in run["curve"]], [p["separability"] for p in run["curve"]], "o-", ms=3,
+                     **look)
+        axes[2].plot(SHIFTS, [run["zeroshot_after_shift"][str(s)] for s in SHIFTS], "o-", ms=3, **look)
+    axes[0].set(xlabel="step", ylabel="‖image centroid − text centroid‖", title=f"the gap ({args.seeds} seed(s))")
     axes[1].set(xlabel="step", ylabel="held-out accuracy", title="linear separability of image vs text")
     axes[2].set(xlabel="λ (image embeddings moved by λ·gap)", ylabel="zero-shot top-1", title="closing the gap")
     axes[0].legend(fontsize=7)
     common.write(args.out, "modality_gap", {"settings": {"batch_size": batch, "steps": steps, "loss": "clip",
-                                                         "model": common.SMALL}, "runs": runs}, started, figure)
+                                                         "seeds": args.seeds, "model": common.SMALL},
+                                            "runs": runs, "table": table}, started, figure)
     return 0
 
 

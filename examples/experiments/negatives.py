@@ -10,14 +10,16 @@ negatives with matched pairs seen do best. The masking is
 ``siglip_loss(..., keep_negatives=, negatives=)``, exposed as the
 TrainConfig fields (``tinyclip train --keep-negatives 0.25 --negatives hard``).
 
-    python examples/experiments/negatives.py            # ~9 min on a loaded 2-core CPU
+    python examples/experiments/negatives.py            # one seed: ~9 min on a loaded 2-core CPU
+    python examples/experiments/negatives.py --seeds 3  # docs/experiments.md's run: 3x that (43 min at load 6-7)
     python examples/experiments/negatives.py --quick    # seconds: checks that it runs
 """
 
 import sys
 import time
 
-import common
+import common                  # first: it sets the BLAS threads before NumPy loads
+import numpy
 
 BATCH = 64
 STEPS = 80                    # steps of every run but the matched ones
@@ -52,28 +54,36 @@ def main(argv=None):
                          "final_loss": round(losses[-1], 4), **toy.evaluate(args.quick)})
             print(runs[-1], flush=True)
 
-    def mean(rule, keep, key):
-        values = [r[key] for r in runs if r["rule"] == rule and r["keep"] == keep]
-        return common.mean_spread(values)
+    keys = ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
 
-    table = {rule: {str(keep): {key: mean(rule, keep, key) for key in ("zeroshot_top1", "retrieval_i2t_r1")}
-                    for keep in keeps} for rule in RULES}
-    table["all"] = {"1.0": {key: mean("all", 1.0, key) for key in ("zeroshot_top1", "retrieval_i2t_r1")}}
+    def of(rule, keep, key):
+        return [r[key] for r in runs if r["rule"] == rule and r["keep"] == keep]      # in seed order
+
+    table = {rule: {str(keep): {key: common.mean_spread(of(rule, keep, key)) for key in keys} for keep in keeps}
+             for rule in RULES}
+    table["all"] = {"1.0": {key: common.mean_spread(of("all", 1.0, key)) for key in keys}}
+    # A seed fixes the initial weights and the batches, so the run with all negatives and a masked run of the same
+    # seed differ only by the masking: their per-seed difference is a paired comparison, tighter than two means.
+    versus_all = {rule: {str(keep): {key: common.mean_spread(numpy.subtract(of(rule, keep, key), of("all", 1.0, key)))
+                                     for key in keys} for keep in keeps} for rule in RULES}
     plt = common.pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for axis, key, title in zip(axes, ("zeroshot_top1", "retrieval_i2t_r1"), ("zero-shot top-1", "image -> text R@1")):
-        for rule in RULES:
+        for number, rule in enumerate(RULES):
             points = [table[rule][str(k)][key] for k in keeps]
-            axis.errorbar(keeps, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o",
-                          capsize=3, label=rule)
-        axis.axhline(table["all"]["1.0"][key]["mean"], color="grey", linestyle=":", label="all negatives")
+            line = axis.errorbar(keeps, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o",
+                                 capsize=3, label=rule)
+            for k, point in zip(keeps, points):        # each seed's own score, nudged sideways to stay visible
+                axis.scatter([k * 1.03 ** (number - 1.5)] * len(point["values"]), point["values"], s=9,
+                             color=line[0].get_color(), alpha=0.5)
+        axis.axhline(table["all"]["1.0"][key]["mean"], color="grey", linestyle=":", label="all negatives (mean)")
         axis.set_xscale("log")
         axis.set_xlabel(f"fraction of negatives kept (batch {batch})")
-        axis.set_title(title)
+        axis.set_title(f"{title}: mean ± std, dots: seeds ({args.seeds})")
         axis.legend(fontsize=7)
     common.write(args.out, "negatives", {"settings": {"batch_size": batch, "steps": steps, "keep": list(keeps),
                                                       "seeds": args.seeds, "model": common.SMALL},
-                                         "runs": runs, "table": table}, started, figure)
+                                         "runs": runs, "table": table, "versus_all": versus_all}, started, figure)
     return 0
 
 

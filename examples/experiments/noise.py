@@ -9,7 +9,8 @@ softmax loss under every kind of noise. Here each kind at p ∈ {0.1, 0.2,
 clean. Corruption is drawn per example from the run's seed and the
 example's index, so every run sees the same corrupted pairs.
 
-    python examples/experiments/noise.py            # ~5 min on a loaded 2-core CPU
+    python examples/experiments/noise.py            # one seed: ~5 min on a loaded 2-core CPU
+    python examples/experiments/noise.py --seeds 3  # docs/experiments.md's run: 41 min at load 6-7
     python examples/experiments/noise.py --quick    # seconds: checks that it runs
 """
 
@@ -62,27 +63,41 @@ def main(argv=None):
                              **toy.evaluate(args.quick)})
                 print(runs[-1], flush=True)
 
-    def score(loss, kind, p, key="zeroshot_top1"):
+    keys = ("zeroshot_top1", "retrieval_i2t_r1")
+
+    def of(loss, kind, p, key):
         kind = "clean" if p == 0 else kind
-        return common.mean_spread([r[key] for r in runs if (r["loss"], r["noise"], r["p"]) == (loss, kind, p)])
+        return [r[key] for r in runs if (r["loss"], r["noise"], r["p"]) == (loss, kind, p)]      # in seed order
 
     ps = (0.0, *probabilities)
-    table = {loss: {kind: {str(p): {key: score(loss, kind, p, key) for key in ("zeroshot_top1", "retrieval_i2t_r1")}
-                           for p in ps} for kind in KINDS} for loss in LOSSES}
+    table = {loss: {kind: {str(p): {key: common.mean_spread(of(loss, kind, p, key)) for key in keys} for p in ps}
+                    for kind in KINDS} for loss in LOSSES}
+    # A seed fixes the data, the corrupted pairs and the initial weights for both losses, so the per-seed difference
+    # of their scores is a paired comparison, tighter than the two means' spreads.
+    clip_minus_siglip = {kind: {str(p): {key: common.mean_spread(numpy.subtract(of("clip", kind, p, key),
+                                                                                of("siglip", kind, p, key)))
+                                         for key in keys} for p in ps} for kind in KINDS}
     plt = common.pyplot()
-    figure, axes = plt.subplots(1, len(KINDS), figsize=(11, 3.3), sharey=True)
-    for axis, kind in zip(axes, KINDS):
-        for loss in LOSSES:
-            points = [table[loss][kind][str(p)]["zeroshot_top1"] for p in ps]
-            axis.errorbar(ps, [x["mean"] for x in points], yerr=[x["std"] for x in points], marker="o", capsize=3,
-                          label=loss)
-        axis.set_title(f"{kind} noise")
-        axis.set_xlabel("p (fraction of pairs corrupted)")
-        axis.legend()
-    axes[0].set_ylabel("zero-shot top-1 (clean test)")
+    figure, axes = plt.subplots(2, len(KINDS), figsize=(11, 6), sharey="row", sharex=True)
+    panels = (("zeroshot_top1", "zero-shot top-1"), ("retrieval_i2t_r1", "image -> text R@1"))
+    for row, (key, label) in enumerate(panels):
+        for axis, kind in zip(axes[row], KINDS):
+            for number, loss in enumerate(LOSSES):
+                points = [table[loss][kind][str(p)][key] for p in ps]
+                line = axis.errorbar(ps, [x["mean"] for x in points], yerr=[x["std"] for x in points], marker="o",
+                                     capsize=3, label=f"{loss} (mean ± std)")
+                for p, point in zip(ps, points):        # each seed's own score, nudged sideways to stay visible
+                    axis.scatter([p + 0.008 * (2 * number - 1)] * len(point["values"]), point["values"], s=9,
+                                 color=line[0].get_color(), alpha=0.5)
+            axis.set_title(f"{kind} noise, {args.seeds} seed(s)")
+            if row == 1:
+                axis.set_xlabel("p (fraction of pairs corrupted)")
+        axes[row][0].set_ylabel(f"{label} (clean test)")
+        axes[row][0].legend(fontsize=8)
     common.write(args.out, "noise", {"settings": {"batch_size": batch, "steps": steps, "p": list(ps),
                                                   "seeds": args.seeds, "model": common.SMALL},
-                                     "runs": runs, "table": table}, started, figure)
+                                     "runs": runs, "table": table,
+                                     "clip_minus_siglip": clip_minus_siglip}, started, figure)
     return 0
 
 
