@@ -158,12 +158,17 @@ def _positive_int(text):
     return value
 
 
-def _positive_number(text):
-    """An argparse type: a finite float > 0 (the linear probe's C)."""
+def _number(text):
+    """``text`` as a float, or the argparse error that says it is not a number."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _positive_number(text):
+    """An argparse type: a finite float > 0 (the linear probe's C)."""
+    value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{value} must be a positive number")
     return value
@@ -171,10 +176,7 @@ def _positive_number(text):
 
 def _open_fraction(text):
     """An argparse type: a float strictly between 0 and 1 (a share held out, leaving some on both sides)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (both excluded)")
     return value

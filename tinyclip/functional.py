@@ -1127,12 +1127,7 @@ def _layer_norm_rows(y, x, xhat, rstd, weight, bias, eps):
     variance = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / x.shape[-1]   # (n, 1)
     xp.divide(1.0, xp.sqrt(variance + eps), out=rstd)
     xhat *= rstd
-    if weight is not None:
-        xp.multiply(xhat, weight, out=y)
-    else:
-        y[...] = xhat
-    if bias is not None:
-        y += bias
+    _scale_shift(xhat, weight, bias, out=y)
 
 
 def _layer_norm_backward_rows(dx, g, xhat, rstd, weight):
@@ -1162,9 +1157,15 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     return LayerNorm.apply(x, weight, bias, eps=eps)
 
 
-def _scale_shift(xhat, weight, bias):
-    """y = x̂ · w + b, either of w and b may be None (the affine end of batch norm; _layer_norm_rows does layer norm's)."""
-    y = xhat * weight if weight is not None else xhat.copy()
+def _scale_shift(xhat, weight, bias, out=None):
+    """y = x̂ · w + b, either of w and b may be None (the affine end of layer norm and batch norm), into ``out`` if given."""
+    if out is None:             # a new array, in the type the product promotes to
+        y = xhat * weight if weight is not None else xhat.copy()
+    elif weight is not None:
+        y = _xp(xhat).multiply(xhat, weight, out=out)
+    else:
+        out[...] = xhat
+        y = out
     if bias is not None:
         y += bias
     return y
