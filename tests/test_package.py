@@ -22,8 +22,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tinyclip"
 # modules DESIGN.md does not place in a chain sit where their imports put them.
 LAYERS = {
     "backend": 0, "files": 0,
-    "autograd": 1, "data": 1, "tokenizer": 1, "parallel": 1,
-    "functional": 2, "optim": 2,
+    "autograd": 1, "tokenizer": 1, "parallel": 1,
+    "functional": 2, "optim": 2, "data": 2,
     "nn": 3, "tiles": 3,
     "models": 4, "losses": 4,
     "distributed": 5, "checkpoint": 5, "evaluate": 5,

@@ -1,7 +1,8 @@
 """The ops that cut their element-wise work into row blocks give the one-thread result bit for bit.
 
-GELU (tanh and exact), QuickGELU, layer norm, the attention softmax and
-AdamW hand their element-wise work to ``parallel.map_rows``. Here every one
+GELU (tanh and exact), QuickGELU, layer norm, the attention softmax,
+AdamW, im2col (``patches``), batch norm and the pixel normalisation hand
+their element-wise work to ``parallel.map_rows``. Here every one
 of them, forward and backward, runs at TINYCLIP_THREADS = 1, 2 and 3 with
 ``MIN_PARALLEL_SIZE`` lowered to 0, so that these small odd shapes really
 are cut (a spy checks that each op's row function went through the pool),
@@ -53,6 +54,9 @@ def attention(causal):
     return op
 
 
+BATCH_NORM_ROWS = {"_subtract_rows", "_batch_norm_rows", "_scale_rows", "_batch_norm_backward_rows"}
+RUNNING = (numpy.linspace(-1, 1, 5).astype(numpy.float32), numpy.linspace(0.5, 2, 5).astype(numpy.float32))
+
 # (op, input shapes, the row functions it must hand to the pool)
 OPS = {
     "gelu tanh": (lambda x: F.gelu(x, approximate="tanh"), [(3, 5, 7)], {"_gelu_tanh_rows", "_gelu_tanh_backward_rows"}),
@@ -65,6 +69,16 @@ OPS = {
     "attention": (attention(False), [(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 6)],
                   {"_softmax_rows", "_softmax_backward_rows"}),
     "causal attention": (attention(True), [(2, 3, 7, 4)] * 3, {"_softmax_rows", "_softmax_backward_rows"}),
+    # the CNN tower's stage: conv 3x3, stride 2, padding 1; and overlapping windows without padding
+    "patches, padded": (lambda x: F.patches(x, 3, stride=2, padding=1), [(5, 7, 6, 3)],
+                        {"_patches_rows", "_patches_backward_rows"}),
+    "patches, overlapping": (lambda x: F.patches(x, 3, stride=1, padding=0), [(4, 6, 5, 2)],
+                             {"_patches_rows", "_patches_backward_rows"}),
+    "batch norm": (F.batch_norm, [(3, 4, 5, 6), (6,), (6,)], BATCH_NORM_ROWS),
+    # no affine, and C = N rows: the (C,) statistics must be passed whole, not cut
+    "batch norm, no affine, C = N": (F.batch_norm, [(6, 6)], BATCH_NORM_ROWS),
+    "batch norm, evaluation": (lambda x, w, b: F.batch_norm(x, w, b, running=RUNNING, training=False),
+                               [(4, 3, 5, 5), (5,), (5,)], BATCH_NORM_ROWS),
 }
 
 
@@ -139,3 +153,21 @@ def test_training_steps_are_bit_identical_at_every_thread_count(name, row_functi
     assert "_adamw_update" in row_functions and "_layer_norm_rows" in row_functions
     for threads in THREADS[1:]:
         assert results[threads] == results[1], f"{name}: {threads} threads differ from 1"
+
+
+def test_pixel_normalisation_is_the_serial_formula_bit_for_bit_at_every_thread_count(row_functions, monkeypatch):
+    pixels = numpy.random.default_rng(3).integers(0, 256, (5, 7, 6, 3), dtype=numpy.uint8)
+    for family in ("clip", "siglip"):
+        mean, std = ((tc.data.transforms.CLIP_MEAN, tc.data.transforms.CLIP_STD) if family == "clip" else
+                     (tc.data.transforms.SIGLIP_MEAN, tc.data.transforms.SIGLIP_STD))
+        # the formula as it was written before it went to the pool
+        serial = ((pixels.astype(numpy.float32) / numpy.float32(255.0) - numpy.asarray(mean, numpy.float32))
+                  / numpy.asarray(std, numpy.float32))
+        for threads in THREADS:
+            monkeypatch.setenv(parallel.THREADS_ENV, str(threads))
+            row_functions.clear()
+            # a batch is cut into images, one image into rows of pixels
+            for batch, expected in ((pixels, serial), (pixels[0], serial[0])):
+                out = tc.data.transforms.normalize(batch, family)
+                assert out.dtype == numpy.float32 and out.tobytes() == expected.tobytes(), (family, threads)
+            assert "_normalize_rows" in row_functions

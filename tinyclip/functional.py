@@ -1334,17 +1334,11 @@ class Patches(Function):
         if min(height, width) + 2 * padding < kernel:
             raise ValueError(f"patches: kernel {kernel} does not fit an input of shape {x.shape} with padding "
                              f"{padding} (padded to {height + 2 * padding}×{width + 2 * padding})")
-        xp = _xp(x)
         out_h = (height + 2 * padding - kernel) // stride + 1
         out_w = (width + 2 * padding - kernel) // stride + 1
-        padded = x
-        if padding:
-            padded = xp.zeros((batch, height + 2 * padding, width + 2 * padding, channels), dtype=x.dtype)
-            padded[:, padding:padding + height, padding:padding + width] = x
-        # one strided copy per kernel offset (k² of them) rather than one per output pixel
-        cols = xp.empty((batch, out_h, out_w, kernel, kernel, channels), dtype=x.dtype)
-        for ky, kx, rows, columns in _kernel_offsets(kernel, stride, out_h, out_w):
-            cols[:, :, :, ky, kx] = padded[:, rows, columns]     # (B, Ho, Wo, C)
+        # images are independent: the copies run on blocks of images on every core (tinyclip.parallel)
+        cols = _xp(x).empty((batch, out_h, out_w, kernel, kernel, channels), dtype=x.dtype)
+        parallel.map_rows(_patches_rows, cols, x, kernel, stride, padding)
         ctx.shape, ctx.options = x.shape, (kernel, stride, padding)
         return cols.reshape(batch, out_h, out_w, kernel * kernel * channels)   # (B, Ho, Wo, k·k·C)
 
@@ -1352,15 +1346,39 @@ class Patches(Function):
     def backward(ctx, g):
         """col2im: each window's gradient is added back where the window was read, the padding cropped off"""
         kernel, stride, padding = ctx.options
-        batch, height, width, channels = ctx.shape
-        out_h, out_w = g.shape[1:3]
-        g = g.reshape(batch, out_h, out_w, kernel, kernel, channels)
+        batch, out_h, out_w = g.shape[:3]
+        g = g.reshape(batch, out_h, out_w, kernel, kernel, ctx.shape[-1])
+        dx = _xp(g).empty(ctx.shape, dtype=g.dtype)                           # (B, H, W, C)
+        parallel.map_rows(_patches_backward_rows, dx, g, kernel, stride, padding)
+        return dx
+
+
+def _patches_rows(cols, x, kernel, stride, padding):
+    """im2col of a block of images: ``cols`` (b, Ho, Wo, k, k, C) from ``x`` (b, H, W, C) (Patches.forward)."""
+    batch, height, width, channels = x.shape
+    padded = x
+    if padding:
+        padded = _xp(x).zeros((batch, height + 2 * padding, width + 2 * padding, channels), dtype=x.dtype)
+        padded[:, padding:padding + height, padding:padding + width] = x
+    # one strided copy per kernel offset (k² of them) rather than one per output pixel
+    for ky, kx, rows, columns in _kernel_offsets(kernel, stride, cols.shape[1], cols.shape[2]):
+        cols[:, :, :, ky, kx] = padded[:, rows, columns]     # (b, Ho, Wo, C)
+
+
+def _patches_backward_rows(dx, g, kernel, stride, padding):
+    """col2im of a block of images: ``dx`` (b, H, W, C) from the windows' gradients ``g`` (b, Ho, Wo, k, k, C)."""
+    batch, height, width, channels = dx.shape
+    dpadded = dx
+    if padding:
         dpadded = _xp(g).zeros((batch, height + 2 * padding, width + 2 * padding, channels), dtype=g.dtype)
-        # windows overlap where stride < kernel, so offsets add up; within one offset the
-        # strided slice touches each pixel at most once, so += has no repeated indices to lose
-        for ky, kx, rows, columns in _kernel_offsets(kernel, stride, out_h, out_w):
-            dpadded[:, rows, columns] += g[:, :, :, ky, kx]
-        return dpadded[:, padding:padding + height, padding:padding + width]
+    else:
+        dx[...] = 0
+    # windows overlap where stride < kernel, so offsets add up; within one offset the
+    # strided slice touches each pixel at most once, so += has no repeated indices to lose
+    for ky, kx, rows, columns in _kernel_offsets(kernel, stride, g.shape[1], g.shape[2]):
+        dpadded[:, rows, columns] += g[:, :, :, ky, kx]
+    if padding:
+        dx[...] = dpadded[:, padding:padding + height, padding:padding + width]
 
 
 def patches(x, kernel, stride=1, padding=0):
@@ -1420,8 +1438,11 @@ class BatchNorm(Function):
             if count < 2:                                       # the same count on every rank: all raise together
                 raise ValueError(f"batch_norm: training needs at least 2 values per channel to estimate a "
                                  f"variance, got input of shape {x.shape} ({count} per channel in the batch)")
-            xhat = x - batch_mean                               # centred, normalised in place below
-            xhat2d = xhat.reshape(-1, channels)                 # (N, C), a view: xhat is a fresh array
+            # the statistics are sums over every row, taken whole (a split sum would round differently); the
+            # element-wise passes run on blocks of rows on every core (tinyclip.parallel)
+            xhat = xp.empty(x.shape, x.dtype)                   # centred, normalised in place below
+            xhat2d = xhat.reshape(-1, channels)                 # (N, C), a view
+            parallel.map_rows(_subtract_rows, xhat2d, flat, _as_row(batch_mean))
             squares = xp.einsum("nc,nc->c", xhat2d, xhat2d)     # (C,)
             if split:
                 squares = sum_over_batch(squares)
@@ -1436,12 +1457,14 @@ class BatchNorm(Function):
             rstd = 1.0 / xp.sqrt(batch_var + eps)               # (C,)
         else:
             running_mean, running_var = running
-            xhat = x - running_mean
+            xhat = xp.empty(x.shape, xp.result_type(x, running_mean))
+            parallel.map_rows(_subtract_rows, _rows(xhat), _rows(x), _as_row(running_mean))
             rstd = 1.0 / xp.sqrt(running_var + eps)             # (C,)
-        xhat *= rstd
+        y = xp.empty(x.shape, xp.result_type(*(a for a in (xhat, weight, bias) if a is not None)))
+        parallel.map_rows(_batch_norm_rows, _rows(y), _rows(xhat), _as_row(rstd), _as_row(weight), _as_row(bias))
         ctx.save_for_backward(xhat, rstd, weight)
         ctx.training, ctx.count, ctx.sum_over_batch = training, count, sum_over_batch
-        return _scale_shift(xhat, weight, bias)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -1453,19 +1476,48 @@ class BatchNorm(Function):
         g2d, xhat2d = g.reshape(-1, channels), xhat.reshape(-1, channels)   # (N, C)
         dx = None
         if needs[0]:
-            ghat = g * weight if weight is not None else g.copy()   # dx is built in ghat's buffer
+            # dx is built in ĝ's buffer; the column sums are taken whole, the element-wise passes on row blocks
+            ghat = xp.empty(g.shape, g.dtype if weight is None else xp.result_type(g, weight))
+            ghat2d = ghat.reshape(-1, channels)                     # (N, C), a view
+            parallel.map_rows(_scale_rows, ghat2d, g2d, _as_row(weight))
+            mean_ghat = mean_ghat_xhat = None
             if ctx.training:
                 # the batch statistics depend on every x: these two terms are their share of the gradient
-                ghat2d = ghat.reshape(-1, channels)                 # (N, C), a view
                 sums = xp.stack([ghat2d.sum(axis=0), xp.einsum("nc,nc->c", ghat2d, xhat2d)])   # (2, C)
                 if ctx.sum_over_batch is not None:                  # over the whole split batch
                     sums = ctx.sum_over_batch(sums)
                 mean_ghat, mean_ghat_xhat = sums / ctx.count        # (C,) each
-                ghat -= mean_ghat
-                ghat -= xhat * mean_ghat_xhat
-            ghat *= rstd
+            parallel.map_rows(_batch_norm_backward_rows, ghat2d, xhat2d, _as_row(rstd), _as_row(mean_ghat),
+                              _as_row(mean_ghat_xhat))
             dx = ghat
         return (dx, *_scale_shift_grads(g2d, xhat2d, needs))
+
+
+def _subtract_rows(out, x, row):
+    """out = x - row on a block of (n, C) rows, ``row`` (1, C): batch norm's centring."""
+    _xp(x).subtract(x, row, out=out)
+
+
+def _batch_norm_rows(y, xhat, rstd, weight, bias):
+    """x̂ ·= rstd in place, then y = x̂ · w + b, on a block of (n, C) rows (BatchNorm.forward)."""
+    xhat *= rstd
+    _scale_shift(xhat, weight, bias, out=y)
+
+
+def _scale_rows(out, g, weight):
+    """out = g · w, or a copy of g when w is None, on a block of (n, C) rows: batch norm's ĝ."""
+    if weight is None:
+        out[...] = g
+    else:
+        _xp(g).multiply(g, weight, out=out)
+
+
+def _batch_norm_backward_rows(ghat, xhat, rstd, mean_ghat, mean_ghat_xhat):
+    """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)) in ĝ's block of (n, C) rows (training), or rstd · ĝ (evaluation)."""
+    if mean_ghat is not None:
+        ghat -= mean_ghat
+        ghat -= xhat * mean_ghat_xhat
+    ghat *= rstd
 
 
 def batch_norm(x, weight=None, bias=None, eps=1e-5, running=None, momentum=0.1, training=True,

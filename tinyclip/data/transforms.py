@@ -36,7 +36,7 @@ import os
 import numpy
 from PIL import Image, ImageOps
 
-from .. import backend
+from .. import backend, parallel
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -166,8 +166,23 @@ def normalize(pixels, family="clip"):
         raise ValueError(f"normalize: expected pixels of shape (..., H, W, 3), got {pixels.shape}")
     xp = backend.get_array_module(pixels)
     mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
-    scaled = pixels.astype(xp.float32) / xp.float32(255.0)                          # (..., H, W, 3) in [0, 1]
-    return (scaled - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+    out = xp.empty(pixels.shape, xp.float32)
+    if pixels.ndim == 3:        # one image: its rows are the blocks
+        parallel.map_rows(_normalize_rows, out, pixels, xp.asarray(mean, xp.float32).reshape(1, 3),
+                          xp.asarray(std, xp.float32).reshape(1, 3))
+    else:                       # a batch (..., H, W, 3): blocks of images, on every core
+        parallel.map_rows(_normalize_rows, out.reshape(-1, *out.shape[-3:]),
+                          pixels.reshape(-1, *pixels.shape[-3:]), xp.asarray(mean, xp.float32).reshape(1, 3),
+                          xp.asarray(std, xp.float32).reshape(1, 3))
+    return out
+
+
+def _normalize_rows(out, pixels, mean, std):
+    """out = (pixels / 255 - mean) / std in float32 on a block of rows (``normalize``); mean and std (1, 3)."""
+    xp = backend.get_array_module(pixels)
+    xp.divide(pixels, xp.float32(255.0), out=out, dtype=xp.float32)   # (..., 3) in [0, 1]
+    out -= mean
+    out /= std
 
 
 def model_input(images, family, device, dtype):
