@@ -34,7 +34,7 @@ p.add_argument("--steps", type=int, default=400); p.add_argument("--batch", type
 p.add_argument("--lr", type=float, default=1e-3); p.add_argument("--smooth", type=float, default=0)
 p.add_argument("--mimetic", action="store_true"); p.add_argument("--pool", default="gap")
 p.add_argument("--pixln", action="store_true"); p.add_argument("--seed", type=int, default=0)
-p.add_argument("--bn", action="store_true"); p.add_argument("--stride", type=int, default=0); p.add_argument("--shift", type=int, default=0)
+p.add_argument("--spt", action="store_true"); p.add_argument("--bn", action="store_true"); p.add_argument("--stride", type=int, default=0); p.add_argument("--shift", type=int, default=0)
 a = p.parse_args()
 torch.manual_seed(a.seed); torch.set_num_threads(1)
 xtr, ytr = get(200, 1); xte, yte = get(10, 0)
@@ -52,13 +52,16 @@ class Block(nn.Module):
 class ViT(nn.Module):
     def __init__(s):
         super().__init__()
-        s.embed = nn.Conv2d(3, W, P, stride)
+        s.embed = nn.Conv2d(15 if a.spt else 3, W, P, stride)
         g = (64 - P)//stride + 1; s.T = g*g
         s.pos = nn.Parameter(torch.randn(1, s.T, W) * 0.02)
         s.ln_pre = nn.LayerNorm(W); s.blocks = nn.ModuleList([Block() for _ in range(a.depth)])
         s.ln_post = nn.LayerNorm(W); s.head = nn.Linear(W, 6)
         if a.bn: s.bn = nn.BatchNorm1d(W)
     def forward(s, x):
+        if a.spt:   # shifted patch tokenization (Lee et al. 2021): the image and its 4 diagonal half-patch shifts
+            h = P // 2
+            x = torch.cat([x] + [torch.roll(x, (dy, dx), (2, 3)) for dy in (-h, h) for dx in (-h, h)], 1)
         if a.pixln:
             u = F.unfold(x, P, stride=stride)  # B, 3PP, T
             u = (u - u.mean(1, keepdim=True)) / (u.std(1, keepdim=True) + 1e-3)
