@@ -12,7 +12,9 @@ preset, in turn as
   both again with OPENBLAS_NUM_THREADS=1 the matrix products on one core: what the pool alone gives
   mpiexec -n <cores>                     OPENBLAS_NUM_THREADS=1 and TINYCLIP_THREADS=1 in each rank
 
-and reads each run's ``metrics.jsonl``: the step time is the training time
+(``tinyclip train`` started in one process without ``OPENBLAS_THREAD_TIMEOUT`` runs itself
+again with it set to 4, so that OpenBLAS's idle threads sleep instead of spinning on the cores
+the row blocks need; the header says whether the variable was set) and reads each run's ``metrics.jsonl``: the step time is the training time
 between the first logged step after ``--skip`` steps and the last step,
 divided by the steps between them (start-up, the tokenizer, the first steps'
 allocations, the closing evaluation and checkpoint are left out). With
@@ -104,6 +106,9 @@ def main():
     print(machine_description(numpy, "numpy"))
     print("OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE set: "
           f"{[name for name in ('OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE') if name in os.environ] or 'neither'}")
+    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+    print("OPENBLAS_THREAD_TIMEOUT: " + (f"{timeout} (set here, kept by every run)" if timeout is not None else
+          "unset here; tinyclip train restarts one process with 4 (tinyclip.cli), mpiexec ranks keep OpenBLAS's own"))
     print(f"tinyclip train --preset {args.preset} --batch-size {args.batch} --steps {args.steps}: s/step over steps "
           f"{args.skip + args.log_every - args.skip % args.log_every}..{args.steps}, {args.rounds} round(s)")
     print(f"load average before: {load()}\n", flush=True)

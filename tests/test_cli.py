@@ -79,6 +79,43 @@ def test_console_script():
     assert result.stdout == f"tinyclip {tinyclip.__version__}\n"
 
 
+RESTART_PROBE = ("import os, tinyclip.cli as cli; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), flush=True); "
+                 "cli._restart_with_blas_thread_timeout()")
+
+
+@pytest.mark.parametrize("preset, launcher, printed", [
+    (None, None, "None\n4\n"),              # unset: the same command line runs again, now with the variable
+    ("10", None, "10\n"),                    # the user's value is kept, no restart
+    (None, "PMI_SIZE", "None\n"),            # under an MPI launcher (even of one rank) a rank is never replaced
+    (None, "OMPI_COMM_WORLD_SIZE", "None\n"),
+])
+def test_train_restarts_itself_once_with_the_blas_thread_timeout(preset, launcher, printed):
+    if os.name != "posix":
+        pytest.skip("the restart uses os.execv, POSIX only")
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("OPENBLAS_THREAD_TIMEOUT", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+    if preset is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    if launcher is not None:
+        env[launcher] = "1"
+    result = subprocess.run([sys.executable, "-c", RESTART_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == printed
+
+
+def test_only_train_from_the_command_line_asks_for_the_restart(monkeypatch, tmp_path):
+    from tinyclip import cli
+    asked = []
+    monkeypatch.setattr(cli, "_restart_with_blas_thread_timeout", lambda: asked.append(True))
+    monkeypatch.setattr(sys, "argv", ["tinyclip", "train", "--steps", "-1", "--out", str(tmp_path / "run")])
+    assert main() == 2 and asked == [True]              # sys.argv's train: asked, then the bad --steps refused
+    assert main(["train", "--steps", "-1"]) == 2 and asked == [True]     # in-process calls with argv never exec
+    monkeypatch.setattr(sys, "argv", ["tinyclip", "info"])
+    main()
+    assert asked == [True]
+
+
 # ---------------------------------------------------------------------------------
 # zeroshot and embed, on a tiny saved model with a tokenizer trained on its prompts
 # ---------------------------------------------------------------------------------

@@ -644,6 +644,8 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if argv is None and args.command == "train":
+        _restart_with_blas_thread_timeout()
     backend.tune_malloc()   # process-wide, so the command asks for it (importing tinyclip never does)
     try:
         with warnings.catch_warnings():
@@ -652,6 +654,28 @@ def main(argv=None):
     except (CommandError, ValueError, OSError) as error:   # bad files or inputs: their messages name them
         print(f"tinyclip {args.command}: {error}", file=sys.stderr)
         return 2
+
+
+# OpenBLAS's idle threads spin for 2^28 cycles (about 0.1 s) after each matrix product before they sleep, on the
+# very cores that tinyclip.parallel's threads need for the element-wise work between products. 2^4 cycles lets
+# them sleep at once: the default run went from 0.57 to 0.49 s/step on 2 cores (median of 3; docs/vit.md,
+# section 2). OpenBLAS reads the variable only as it loads, before any command runs, so ``tinyclip train``
+# started without it runs itself again with it. The results do not change: only when the threads sleep.
+BLAS_THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
+def _restart_with_blas_thread_timeout():
+    """Run this same command line again in this process with OPENBLAS_THREAD_TIMEOUT set (os.execv), unless the
+    user set it, an MPI launcher started us (each rank has one BLAS thread there, and a rank must not be replaced
+    behind its launcher's back), or the platform has no exec that keeps the process."""
+    from . import distributed
+    name, value = BLAS_THREAD_TIMEOUT
+    if name in os.environ or distributed.under_launcher() or os.name != "posix":
+        return
+    os.environ[name] = value
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def _show_warning(command, message, category, filename, lineno, file=None, line=None):

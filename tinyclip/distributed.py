@@ -257,6 +257,11 @@ def launched_size():
     return 1
 
 
+def under_launcher():
+    """Whether an MPI launcher started this process (its size variable is set, whatever the size). Raises nothing."""
+    return any(name in os.environ for name in _LAUNCHER_SIZE_VARIABLES)
+
+
 def world():
     """The job's communicator: MPI's world under ``mpiexec``, a one-process stand-in otherwise.
 
