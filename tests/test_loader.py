@@ -230,6 +230,27 @@ def test_the_loader_checks_its_arguments():
         Loader(Finite(10), 2, transform=lambda image, rng: image)
 
 
+@pytest.mark.parametrize("prefetch, workers", [(0, 1), (2, 1), (2, 2)])
+def test_caption_transform_turns_each_batch_of_captions_on_the_loading_thread(prefetch, workers):
+    threads = []
+
+    def tokenize(captions):       # stands for a tokenizer: a batch of captions -> one array
+        threads.append(threading.current_thread().name)
+        return numpy.asarray([int(caption) for caption in captions])
+
+    with Loader(Finite(12), 3, seed=2, prefetch=prefetch, workers=workers) as plain, \
+            Loader(Finite(12), 3, seed=2, prefetch=prefetch, workers=workers, caption_transform=tokenize) as loader:
+        for _ in range(6):                                # two epochs
+            images, captions = next(plain)
+            transformed_images, ids = next(loader)
+            numpy.testing.assert_array_equal(transformed_images, images)
+            numpy.testing.assert_array_equal(ids, [int(caption) for caption in captions])
+    # on the loading thread when there is one (never in a worker process, whose calls this list would not see)
+    assert threads and set(threads) == ({"MainThread"} if prefetch == 0 else {"tinyclip-loader"})
+    with pytest.raises(ValueError, match="caption_transform must be callable"):
+        Loader(Finite(12), 3, caption_transform="tokenizer")
+
+
 class Miscounting(Finite):
     def batch(self, indices):
         images, captions = super().batch(indices)

@@ -678,9 +678,12 @@ class Run:
         image_size = self.model.config.image_size
         self.dataset, transform = dataset_of(config, image_size)
         try:
+            # the captions are tokenized on the loading thread, overlapping the step's NumPy work
+            tokenize = functools.partial(self.tokenizer, context_length=self.model.config.context_length)
             self.loader = Loader(self.dataset, config.batch_size, seed=config.seed, rank=comm.rank,
                                  world_size=comm.size, transform=transform, examples=config.examples,
-                                 start=state["loader"] if state else None, workers=config.workers)
+                                 start=state["loader"] if state else None, workers=config.workers,
+                                 caption_transform=tokenize)
         except ValueError as error:
             where = f"{self.step_folder}/{checkpoint.TRAINING_STATE_FILE}: field 'loader': " if state else ""
             raise ValueError(f"{where}{error}") from None
@@ -703,15 +706,14 @@ class Run:
     def next_batch(self):
         """This rank's (images (b, H, W, 3), tokens (b, T)) on the model's device, and the examples it skipped."""
         waiting_since = time.perf_counter()
-        images, captions = next(self.loader)
+        images, tokens = next(self.loader)               # the loader's thread tokenized the captions
         self.data_wait = time.perf_counter() - waiting_since
         skipped = self.loader.last_skipped
         for path in (self.dataset.path(index) for index in skipped):   # an image is skipped again every epoch
             if len(self.named_skips) < NAMED_SKIPS and path not in self.named_skips:
                 self.named_skips.append(path)
         images = model_input(images, self.model.config.image_normalization, self.device, self.config.dtype)
-        tokens = self.tokenizer(captions, context_length=self.model.config.context_length)   # (b, T)
-        return images, backend.asarray(tokens, self.device), len(skipped)
+        return images, backend.asarray(tokens, self.device), len(skipped)            # tokens (b, T)
 
     def take_step(self, stop_requested):
         """One training step, logged; returns whether any rank asked to stop."""

@@ -247,7 +247,15 @@ class _WorkerError:
         self.error = error
 
 
-def _fill(order, epoch, step, batches, stop, pool):
+def _with_captions(batch, caption_transform):
+    """(images, captions, skipped) with the captions put through ``caption_transform`` (None: kept as they are)."""
+    if caption_transform is None:
+        return batch
+    images, captions, skipped = batch
+    return images, caption_transform(captions), skipped
+
+
+def _fill(order, epoch, step, batches, stop, pool, caption_transform=None):
     """The loading thread: put this rank's batches from (epoch, step) on into ``batches`` until ``stop`` is set.
 
     With a ``pool`` (a ``_WorkerPool``), the next batch is already being
@@ -258,7 +266,7 @@ def _fill(order, epoch, step, batches, stop, pool):
     try:
         if pool is None:
             while not stop.is_set():
-                batches.put(order.load_examples(epoch, order.indices(epoch, step)))
+                batches.put(_with_captions(order.load_examples(epoch, order.indices(epoch, step)), caption_transform))
                 epoch, step = order.next_position(epoch, step)
             return
         pending = collections.deque()
@@ -266,7 +274,7 @@ def _fill(order, epoch, step, batches, stop, pool):
             while len(pending) < 2:
                 pending.append(pool.submit(epoch, order.indices(epoch, step)))
                 epoch, step = order.next_position(epoch, step)
-            batches.put(pool.gather(pending.popleft()))
+            batches.put(_with_captions(pool.gather(pending.popleft()), caption_transform))
     except BaseException as error:   # anything, or the consumer would wait for a batch that never comes
         batches.put(_WorkerError(error))
 
@@ -335,14 +343,15 @@ class _Prefetch:
     """One run of the loading thread (and its worker processes) with its own queue and stop flag; stopping it
     never blocks on the queue."""
 
-    def __init__(self, order, epoch, step, depth, workers):
+    def __init__(self, order, epoch, step, depth, workers, caption_transform=None):
         self.batches = queue.Queue(maxsize=depth)
         self.stop_event = threading.Event()
         # the workers are forked here, on the calling thread, before the loading thread exists
         self.pool = _WorkerPool(order, workers) if workers > 1 else None
         # a daemon thread: one stuck in a slow read cannot keep the interpreter from exiting
         self.thread = threading.Thread(target=_fill, args=(order, epoch, step, self.batches, self.stop_event,
-                                                           self.pool), name="tinyclip-loader", daemon=True)
+                                                           self.pool, caption_transform),
+                                       name="tinyclip-loader", daemon=True)
         self.thread.start()
 
     def get(self):
@@ -369,8 +378,11 @@ class Loader:
     """This rank's training batches, epoch after epoch without end, loaded ahead on a background thread.
 
     ``for images, captions in loader`` (or ``next(loader)``): images as the
-    data set or transform makes them, (b, H, W, 3); captions, b strings.
-    Arguments as ``BatchOrder``, and: prefetch, how many batches to load
+    data set or transform makes them, (b, H, W, 3); captions, b strings, or
+    what ``caption_transform`` makes of the batch's list of them (a tokenizer:
+    the captions are then tokenized on the loading thread, beside the
+    training step, instead of in it; never in a worker process, so it need not
+    pickle). Arguments as ``BatchOrder``, and: prefetch, how many batches to load
     ahead (0: load in the calling thread, handy under a debugger); start, a
     ``state()`` to resume from; workers, how many processes decode (1: the
     loading thread itself). With workers > 1 a data set with ``batch``
@@ -379,7 +391,7 @@ class Loader:
     """
 
     def __init__(self, dataset, batch_size, *, seed=0, rank=0, world_size=1, transform=None, examples=None,
-                 prefetch=2, start=None, workers=1):
+                 prefetch=2, start=None, workers=1, caption_transform=None):
         self._prefetch = None            # first, so that __del__ works even when the checks below fail
         if not _is_int(prefetch, 0):
             raise ValueError(f"loader: prefetch must be a non-negative int, got {prefetch!r}")
@@ -388,8 +400,11 @@ class Loader:
         if workers > 1 and prefetch == 0:
             raise ValueError("loader: workers > 1 load ahead of the training loop; they need prefetch >= 1")
         self.order = BatchOrder(dataset, batch_size, seed, rank, world_size, transform, examples)
+        if caption_transform is not None and not callable(caption_transform):
+            raise ValueError(f"loader: caption_transform must be callable, got {caption_transform!r}")
         self.prefetch = prefetch
         self.workers = workers
+        self.caption_transform = caption_transform
         self.epoch, self.step = 0, 0     # the position of the next batch next() returns
         self.last_skipped = []           # indices of the last batch's examples whose image could not be read
         self._closed = False
@@ -436,10 +451,12 @@ class Loader:
         if self._closed:
             raise RuntimeError("loader: next() on a closed loader")
         if self.prefetch == 0:
-            batch = self.order.load_examples(self.epoch, self.order.indices(self.epoch, self.step))
+            batch = _with_captions(self.order.load_examples(self.epoch, self.order.indices(self.epoch, self.step)),
+                                   self.caption_transform)
         else:
             if self._prefetch is None:
-                self._prefetch = _Prefetch(self.order, self.epoch, self.step, self.prefetch, self.workers)
+                self._prefetch = _Prefetch(self.order, self.epoch, self.step, self.prefetch, self.workers,
+                                           self.caption_transform)
             try:
                 batch = self._prefetch.get()
             except BaseException:
