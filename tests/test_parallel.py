@@ -211,3 +211,45 @@ def test_device_arrays_run_as_one_call_on_the_device(monkeypatch):
 
     assert parallel.map_rows(copy, out, x, threads=4) is out
     assert calls == [(400, 100)]
+
+
+@pytest.fixture
+def eight_cores(monkeypatch):
+    monkeypatch.delenv(parallel.THREADS_ENV, raising=False)
+    for name in parallel.LOCAL_RANKS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    (None, None, 8),                                    # no launcher: every core
+    ("MPI_LOCALNRANKS", "3", 2),                        # MPICH's mpiexec: 8 // 3 each
+    ("OMPI_COMM_WORLD_LOCAL_SIZE", "4", 2),             # Open MPI's
+    ("MPI_LOCALNRANKS", "16", 1),                       # more ranks than cores: still one thread each
+    ("MPI_LOCALNRANKS", "two", 8),                      # not a count: not said
+    ("MPI_LOCALNRANKS", "0", 8),
+])
+def test_the_default_pool_shares_the_cores_among_the_ranks_on_the_node(eight_cores, monkeypatch, variable, value,
+                                                                         expected):
+    if variable is not None:
+        monkeypatch.setenv(variable, value)
+    assert parallel.thread_count() == expected
+    monkeypatch.setenv(parallel.THREADS_ENV, "5")        # the user's count always wins
+    assert parallel.thread_count() == 5
+
+
+def test_ranks_under_a_real_mpiexec_each_take_their_share_of_the_cores():
+    import os
+    import subprocess
+    import sys
+    from .test_distributed import find_mpiexec, mpi_ready
+    if not mpi_ready():
+        pytest.skip("needs mpi4py and mpiexec (pip install 'tinyclip[mpi]')")
+    env = {name: value for name, value in os.environ.items()
+           if name != parallel.THREADS_ENV and not name.startswith(("PMI_", "MPI_LOCAL", "OMPI_", "PMIX_"))}
+    code = "from tinyclip import parallel; print(parallel.local_ranks(), parallel.thread_count(), flush=True)"
+    done = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert done.stdout.split("\n")[:2] == [f"2 {max(1, cores // 2)}"] * 2, done.stdout

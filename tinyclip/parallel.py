@@ -31,7 +31,9 @@ pool only ever hands out whole rows and never combines them.
 
 The pool's size is ``TINYCLIP_THREADS`` when set, else the cores this
 process may run on (``os.sched_getaffinity``, ``os.cpu_count`` where that
-is missing). Small arrays (fewer than ``MIN_PARALLEL_SIZE`` elements) and
+is missing), shared out among the MPI ranks that the launcher started on
+this node (``MPI_LOCALNRANKS`` from MPICH's and Intel MPI's ``mpiexec``,
+``OMPI_COMM_WORLD_LOCAL_SIZE`` from Open MPI's), at least one each. Small arrays (fewer than ``MIN_PARALLEL_SIZE`` elements) and
 CuPy arrays, whose kernels already use the whole GPU, run in the calling
 thread as one block.
 """
@@ -45,6 +47,8 @@ import numpy
 from . import backend
 
 THREADS_ENV = "TINYCLIP_THREADS"
+# what MPI launchers say about the ranks they started on this node (MPICH / Intel MPI, Open MPI)
+LOCAL_RANKS_ENV = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 # below this many output elements the hand-off costs more than the work it splits: on the 2-core
 # development machine under load 5-6 (docs/vit.md, `benchmarks/parallel.py --sweep`) two threads were
 # slower than one up to 2^17 elements for the cheapest row work (the softmax backward, 3 passes) and GELU
@@ -58,7 +62,8 @@ _pool_lock = threading.Lock()
 
 
 def thread_count():
-    """The pool size: ``TINYCLIP_THREADS`` (a positive int) or the cores this process may use.
+    """The pool size: ``TINYCLIP_THREADS`` (a positive int), or the cores this process may use divided among
+    the MPI ranks on this node (``local_ranks()``), at least 1.
 
     Raises ValueError naming the variable when it is set to anything but a positive integer.
     """
@@ -72,8 +77,24 @@ def thread_count():
             raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
         return count
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_ranks())
+
+
+def local_ranks():
+    """How many MPI ranks the launcher started on this node (1 outside a launcher, or when it does not say).
+
+    Each of them runs its own pool, so that without ``TINYCLIP_THREADS`` the node's cores are shared out
+    instead of every rank starting one thread per core. Raises nothing: a value that is not a positive
+    integer counts as not said.
+    """
+    for name in LOCAL_RANKS_ENV:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
 
 
 def row_blocks(rows, parts):
