@@ -108,12 +108,50 @@ def test_only_train_from_the_command_line_asks_for_the_restart(monkeypatch, tmp_
     from tinyclip import cli
     asked = []
     monkeypatch.setattr(cli, "_restart_with_blas_thread_timeout", lambda: asked.append(True))
+    monkeypatch.setattr(cli, "_started_as_the_tinyclip_command", lambda: True)     # pytest's __main__ is not
     monkeypatch.setattr(sys, "argv", ["tinyclip", "train", "--steps", "-1", "--out", str(tmp_path / "run")])
     assert main() == 2 and asked == [True]              # sys.argv's train: asked, then the bad --steps refused
     assert main(["train", "--steps", "-1"]) == 2 and asked == [True]     # in-process calls with argv never exec
     monkeypatch.setattr(sys, "argv", ["tinyclip", "info"])
     main()
     assert asked == [True]
+
+
+
+# what pip writes for the console script (``tinyclip = tinyclip.cli:main``)
+CONSOLE_SCRIPT = """import re
+import sys
+from tinyclip.cli import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+USER_SCRIPT = "import sys\nprint('script ran', flush=True)\nfrom tinyclip.cli import main\nsys.exit(main())\n"
+
+
+@pytest.mark.parametrize("how, restarted", [("-m", True), ("console script", True), ("own script", False),
+                                            ("script on stdin", False)])
+def test_only_the_tinyclip_command_itself_is_restarted(tmp_path, how, restarted):
+    """A script of the user's that calls main() would run again from its first line, and one read from stdin
+    would find stdin spent and silently do nothing: only ``python -m tinyclip`` and the console script restart."""
+    if os.name != "posix":
+        pytest.skip("the restart uses os.execv, POSIX only")
+    # sitecustomize runs as each interpreter starts, so it shows every start and the variable it saw
+    (tmp_path / "sitecustomize.py").write_text("import os, sys\n"
+                                               "print('start', os.environ.get('OPENBLAS_THREAD_TIMEOUT'), flush=True)\n")
+    (tmp_path / "tinyclip").write_text(CONSOLE_SCRIPT)
+    (tmp_path / "own.py").write_text(USER_SCRIPT)
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("OPENBLAS_THREAD_TIMEOUT", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+    train = ["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "run")]
+    command, stdin = {"-m": (["-m", "tinyclip"], None), "console script": ([str(tmp_path / "tinyclip")], None),
+                      "own script": ([str(tmp_path / "own.py")], None), "script on stdin": (["-"], USER_SCRIPT)}[how]
+    result = subprocess.run([sys.executable, *command, *train], input=stdin, capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "missing.csv: no such file or folder" in result.stderr, result.stderr
+    ran = "script ran\n" if how in ("own script", "script on stdin") else ""
+    assert result.stdout == ("start None\nstart 4\n" if restarted else f"start None\n{ran}")
 
 
 # ---------------------------------------------------------------------------------

@@ -644,7 +644,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if argv is None and args.command == "train":
+    if argv is None and args.command == "train" and _started_as_the_tinyclip_command():
         _restart_with_blas_thread_timeout()
     backend.tune_malloc()   # process-wide, so the command asks for it (importing tinyclip never does)
     try:
@@ -664,13 +664,25 @@ def main(argv=None):
 BLAS_THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
+def _started_as_the_tinyclip_command():
+    """Whether this process is the ``tinyclip`` console script or ``python -m tinyclip``: the only command lines that
+    the restart may run again. A script of the user's that calls ``main()`` would run again from its first line (and
+    one read from stdin, ``python - train``, would find stdin spent and do nothing), so it is never restarted."""
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    if spec is not None and spec.name == "tinyclip.__main__":
+        return True
+    # the wrapper pip writes for the console script has no spec; its file is the command itself
+    return spec is None and os.path.basename(getattr(main_module, "__file__", None) or "") == "tinyclip"
+
+
 def _restart_with_blas_thread_timeout():
     """Run this same command line again in this process with OPENBLAS_THREAD_TIMEOUT set (os.execv), unless the
     user set it, an MPI launcher started us (each rank has one BLAS thread there, and a rank must not be replaced
     behind its launcher's back), or the platform has no exec that keeps the process."""
     from . import distributed
     name, value = BLAS_THREAD_TIMEOUT
-    if name in os.environ or distributed.under_launcher() or os.name != "posix":
+    if name in os.environ or distributed.under_launcher() or os.name != "posix" or not sys.executable:
         return
     os.environ[name] = value
     sys.stdout.flush()
