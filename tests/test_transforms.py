@@ -199,6 +199,14 @@ def test_normalize_matches_preprocess_on_a_batch(family):
         numpy.testing.assert_array_equal(normalised, preprocess(Image.fromarray(image), 8, family))
 
 
+def test_normalize_keeps_empty_shapes():
+    """A batch with no pixels (no images, or images of zero height or width) gives float32 of its shape, as a
+    single empty image does: reshape(-1, 0, W, 3) cannot infer the image count, so it must not be asked to."""
+    for shape in ((0, 4, 4, 3), (2, 0, 4, 3), (2, 4, 0, 3), (1, 2, 0, 4, 3), (0, 4, 3)):
+        out = normalize(numpy.zeros(shape, numpy.uint8))
+        assert out.shape == shape and out.dtype == numpy.float32
+
+
 def test_normalize_takes_only_uint8_rgb():
     with pytest.raises(TypeError, match="uint8"):
         normalize(numpy.zeros((2, 4, 4, 3), numpy.float32))

@@ -31,6 +31,7 @@ NumPy or CuPy, into the normalised floats the model takes.
 """
 
 import math
+import math
 import os
 
 import numpy
@@ -171,9 +172,10 @@ def normalize(pixels, family="clip"):
         parallel.map_rows(_normalize_rows, out, pixels, xp.asarray(mean, xp.float32).reshape(1, 3),
                           xp.asarray(std, xp.float32).reshape(1, 3))
     else:                       # a batch (..., H, W, 3): blocks of images, on every core
-        parallel.map_rows(_normalize_rows, out.reshape(-1, *out.shape[-3:]),
-                          pixels.reshape(-1, *pixels.shape[-3:]), xp.asarray(mean, xp.float32).reshape(1, 3),
-                          xp.asarray(std, xp.float32).reshape(1, 3))
+        # the image count spelled out: reshape cannot infer a -1 beside a zero height or width
+        images = (math.prod(pixels.shape[:-3]), *pixels.shape[-3:])
+        parallel.map_rows(_normalize_rows, out.reshape(images), pixels.reshape(images),
+                          xp.asarray(mean, xp.float32).reshape(1, 3), xp.asarray(std, xp.float32).reshape(1, 3))
     return out
 
 
