@@ -680,6 +680,19 @@ def test_synchronised_batch_norm_uses_the_statistics_of_the_global_batch(xp, dat
                                   rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_output_has_the_type_of_the_normalised_input_times_the_weight(training):
+    """y = x̂ · w + b in x̂ · w's type, the bias added in place (as layer norm's affine end does): a float64 bias
+    on float32 data does not make the output float64 (it did for a while once batch norm went to the pool)."""
+    x = numpy.random.default_rng(0).standard_normal((4, 3)).astype(numpy.float32)
+    running = (numpy.zeros(3, numpy.float32), numpy.ones(3, numpy.float32))
+    for weight, bias, expected in ((None, numpy.ones(3), numpy.float32), (numpy.ones(3, numpy.float32), numpy.ones(3),
+                                   numpy.float32), (numpy.ones(3), numpy.ones(3, numpy.float32), numpy.float64)):
+        y = F.batch_norm(tc.tensor(x), None if weight is None else tc.tensor(weight),
+                         tc.tensor(bias), running=running, training=training)
+        assert y.numpy().dtype == expected, (weight is None, bias.dtype)
+
+
 def test_patches_and_batch_norm_stay_on_the_device(monkeypatch):
     device = strict_backend.install(monkeypatch)
     x = tc.tensor(device.asarray(normal(0, (2, 5, 5, 3))), requires_grad=True)

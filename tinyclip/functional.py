@@ -1460,7 +1460,8 @@ class BatchNorm(Function):
             xhat = xp.empty(x.shape, xp.result_type(x, running_mean))
             parallel.map_rows(_subtract_rows, _rows(xhat), _rows(x), _as_row(running_mean))
             rstd = 1.0 / xp.sqrt(running_var + eps)             # (C,)
-        y = xp.empty(x.shape, xp.result_type(*(a for a in (xhat, weight, bias) if a is not None)))
+        # x̂ · w's type, as before the pool: the bias is added in place and does not promote
+        y = xp.empty(x.shape, xhat.dtype if weight is None else xp.result_type(xhat, weight))
         parallel.map_rows(_batch_norm_rows, _rows(y), _rows(xhat), _as_row(rstd), _as_row(weight), _as_row(bias))
         ctx.save_for_backward(xhat, rstd, weight)
         ctx.training, ctx.count, ctx.sum_over_batch = training, count, sum_over_batch
