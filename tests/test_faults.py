@@ -17,6 +17,7 @@ each process takes about a second.
 import contextlib
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -184,6 +185,30 @@ def test_sigterm_finishes_the_step_saves_and_exits_with_the_interrupted_status(t
     assert 1 <= saved < 500 and saved == len(runs.MetricsLog._read(out / "metrics.jsonl"))
     assert not (out / "summary.json").exists()
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's environment from /proc")
+def test_sigterm_reaches_the_restarted_tinyclip_train_by_the_pid_its_parent_knows(tmp_path):
+    """``python -m tinyclip train`` runs itself again with OPENBLAS_THREAD_TIMEOUT (os.execv, the same PID); the
+    worker above passes argv and never restarts, so this run is the one that shows the signal reaching the new image."""
+    out = tmp_path / "run"
+    environment_now = {name: value for name, value in environment().items() if name != "OPENBLAS_THREAD_TIMEOUT"}
+    job = subprocess.Popen([sys.executable, "-m", "tinyclip", "train", *TINY, "--steps", "500", "--checkpoint-every",
+                            "0", "--out", str(out)], cwd=ROOT, env=environment_now, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + TIMEOUT
+    while not (metrics.exists() and metrics.stat().st_size):     # a logged step: training has started
+        assert job.poll() is None, job.stderr.read()[-3000:]
+        if time.monotonic() > deadline:
+            job.kill()
+            raise AssertionError(f"no step logged in {TIMEOUT} s")
+        time.sleep(0.05)
+    # the image that logs is the restarted one: exec gave the same PID the environment with the variable
+    assert b"OPENBLAS_THREAD_TIMEOUT=4" in pathlib.Path(f"/proc/{job.pid}/environ").read_bytes().split(b"\0")
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=TIMEOUT)
+    assert job.returncode == cli.EXIT_INTERRUPTED, stderr[-3000:]
+    assert stdout.count("interrupted by SIGTERM") == 1 and 1 <= latest_step(out) < 500
 
 @needs_mpi
 def test_sigterm_to_mpiexec_stops_every_rank_at_the_same_step_and_saves(tmp_path):
