@@ -104,6 +104,18 @@ def test_train_restarts_itself_once_with_the_blas_thread_timeout(preset, launche
     assert result.stdout == printed
 
 
+def test_a_restart_that_cannot_exec_goes_on_without_it(tmp_path):
+    # an interpreter that cannot be run (here: a file that is not executable) must not end the command
+    probe = (f"import os, sys; sys.executable = {str(tmp_path / 'python')!r}; import tinyclip.cli as cli; "
+             "cli._restart_with_blas_thread_timeout(); print('went on', os.environ.get('OPENBLAS_THREAD_TIMEOUT'))")
+    (tmp_path / "python").write_text("")
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("OPENBLAS_THREAD_TIMEOUT", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout == "went on None\n", result.stderr
+
+
 def test_only_train_from_the_command_line_asks_for_the_restart(monkeypatch, tmp_path):
     from tinyclip import cli
     asked = []

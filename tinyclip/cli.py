@@ -687,7 +687,10 @@ def _restart_with_blas_thread_timeout():
     os.environ[name] = value
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:     # the interpreter gone or not runnable (replaced since we started): train as we are
+        del os.environ[name]
 
 
 def _show_warning(command, message, category, filename, lineno, file=None, line=None):
