@@ -219,6 +219,7 @@ def eight_cores(monkeypatch):
     for name in parallel.LOCAL_RANKS_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 8)
 
 
 @pytest.mark.parametrize("variable, value, expected", [
@@ -238,6 +239,13 @@ def test_the_default_pool_shares_the_cores_among_the_ranks_on_the_node(eight_cor
     assert parallel.thread_count() == 5
 
 
+def test_a_rank_bound_to_some_cores_keeps_them_all(eight_cores, monkeypatch):
+    # Open MPI binds each rank to its own cores: dividing them again by the ranks would leave cores idle
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7}, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+    assert parallel.thread_count() == 4
+
+
 def test_ranks_under_a_real_mpiexec_each_take_their_share_of_the_cores():
     import os
     import subprocess
@@ -252,4 +260,5 @@ def test_ranks_under_a_real_mpiexec_each_take_their_share_of_the_cores():
                           env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert done.stdout.split("\n")[:2] == [f"2 {max(1, cores // 2)}"] * 2, done.stdout
+    expected = max(1, cores // 2) if cores == os.cpu_count() else cores      # MPICH's mpiexec binds nothing
+    assert done.stdout.split("\n")[:2] == [f"2 {expected}"] * 2, done.stdout

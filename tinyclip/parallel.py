@@ -31,9 +31,12 @@ pool only ever hands out whole rows and never combines them.
 
 The pool's size is ``TINYCLIP_THREADS`` when set, else the cores this
 process may run on (``os.sched_getaffinity``, ``os.cpu_count`` where that
-is missing), shared out among the MPI ranks that the launcher started on
-this node (``MPI_LOCALNRANKS`` from MPICH's and Intel MPI's ``mpiexec``,
-``OMPI_COMM_WORLD_LOCAL_SIZE`` from Open MPI's), at least one each. Small arrays (fewer than ``MIN_PARALLEL_SIZE`` elements) and
+is missing). When that is every core of the machine, they are shared out
+among the MPI ranks that the launcher started on this node
+(``MPI_LOCALNRANKS`` from MPICH's and Intel MPI's ``mpiexec``,
+``OMPI_COMM_WORLD_LOCAL_SIZE`` from Open MPI's), at least one each; a
+process bound to fewer cores (Open MPI binds each rank by default) keeps
+all of its own. Small arrays (fewer than ``MIN_PARALLEL_SIZE`` elements) and
 CuPy arrays, whose kernels already use the whole GPU, run in the calling
 thread as one block.
 """
@@ -62,8 +65,8 @@ _pool_lock = threading.Lock()
 
 
 def thread_count():
-    """The pool size: ``TINYCLIP_THREADS`` (a positive int), or the cores this process may use divided among
-    the MPI ranks on this node (``local_ranks()``), at least 1.
+    """The pool size: ``TINYCLIP_THREADS`` (a positive int), or the cores this process may use: divided among
+    the MPI ranks on this node (``local_ranks()``) when those are all the machine's cores, at least 1.
 
     Raises ValueError naming the variable when it is set to anything but a positive integer.
     """
@@ -76,10 +79,10 @@ def thread_count():
         if count < 1:
             raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
         return count
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
+    machine = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    if cores < machine:         # bound to some of the cores (by the launcher, say): they are this process's own
+        return max(1, cores)
     return max(1, cores // local_ranks())
 
 
