@@ -35,6 +35,7 @@ p.add_argument("--mimetic", action="store_true"); p.add_argument("--threads", ty
 p.add_argument("--pos", default="sincos")
 p.add_argument("--warm", type=int, default=100)
 p.add_argument("--colours_per_batch", type=int, default=0)
+p.add_argument("--single", action="store_true")   # diagnostic only: train on the one-object images alone
 a = p.parse_args()
 torch.manual_seed(a.seed); torch.set_num_threads(a.threads)
 
@@ -145,7 +146,14 @@ for step in range(a.steps):
     if step < a.freeze_text:
         for g in opt.param_groups[2:4]: g["lr"] = 0.0
     n = a.batch
-    if a.colours_per_batch:
+    if a.single:
+        picked = []
+        while len(picked) < n:
+            if len(ds.scene(cursor).objects) == 1:
+                picked.append(cursor)
+            cursor += 1
+        imgs, caps = ds.batch(picked)
+    elif a.colours_per_batch:
         chosen = set(rng.choice(list(shapes.COLOURS), a.colours_per_batch, replace=False)); picked = []
         while len(picked) < n:
             sc = ds.scene(cursor); cursor += 1
