@@ -1133,10 +1133,7 @@ def _layer_norm_rows(y, x, xhat, rstd, weight, bias, eps):
 def _layer_norm_backward_rows(dx, g, xhat, rstd, weight):
     """dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ ⊙ x̂)), ĝ = g ⊙ w, on a block of (n, D) rows (LayerNorm.backward)."""
     xp = _xp(g)
-    if weight is not None:     # dx is built in place from ĝ
-        xp.multiply(g, weight, out=dx)
-    else:
-        dx[...] = g
+    _scale_shift(g, weight, None, out=dx)      # dx is built in place from ĝ
     mean_ghat = dx.mean(axis=-1, keepdims=True)                                   # (n, 1)
     mean_ghat_xhat = xp.einsum("...i,...i->...", dx, xhat)[..., None] / dx.shape[-1]   # (n, 1)
     dx -= mean_ghat
@@ -1507,10 +1504,7 @@ def _batch_norm_rows(y, xhat, rstd, weight, bias):
 
 def _scale_rows(out, g, weight):
     """out = g · w, or a copy of g when w is None, on a block of (n, C) rows: batch norm's ĝ."""
-    if weight is None:
-        out[...] = g
-    else:
-        _xp(g).multiply(g, weight, out=out)
+    _scale_shift(g, weight, None, out=out)
 
 
 def _batch_norm_backward_rows(ghat, xhat, rstd, mean_ghat, mean_ghat_xhat):

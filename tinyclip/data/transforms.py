@@ -31,7 +31,6 @@ NumPy or CuPy, into the normalised floats the model takes.
 """
 
 import math
-import math
 import os
 
 import numpy
@@ -168,14 +167,11 @@ def normalize(pixels, family="clip"):
     xp = backend.get_array_module(pixels)
     mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
     out = xp.empty(pixels.shape, xp.float32)
-    if pixels.ndim == 3:        # one image: its rows are the blocks
-        parallel.map_rows(_normalize_rows, out, pixels, xp.asarray(mean, xp.float32).reshape(1, 3),
-                          xp.asarray(std, xp.float32).reshape(1, 3))
-    else:                       # a batch (..., H, W, 3): blocks of images, on every core
-        # the image count spelled out: reshape cannot infer a -1 beside a zero height or width
-        images = (math.prod(pixels.shape[:-3]), *pixels.shape[-3:])
-        parallel.map_rows(_normalize_rows, out.reshape(images), pixels.reshape(images),
-                          xp.asarray(mean, xp.float32).reshape(1, 3), xp.asarray(std, xp.float32).reshape(1, 3))
+    # one image is cut into blocks of its rows, a batch (..., H, W, 3) into blocks of images; the image count
+    # is spelled out because reshape cannot infer a -1 beside a zero height or width
+    blocks = pixels.shape if pixels.ndim == 3 else (math.prod(pixels.shape[:-3]), *pixels.shape[-3:])
+    parallel.map_rows(_normalize_rows, out.reshape(blocks), pixels.reshape(blocks),
+                      xp.asarray(mean, xp.float32).reshape(1, 3), xp.asarray(std, xp.float32).reshape(1, 3))
     return out
 
 
