@@ -35,7 +35,6 @@ import itertools
 import json
 import os
 import string
-import uuid
 import zlib
 from collections import Counter, defaultdict
 
@@ -131,23 +130,11 @@ def checked_texts(texts):
 
 
 def _write_atomically(path, data):
-    """Write the bytes ``data`` to ``path``: a temporary file beside it, flushed, then renamed over it.
-
-    The temporary is made with open(..., "x"), not mkstemp, whose mode 0600
-    would keep the file from other users (the umask applies, as to any file).
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(temporary, "xb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    """Write the bytes ``data`` to ``path`` through ``checkpoint.staged_file``: a temporary file beside it,
+    flushed, then renamed over it, so that a reader never sees half a tokenizer."""
+    from .checkpoint import staged_file       # here, not at the top: checkpoint imports this module
+    with staged_file(path) as temporary, open(temporary, "xb") as stream:
+        stream.write(data)
 
 
 class Tokenizer:
