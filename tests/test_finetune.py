@@ -127,3 +127,11 @@ def test_an_init_model_that_cannot_start_is_refused_before_the_run_folder_naming
             shutil.rmtree(out)
         else:
             assert status == 2 and said in error and "Traceback" not in error and not out.exists()
+
+
+def test_a_preset_given_with_init_is_refused_not_ignored(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main(["train", "--init", str(trained), "--preset", "shapes-vit", "--steps", "2", "--out", str(out)])
+    error = capsys.readouterr().err
+    assert status == 2 and "--preset shapes-vit with --init" in error and "Traceback" not in error
+    assert not out.exists()

@@ -326,7 +326,11 @@ def run_train(args):
         if args.resume is None:
             if image_size is not None:
                 values["model_overrides"] = {"image_size": image_size}
-            return train.TrainConfig(**values)
+            config = train.TrainConfig(**values)        # first: a missing --init folder is named as such
+            if "preset" in values and config.init:
+                raise ValueError(f"--preset {values['preset']} with --init: the --init model brings its own "
+                                 f"architecture, so the preset would be ignored; leave --preset out")
+            return config
         if not values and image_size is None:
             return None                                      # the run's own configuration
         if image_size is not None:
