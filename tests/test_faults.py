@@ -3,7 +3,7 @@
 Real processes (forked from the test, so that each starts at once) are
 killed (SIGKILL) at every step of every atomic write of a checkpoint and of
 the final outputs, chosen by index from the recorded sequence of write
-steps (tinyclip.checkpoint.fault_hook), never by a timer;
+steps (tinyclip.files.fault_hook), never by a timer;
 real SIGTERM goes to a process and to ``mpiexec``; one rank of a real
 ``mpiexec -n 2`` job meets an unreadable image or an error; a real full
 filesystem (a small tmpfs, mounted when the tests run as root) takes the
@@ -28,6 +28,7 @@ import numpy
 import pytest
 
 from tinyclip import checkpoint, cli, runs, train
+from tinyclip import files as tinyclip_files      # (the tests name os.walk's lists "files")
 from tinyclip.data import captions as caption_sets
 from tinyclip.data.loader import BatchOrder
 
@@ -99,9 +100,9 @@ def leftovers(folder):
 def recorded_writes(monkeypatch, arguments):
     """Run ``tinyclip train arguments`` here, recording every step of every atomic write: [(point, path)]."""
     steps = []
-    monkeypatch.setattr(checkpoint, "fault_hook", lambda point, path: steps.append((point, path)))
+    monkeypatch.setattr(tinyclip_files, "fault_hook", lambda point, path: steps.append((point, path)))
     assert cli.main(["train", *arguments]) == 0
-    monkeypatch.setattr(checkpoint, "fault_hook", None)
+    monkeypatch.setattr(tinyclip_files, "fault_hook", None)
     return steps
 
 
@@ -113,7 +114,7 @@ def stopped_at(index, arguments, action):
     if child == 0:                                  # the child: never returns into pytest
         try:
             count = iter(range(1, 1 << 30))
-            checkpoint.fault_hook = lambda point, path: action() if next(count) == index else None
+            tinyclip_files.fault_hook = lambda point, path: action() if next(count) == index else None
             with open(os.devnull, "w") as quiet:
                 sys.stdout = sys.stderr = quiet
                 cli.main(["train", *arguments])

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 
 import ml_dtypes  # (importing it registers bfloat16 with NumPy, so that safetensors.numpy reads BF16 tensors)
@@ -46,6 +45,7 @@ import safetensors.numpy
 
 from . import backend as _backend
 from . import files
+from .files import hidden_name as _hidden_name, reached as _reached, staged_file, sync_folder as _sync_folder
 from .models import CLIP, CLIPConfig
 from .models.config import PRESETS
 from .models.vision import resize_position_embedding
@@ -166,69 +166,9 @@ def write_json(path, document):
             file.write("\n")
 
 
-# Atomic writes. A file or folder is written under a hidden name beside its target (``.NAME.partial-PID-XXXX``)
-# and renamed into place only when complete and flushed: a rename within one folder is atomic, so a reader
-# (or a run resumed after a kill) sees the old target or the new one, never half of one. Hidden names are
-# created with os.mkdir / open, never mkdtemp / mkstemp, so what is written gets the user's umask like any
-# other file (mkdtemp's 0700 would hide a model from the other users of a shared machine).
-
-fault_hook = None     # tests only: a callable(point, path) run at every step of every atomic write
-
-
-def _reached(point, path):
-    """A named step of an atomic write of ``path``: where tests stop the writer, deterministically
-    (tests/mpi/train_with_faults.py kills the process at each of them in turn)."""
-    if fault_hook is not None:
-        fault_hook(point, path)
-
-
-def _hidden_name(path, kind):
-    parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _sync_folder(folder):
-    """Make a rename inside ``folder`` durable (POSIX: fsync the folder); a no-op where folders cannot be opened."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def is_leftover(name):
     """Whether ``name`` (a file or folder name) is what an interrupted atomic write leaves behind."""
     return name.startswith(".") and (".partial-" in name or ".old-" in name)
-
-
-@contextlib.contextmanager
-def staged_file(path):
-    """``with staged_file(path) as temporary:`` write the file ``temporary``; when the block ends without an
-    error it is flushed and renamed over ``path``, on an error deleted (``path`` is left as it was).
-
-    ``temporary`` ends with ``path``'s suffix, so writers that go by the suffix (matplotlib) still work.
-    """
-    path = os.path.abspath(os.fspath(path))
-    temporary = _hidden_name(path, "partial") + os.path.splitext(path)[1]
-    try:
-        yield temporary
-        _reached("staged_file:written", path)
-        with open(temporary, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        _reached("staged_file:replaced", path)
-        _sync_folder(os.path.dirname(path))
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(error, OSError) and error.filename == temporary:      # name the file asked for, not ours
-            raise type(error)(error.errno, error.strerror, path) from None
-        raise
 
 
 @contextlib.contextmanager

@@ -15,13 +15,20 @@ ones the checkpoint and tokenizer loaders share:
 
 Every failure is a ``ValueError`` whose message names the file and what is
 wrong with it (``FileNotFoundError`` when there is no file at all).
+
+Writing: ``staged_file`` writes a file atomically (a hidden temporary beside
+it, flushed, renamed over it), for every module that writes one (checkpoints,
+tokenizers, run outputs); ``checkpoint`` builds its atomic folders on the same
+hidden names, fault hook and folder sync.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
+import secrets
 import stat
 
 import numpy
@@ -157,3 +164,64 @@ def current_umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# Atomic writes. A file or folder is written under a hidden name beside its target (``.NAME.partial-PID-XXXX``)
+# and renamed into place only when complete and flushed: a rename within one folder is atomic, so a reader
+# (or a run resumed after a kill) sees the old target or the new one, never half of one. Hidden names are
+# created with os.mkdir / open, never mkdtemp / mkstemp, so what is written gets the user's umask like any
+# other file (mkdtemp's 0700 would hide a model from the other users of a shared machine).
+
+fault_hook = None     # tests only: a callable(point, path) run at every step of every atomic write
+
+
+def reached(point, path):
+    """A named step of an atomic write of ``path``: where tests stop the writer, deterministically
+    (tests/mpi/train_with_faults.py kills the process at each of them in turn)."""
+    if fault_hook is not None:
+        fault_hook(point, path)
+
+
+def hidden_name(path, kind):
+    """``.NAME.KIND-PID-XXXXXXXX`` beside ``path``: where an atomic write stages it (``checkpoint.is_leftover`` knows it)."""
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def sync_folder(folder):
+    """Make a rename inside ``folder`` durable (POSIX: fsync the folder); a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def staged_file(path):
+    """``with staged_file(path) as temporary:`` write the file ``temporary``; when the block ends without an
+    error it is flushed and renamed over ``path``, on an error deleted (``path`` is left as it was).
+
+    ``temporary`` ends with ``path``'s suffix, so writers that go by the suffix (matplotlib) still work.
+    """
+    path = os.path.abspath(os.fspath(path))
+    temporary = hidden_name(path, "partial") + os.path.splitext(path)[1]
+    try:
+        yield temporary
+        reached("staged_file:written", path)
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        reached("staged_file:replaced", path)
+        sync_folder(os.path.dirname(path))
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(error, OSError) and error.filename == temporary:      # name the file asked for, not ours
+            raise type(error)(error.errno, error.strerror, path) from None
+        raise

@@ -130,10 +130,9 @@ def checked_texts(texts):
 
 
 def _write_atomically(path, data):
-    """Write the bytes ``data`` to ``path`` through ``checkpoint.staged_file``: a temporary file beside it,
+    """Write the bytes ``data`` to ``path`` through ``files.staged_file``: a temporary file beside it,
     flushed, then renamed over it, so that a reader never sees half a tokenizer."""
-    from .checkpoint import staged_file       # here, not at the top: checkpoint imports this module
-    with staged_file(path) as temporary, open(temporary, "xb") as stream:
+    with files.staged_file(path) as temporary, open(temporary, "xb") as stream:
         stream.write(data)
 
 
