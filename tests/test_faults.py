@@ -90,7 +90,7 @@ def latest_step(out):
 
 def leftovers(folder):
     return sorted(os.path.join(root, name) for root, folders, files in os.walk(folder)
-                  for name in folders + files if checkpoint.is_leftover(name))
+                  for name in folders + files if tinyclip_files.is_leftover(name))
 
 
 # ---------------------------------------------------------------------------------

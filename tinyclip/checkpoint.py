@@ -45,7 +45,7 @@ import safetensors.numpy
 
 from . import backend as _backend
 from . import files
-from .files import hidden_name as _hidden_name, reached as _reached, staged_file, sync_folder as _sync_folder
+from .files import is_leftover, staged_file      # (also reached as checkpoint.*, as before they moved)
 from .models import CLIP, CLIPConfig
 from .models.config import PRESETS
 from .models.vision import resize_position_embedding
@@ -166,11 +166,6 @@ def write_json(path, document):
             file.write("\n")
 
 
-def is_leftover(name):
-    """Whether ``name`` (a file or folder name) is what an interrupted atomic write leaves behind."""
-    return name.startswith(".") and (".partial-" in name or ".old-" in name)
-
-
 @contextlib.contextmanager
 def staged_folder(path):
     """``with staged_folder(path) as staging:`` fill ``staging``; when the block ends without an error it
@@ -185,12 +180,12 @@ def staged_folder(path):
         raise ValueError(f"{path} exists and is not a model folder (no {CONFIG_FILE} in it), so it is not replaced: "
                          f"write to a new folder, or remove it first")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = _hidden_name(path, "partial")
+    staging = files.hidden_name(path, "partial")
     os.mkdir(staging)
     try:
-        _reached("staged_folder:created", path)
+        files.reached("staged_folder:created", path)
         yield staging
-        _reached("staged_folder:filled", path)
+        files.reached("staged_folder:filled", path)
         _swap_in(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -207,19 +202,19 @@ def _swap_in(staging, path):
     """
     if not os.path.exists(path):
         os.replace(staging, path)
-        _reached("swap_in:renamed", path)
-        _sync_folder(os.path.dirname(path))
+        files.reached("swap_in:renamed", path)
+        files.sync_folder(os.path.dirname(path))
         return
-    retired = _hidden_name(path, "old")
+    retired = files.hidden_name(path, "old")
     os.replace(path, retired)
-    _reached("swap_in:moved_aside", path)
+    files.reached("swap_in:moved_aside", path)
     try:
         os.replace(staging, path)
     except BaseException:
         os.replace(retired, path)
         raise
-    _reached("swap_in:moved_in", path)
-    _sync_folder(os.path.dirname(path))
+    files.reached("swap_in:moved_in", path)
+    files.sync_folder(os.path.dirname(path))
     shutil.rmtree(retired, ignore_errors=True)
 
 
@@ -815,9 +810,9 @@ def save_training_checkpoint(root, step, model, tokenizer, optimizer, schedule, 
     _write_latest(root)
     for old in sorted(_step_folders(root))[:-keep]:
         # renamed out of sight first, so that a kill while deleting leaves a leftover, not a broken step folder
-        doomed = _hidden_name(os.path.join(root, step_folder_name(old)), "old")
+        doomed = files.hidden_name(os.path.join(root, step_folder_name(old)), "old")
         os.replace(os.path.join(root, step_folder_name(old)), doomed)
-        _reached("save_training_checkpoint:pruning", doomed)
+        files.reached("save_training_checkpoint:pruning", doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     return target
 

@@ -269,7 +269,7 @@ def run_zeroshot(args):
 def run_embed(args):
     """Write normalised embeddings of the images and/or texts to an .npz file, encoding a batch at a time."""
     from . import evaluate
-    from .checkpoint import staged_file
+    from .files import staged_file
     if not args.images and not args.texts:
         raise CommandError("give --images and/or --texts to embed")
     tokenizer = _load_tokenizer(args.model, args.bpe) if args.texts else None

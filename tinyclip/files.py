@@ -183,9 +183,14 @@ def reached(point, path):
 
 
 def hidden_name(path, kind):
-    """``.NAME.KIND-PID-XXXXXXXX`` beside ``path``: where an atomic write stages it (``checkpoint.is_leftover`` knows it)."""
+    """``.NAME.KIND-PID-XXXXXXXX`` beside ``path``: where an atomic write stages it (``is_leftover`` knows it)."""
     parent, name = os.path.split(path)
     return os.path.join(parent, f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_leftover(name):
+    """Whether ``name`` (a file or folder name) is what an interrupted atomic write leaves behind."""
+    return name.startswith(".") and (".partial-" in name or ".old-" in name)
 
 
 def sync_folder(folder):

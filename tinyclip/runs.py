@@ -31,7 +31,7 @@ import sys
 
 import numpy
 
-from . import checkpoint, evaluate, plots
+from . import checkpoint, evaluate, files, plots
 from .data.transforms import preprocess
 
 try:
@@ -98,7 +98,7 @@ class MetricsLog:
             self.records = [record for record in self._read(path)
                             if record.get("step", 0) < resume_step
                             or (record.get("step") == resume_step and ("loss" in record or resume_step < total_steps))]
-        with writing("the metrics", path), checkpoint.staged_file(path) as temporary:
+        with writing("the metrics", path), files.staged_file(path) as temporary:
             with open(temporary, "w", encoding="utf-8") as file:
                 file.writelines(json.dumps(record) + "\n" for record in self.records)
 
@@ -166,13 +166,13 @@ def draw_pictures(out, records, model, tokenizer, retrieval):
         print(f"warning: no pictures: {plots.MISSING_MATPLOTLIB}", file=sys.stderr)
         return
     path = os.path.join(out, "loss.png")
-    with writing("the loss picture", path), checkpoint.staged_file(path) as temporary:
+    with writing("the loss picture", path), files.staged_file(path) as temporary:
         plots.plot_training(records, temporary)
     if retrieval is not None:
         count = plots.MAX_SIMILARITY_PAIRS
         images, captions = retrieval.images[:count], retrieval.captions[:count]
         path = os.path.join(out, "similarity.png")
-        with writing("the similarity picture", path), checkpoint.staged_file(path) as temporary:
+        with writing("the similarity picture", path), files.staged_file(path) as temporary:
             plots.plot_similarity(evaluate.encode_images(model, images),
                                   evaluate.encode_texts(model, tokenizer, captions),
                                   images, captions, temporary)
@@ -296,7 +296,7 @@ def open_run_folder(config, comm):
     lock = RunLock(config.out)
     try:
         for name in os.listdir(config.out):          # staged files and folders of a process that was killed
-            if checkpoint.is_leftover(name):
+            if files.is_leftover(name):
                 target = re.split(r"\.(?:partial|old)-", name[1:])[0]
                 checkpoint.recover_folder(os.path.join(config.out, target))
         checkpoint.clean_training_checkpoints(os.path.join(config.out, checkpoint.TRAINING_CHECKPOINT_DIR))
